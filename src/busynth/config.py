@@ -1,0 +1,272 @@
+"""Typed configuration: one pydantic model per concern, YAML in, resolved YAML out.
+
+Defaults run on a CPU. A preset (``smoke``, ``cpu``) is a YAML file in
+``busynth/configs``; ``load_config`` merges a preset or a user file over the
+defaults and then applies dotted overrides such as ``split.folds=5``. Unknown
+fields are errors, so a typo in a config file never passes silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from busynth.errors import ConfigError
+
+DEFAULT_CLASSES = ("normal", "benign", "malignant")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """How a data set folder is read."""
+
+    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
+    # Classes whose images carry no lesion: their masks are empty and no mask file is needed.
+    normal_classes: list[str] = Field(default_factory=lambda: ["normal"])
+    # What to do with an image of a lesion class that has no mask file:
+    # "warn" keeps it with mask=None and says so, "refuse" stops with an error.
+    missing_mask: Literal["warn", "refuse"] = "warn"
+    # Images with more pixels than this are refused (decompression-bomb guard).
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    # Unreadable or non-image files: "refuse" stops, "skip" leaves them out and reports them.
+    on_bad_file: Literal["refuse", "skip"] = "refuse"
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("need at least two classes")
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names must be unique, got {v}")
+        return v
+
+
+class PhantomConfig(_Strict):
+    """The built-in simulated data set (used when no --data is given)."""
+
+    n_per_class: dict[str, int] = Field(
+        default_factory=lambda: {"normal": 40, "benign": 80, "malignant": 60}
+    )
+    size: int = Field(default=128, ge=16)
+    seed: int = 0
+    # Share of images that get a near-duplicate twin (to exercise the audit and grouped splits).
+    near_duplicate_rate: float = Field(default=0.05, ge=0.0, le=0.5)
+
+    @field_validator("n_per_class")
+    @classmethod
+    def _positive_counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n <= 0}
+        if bad:
+            raise ValueError(f"counts must be positive, got {bad}")
+        return v
+
+
+class AuditConfig(_Strict):
+    """Duplicate and overlay detection."""
+
+    hash_size: int = Field(default=8, ge=4, le=32)
+    # Maximum Hamming distance of both pHash and dHash (hash_size**2 bits each) for a near duplicate;
+    # on BUSI, pairs up to 12 apart were all the same scan when inspected by eye.
+    near_duplicate_distance: int = Field(default=10, ge=0)
+    # Pixels whose channels differ by more than this count as coloured (0..255).
+    overlay_channel_delta: int = Field(default=20, ge=1, le=255)
+    # An image is flagged as overlaid when at least this share of its pixels is coloured.
+    overlay_min_fraction: float = Field(default=0.0001, gt=0.0, le=1.0)
+
+
+class SplitConfig(_Strict):
+    """Stratified group k-fold (or holdout) with a validation part carved from train."""
+
+    mode: Literal["kfold", "holdout"] = "kfold"
+    folds: int = Field(default=3, ge=2)
+    # Holdout: share of the data in the test part.
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # Share of each training part moved to validation (grouped, stratified).
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    seed: int = 0
+    # Cross-class duplicates (same image under two labels) are excluded unless this is false.
+    exclude_cross_class: bool = True
+
+
+class ClassifierConfig(_Strict):
+    """The CNN trained on real (+ synthetic) images and scored on real test images."""
+
+    arch: str = "resnet"  # "resnet" (built in) or "timm:<name>" / "torchvision:<name>" when installed
+    pretrained: bool = False
+    image_size: int = Field(default=128, ge=16)
+    width: int = Field(default=32, ge=4)
+    depth: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    warmup_epochs: float = Field(default=1.0, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = "balanced"
+    # On-the-fly augmentation of every training image (all methods alike): none or flips only.
+    augment: Literal["none", "flip"] = "flip"
+    select_metric: Literal["balanced_accuracy", "macro_auc"] = "macro_auc"
+    patience: int = Field(default=6, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_workers: int = Field(default=0, ge=0)
+
+
+class ClassicalConfig(_Strict):
+    """Classical augmentation baseline: augmented copies of training images."""
+
+    # Resolution of the copies; keep it equal to classifier.image_size (larger only costs time).
+    image_size: int = Field(default=128, ge=8)
+    hflip: bool = True
+    max_rotation: float = Field(default=10.0, ge=0.0, le=180.0)
+    max_translate: float = Field(default=0.06, ge=0.0, le=0.5)
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    contrast_range: tuple[float, float] = (0.85, 1.15)
+    speckle_std: float = Field(default=0.08, ge=0.0)
+
+
+class SynthesisConfig(_Strict):
+    """How many synthetic images a method adds per class."""
+
+    # Extra images per class = ratio x real training count of that class.
+    ratio: float = Field(default=1.0, ge=0.0)
+    # Top minority classes up to the majority count instead of using ratio.
+    balance: bool = False
+
+
+class RunConfig(_Strict):
+    """The study: which methods, how many seeds, where results go."""
+
+    methods: list[str] = Field(default_factory=lambda: ["real", "classical"])
+    seeds: int = Field(default=1, ge=1)
+    base_seed: int = 0
+    bootstrap: int = Field(default=2000, ge=100)
+    tracker: Literal["none", "wandb", "tensorboard"] = "none"
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("need at least one method")
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods repeat: {v}")
+        return v
+
+
+class StudyConfig(_Strict):
+    """Everything one run of the study needs; saved resolved in the run folder."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    # Free-form per-generator settings, validated by each generator's own config model.
+    generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _phantom_classes_known(self) -> "StudyConfig":
+        unknown = set(self.phantom.n_per_class) - set(self.data.classes)
+        if unknown:
+            raise ValueError(f"phantom.n_per_class names classes not in data.classes: {sorted(unknown)}")
+        return self
+
+    def fingerprint(self, *parts: str) -> str:
+        """A short hash of the given top-level sections (all when none), for cache keys."""
+        dump = self.model_dump(mode="json")
+        chosen = {k: dump[k] for k in (parts or dump.keys())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    folder = resources.files("busynth") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.suffix and str(source) in preset_names():
+        text = (resources.files("busynth") / "configs" / f"{source}.yaml").read_text()
+        where = f"preset '{source}'"
+    elif path.is_file():
+        text = path.read_text()
+        where = str(path)
+    else:
+        raise ConfigError(
+            f"config '{source}' is neither a file nor a preset (presets: {', '.join(preset_names())})"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.path=value`` and parse value as YAML (so numbers and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
+
+
+def _format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = [f"invalid config ({where}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], where: str = "config") -> StudyConfig:
+    """Validate a plain dict into a StudyConfig, raising ConfigError naming each bad field."""
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None
+
+
+def load_config(
+    source: str | Path | None = "cpu", overrides: list[str] | tuple[str, ...] = ()
+) -> StudyConfig:
+    """Read a preset name or YAML file (None = built-in defaults), apply overrides, validate."""
+    data: dict[str, Any] = _read_yaml(source) if source is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return build_config(data, where=str(source) if source is not None else "defaults")
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML text (every field, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,52 @@
+"""Resizing records to the square working resolution of a model, and tensor conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from busynth.data.records import Record
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 (H, W) image to (size, size) with antialiased bilinear filtering."""
+    if image.shape == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
+
+
+def resize_mask(mask: np.ndarray | None, size: int) -> np.ndarray | None:
+    """Resize a bool (H, W) mask to (size, size) with nearest-neighbour filtering."""
+    if mask is None or mask.shape == (size, size):
+        return mask
+    as_img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(as_img.resize((size, size), Image.NEAREST)) > 127
+
+
+def stack_images(records: Sequence[Record], size: int) -> np.ndarray:
+    """uint8 array (N, size, size) of the records' images resized to ``size``."""
+    if not records:
+        return np.zeros((0, size, size), dtype=np.uint8)
+    return np.stack([resize_image(r.image, size) for r in records])
+
+
+def label_indices(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
+    """int64 array of class indices in ``classes`` order; unknown labels raise ValueError."""
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        return np.array([index[r.label] for r in records], dtype=np.int64)
+    except KeyError as exc:
+        raise ValueError(f"label {exc.args[0]!r} is not one of {list(classes)}") from None
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+
+
+def from_tensor(images: torch.Tensor) -> np.ndarray:
+    """float (N, 1, H, W) in [0, 1] -> uint8 (N, H, W), clipping out-of-range values."""
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).squeeze(1).cpu().numpy()

@@ -1,0 +1,372 @@
+"""The study: for every fold x seed x method, train a classifier on the fold's real training
+part plus that method's synthetic images, and score it on the fold's real test part.
+
+Run folder layout (every number in the report is recomputable from these files)::
+
+    config.yaml, run.json                  resolved config; data source and config fingerprint
+    data/load_summary.json, audit.json, split.csv
+    generators/<method>/fold<f>_seed<s>/   fitted generator (its own format)
+    synthetic/<method>/fold<f>_seed<s>/    generated images in the data set layout + manifest
+    cells/<method>/fold<f>_seed<s>/        ids.json, classifier/ (checkpoints, history.csv),
+                                           predictions.csv, metrics.json (written last)
+    results/cells.csv, summary.json, report.html
+
+A cell whose ``metrics.json`` exists is finished and skipped on a rerun; an interrupted cell
+resumes from its generator's and classifier's checkpoints. A rerun whose config differs in
+anything but the ``run`` section (methods, seeds, tracker) refuses to mix results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from busynth import __version__
+from busynth.classify.metrics import classification_metrics
+from busynth.classify.train import fit_classifier, predict_proba
+from busynth.config import StudyConfig, dump_config
+from busynth.data.audit import AuditReport, audit_records
+from busynth.data.busi import load_dataset
+from busynth.data.phantom import make_phantom
+from busynth.data.records import Record
+from busynth.data.splits import Split, make_split, read_split
+from busynth.data.transforms import label_indices, stack_images
+from busynth.errors import ConfigError, RunStateError
+from busynth.generators.base import (
+    MANIFEST,
+    Generator,
+    build_generator,
+    generator_class,
+    synthetic_counts,
+    write_samples,
+)
+from busynth.io import read_json, write_json, write_text
+from busynth.results import summarize_run
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "real"
+
+
+@dataclass
+class StudyData:
+    """The records of a run and what the data stages found."""
+
+    records: list[Record]
+    audit: AuditReport
+    split: Split
+    source: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of the study: a method on one fold with one seed."""
+
+    method: str
+    fold: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Folder name of this cell under its method."""
+        return f"fold{self.fold}_seed{self.seed}"
+
+
+# --- data stages ------------------------------------------------------------------------------
+
+
+def load_records(config: StudyConfig, data: Path | None) -> tuple[list[Record], dict | None, str]:
+    """Records from a data set folder, or the built-in phantom when ``data`` is None."""
+    if data is None:
+        return make_phantom(config.phantom, config.data.classes), None, "phantom"
+    result = load_dataset(data, config.data)
+    log.info("%s", result.summary.format())
+    return result.records, result.summary.to_dict(), str(Path(data).resolve())
+
+
+def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_file: Path | None = None) -> StudyData:
+    """Load, audit and split (writing data/*.json and split.csv once); reuse the stored split."""
+    records, load_summary, source = load_records(config, data)
+    audit = audit_records(records, config.audit, load=load_summary)
+    data_dir = run_dir / "data"
+    if load_summary is not None and not (data_dir / "load_summary.json").exists():
+        write_json(data_dir / "load_summary.json", load_summary)
+    if not (data_dir / "audit.json").exists():
+        write_json(data_dir / "audit.json", audit.to_dict())
+    stored = data_dir / "split.csv"
+    if stored.exists():
+        split = read_split(stored, records, audit, config.split)
+    elif split_file is not None:
+        split = read_split(split_file, records, audit, config.split)
+        split.write(stored)
+    else:
+        split = make_split(records, audit, config.split)
+        split.write(stored)
+    for note in split.notes:
+        log.warning("split: %s", note)
+    return StudyData(records=records, audit=audit, split=split, source=source)
+
+
+# --- run folder bookkeeping -------------------------------------------------------------------
+
+
+def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
+    """Create the run folder, or check that an existing one was made with the same settings.
+
+    The fingerprint covers every config section except ``run`` (methods, seeds and tracker
+    may change between invocations: new cells are added, finished ones reused).
+    """
+    fingerprint = config.fingerprint(*[k for k in StudyConfig.model_fields if k != "run"])
+    info_path = run_dir / "run.json"
+    if info_path.exists():
+        info = read_json(info_path)
+        if info.get("fingerprint") != fingerprint or info.get("data") != source:
+            old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+            changed = _changed_keys(old, config.model_dump(mode="json"))
+            if info.get("data") != source:
+                changed.insert(0, f"data source ({info.get('data')} -> {source})")
+            raise RunStateError(
+                f"run folder {run_dir} was started with different settings; changed: "
+                f"{', '.join(changed[:8]) or 'unknown'}. Use a new --out folder (results are never mixed)."
+            )
+    else:
+        write_json(info_path, {
+            "data": source, "fingerprint": fingerprint, "busynth_version": __version__,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    write_text(run_dir / "config.yaml", dump_config(config))
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if prefix == "" and key == "run":
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+# --- one cell ---------------------------------------------------------------------------------
+
+
+def check_no_leak(split: Split, fold: int, used: dict[str, Sequence[str]], group_of: dict[str, int]) -> None:
+    """Raise if any test image, or any member of its duplicate group, is among the ids used
+    for training, validation or generator fitting (synthetic ids are ``method:...``)."""
+    test_ids = set(split.ids(fold, "test"))
+    test_groups = {group_of[i] for i in test_ids if i in group_of}
+    for role, ids in used.items():
+        real = [i for i in ids if ":" not in i]
+        bad = [i for i in real if i in test_ids or group_of.get(i) in test_groups]
+        if bad:
+            raise AssertionError(f"fold {fold}: {role} uses test images or their duplicates: {bad[:5]}")
+
+
+def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record], gen_dir: Path, seed: int) -> Generator:
+    """Fit the method's generator on the training part (resuming inside fit), or load it if done."""
+    cls = generator_class(method)
+    if (gen_dir / "generator.json").exists():
+        return cls.load(gen_dir)
+    generator = build_generator(method, config)
+    generator.fit(train, gen_dir, seed=seed)
+    return generator
+
+
+def synthesize(generator: Generator, method: str, train: list[Record], config: StudyConfig,
+               out_dir: Path, gen_dir: Path, seed: int) -> list[Record]:
+    """Generate the method's images for one cell into ``out_dir`` (once), then read them back."""
+    done = out_dir / "done.json"
+    if not done.exists():
+        if out_dir.exists():  # a sampling run was interrupted: start the folder again
+            shutil.rmtree(out_dir)
+        counts = synthetic_counts(train, config.data.classes, config.synthesis)
+        rng = np.random.default_rng([seed, 7])
+        for k, label in enumerate(config.data.classes):
+            if counts[label] == 0:
+                continue
+            masks = None
+            if generator.needs_masks:
+                pool = [r.mask for r in train if r.label == label and r.mask is not None]
+                masks = [pool[i] for i in rng.integers(len(pool), size=counts[label])] if pool else None
+            samples = generator.sample(label, counts[label], seed=seed * 1000 + k, masks=masks)
+            write_samples(samples, out_dir, method, gen_dir)
+        write_json(done, {"counts": counts})
+    return read_synthetic(out_dir, method)
+
+
+def read_synthetic(folder: Path, method: str) -> list[Record]:
+    """Records for the images listed in a synthetic folder's manifest."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return []
+    records = []
+    for line in manifest.read_text().splitlines():
+        entry = yaml.safe_load(line)
+        image = np.asarray(Image.open(folder / entry["image"]).convert("L"))
+        mask = np.asarray(Image.open(folder / entry["mask"]).convert("L")) > 127 if "mask" in entry else None
+        records.append(Record(
+            id=f"{method}:{entry['label']}_{entry['index']}", label=entry["label"], image=image,
+            mask=mask, path=str(Path("synthetic") / method / folder.name / entry["image"]),
+            meta={"synthetic": True, "seed": entry["seed"]},
+        ))
+    return records
+
+
+def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
+             tracker_log: Callable[[dict, int], None] | None = None) -> dict:
+    """Train and score one cell (resuming if interrupted); returns its metrics row."""
+    cell_dir = run_dir / "cells" / cell.method / cell.key
+    if (cell_dir / "metrics.json").exists():
+        return read_json(cell_dir / "metrics.json")
+    start = time.perf_counter()
+    classes = config.data.classes
+    split = study.split
+    train = split.select(study.records, cell.fold, "train")
+    val = split.select(study.records, cell.fold, "val")
+    test = split.select(study.records, cell.fold, "test")
+    synthetic: list[Record] = []
+    generator_ids: list[str] = []
+    if cell.method != REFERENCE:
+        gen_dir = run_dir / "generators" / cell.method / cell.key
+        check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
+        generator = fit_or_load_generator(cell.method, config, train, gen_dir, cell.seed)
+        generator_ids = list(generator.train_ids)
+        synthetic = synthesize(generator, cell.method, train, config, run_dir / "synthetic" / cell.method / cell.key,
+                               gen_dir, cell.seed)
+    fit_set = train + synthetic
+    used = {"classifier_train": [r.id for r in fit_set], "val": [r.id for r in val],
+            "generator_train": generator_ids, "test": [r.id for r in test]}
+    check_no_leak(split, cell.fold, {k: v for k, v in used.items() if k != "test"}, study.audit.group_of)
+    write_json(cell_dir / "ids.json", used)
+    size = config.classifier.image_size
+    result = fit_classifier(
+        stack_images(fit_set, size), label_indices(fit_set, classes),
+        stack_images(val, size), label_indices(val, classes),
+        config.classifier, len(classes), cell_dir / "classifier", seed=cell.seed,
+        tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"),
+    )
+    proba = predict_proba(result.model, stack_images(test, size))
+    y_true = label_indices(test, classes)
+    write_text(cell_dir / "predictions.csv", predictions_csv(test, y_true, proba, classes))
+    row = {
+        "method": cell.method, "fold": cell.fold, "seed": cell.seed,
+        "n_train_real": len(train), "n_synthetic": len(synthetic), "n_val": len(val), "n_test": len(test),
+        "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 2),
+        **classification_metrics(y_true, proba, classes),
+    }
+    write_json(cell_dir / "metrics.json", row)
+    return row
+
+
+def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:
+    if log_fn is None:
+        return None
+    return lambda values, step: log_fn({f"{prefix}/{k}": v for k, v in values.items()}, step)
+
+
+def predictions_csv(test: Sequence[Record], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> str:
+    """CSV text: id, label, y_true and one probability column per class."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "label", "y_true", *[f"p_{c}" for c in classes]])
+    for r, y, p in zip(test, y_true, proba, strict=True):
+        writer.writerow([r.id, r.label, int(y), *[f"{v:.6f}" for v in p]])
+    return buf.getvalue()
+
+
+def read_predictions(path: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """ids, y_true and (N, C) probabilities from a predictions.csv."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = [r["id"] for r in rows]
+    y = np.array([int(r["y_true"]) for r in rows], dtype=np.int64)
+    p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
+    return ids, y, p
+
+
+# --- the whole study ------------------------------------------------------------------------
+
+
+def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
+    """Cells in run order: fold, then seed, then method (so a fold's methods finish together)."""
+    seeds = [config.run.base_seed + s for s in range(config.run.seeds)]
+    return [Cell(m, f, s) for f in folds for s in seeds for m in config.run.methods]
+
+
+def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
+              build_html: bool = True) -> dict:
+    """Run (or resume) the whole study in ``run_dir``; returns the results summary."""
+    for method in config.run.methods:
+        if method != REFERENCE:
+            generator_class(method)  # unknown names fail here, before any work
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = "phantom" if data is None else str(Path(data).resolve())
+    open_run_dir(run_dir, config, source)
+    study = prepare_data(config, data, run_dir, split_file)
+    log.info("split:\n%s", study.split.format(config.data.classes))
+    cells = study_cells(config, study.split.folds)
+    tracker = open_tracker(config, run_dir)
+    try:
+        for i, cell in enumerate(cells, start=1):
+            done = (run_dir / "cells" / cell.method / cell.key / "metrics.json").exists()
+            log.info("[%d/%d] %s %s%s", i, len(cells), cell.method, cell.key, " (done)" if done else "")
+            row = run_cell(cell, config, study, run_dir, tracker.log if tracker else None)
+            log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
+                     row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
+    finally:
+        if tracker:
+            tracker.finish()
+    summary = summarize_run(run_dir, config.run.methods, config.data.classes, n_boot=config.run.bootstrap)
+    if build_html:
+        from busynth.report import build_report
+
+        build_report(run_dir)
+    return summary
+
+
+def open_tracker(config: StudyConfig, run_dir: Path):
+    """An accelerate tracker (wandb or tensorboard) when ``run.tracker`` asks for one, else None.
+
+    Local CSV/JSON files are written either way; the tracker is an extra view.
+    """
+    name = config.run.tracker
+    if name == "none":
+        return None
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]():
+        raise ConfigError(f"run.tracker={name} is not installed: pip install {name}")
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    if name == "tensorboard":
+        tracker = cls(run_dir.name, logging_dir=str(run_dir / "trackers"))
+    else:
+        tracker = cls(run_dir.name, dir=str(run_dir / "trackers"))
+    tracker.start()
+    tracker.store_init_configuration(_flatten(config.model_dump(mode="json")))
+    return tracker
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out

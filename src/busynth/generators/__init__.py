@@ -1,0 +1,21 @@
+"""Generators: every method of the study behind one interface (see base.py)."""
+
+from busynth.generators.base import (
+    Generator,
+    Synthetic,
+    available_methods,
+    build_generator,
+    generator_class,
+    register,
+)
+
+
+def _classical():
+    from busynth.generators.classical import ClassicalAugmenter
+
+    return ClassicalAugmenter
+
+
+register("classical", _classical)
+
+__all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "register"]

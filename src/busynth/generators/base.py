@@ -1,0 +1,193 @@
+"""The generator interface every method of the study implements, and the method registry.
+
+A generator is built from its own config, ``fit`` on a fold's training records only,
+and ``sample``s images (and masks) per class. ``load(dir)`` rebuilds it from the artifact
+folder ``fit`` wrote, so sampling never needs the training command again.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from busynth.config import StudyConfig, SynthesisConfig
+from busynth.data.records import Record, class_counts
+from busynth.errors import ConfigError
+from busynth.io import read_json, write_json, write_png, write_text
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """One generated image: uint8 (H, W), an optional bool mask, its class and provenance."""
+
+    image: np.ndarray
+    label: str
+    mask: np.ndarray | None = None
+    seed: int = 0
+
+
+class Generator(abc.ABC):
+    """Base class of all generators. Subclasses set ``name`` and ``config_model``."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[BaseModel]]
+    # True when the generator needs masks to sample (ControlNet); the study passes training masks.
+    needs_masks: ClassVar[bool] = False
+
+    def __init__(self, config: BaseModel | dict[str, Any] | None = None, classes: Sequence[str] = ()):
+        self.config = self.parse_config(config)
+        self.classes = list(classes)
+        self.train_ids: list[str] = []
+
+    @classmethod
+    def parse_config(cls, config: BaseModel | dict[str, Any] | None) -> BaseModel:
+        """Validate a dict (or None for defaults) into this generator's config model."""
+        if isinstance(config, cls.config_model):
+            return config
+        try:
+            return cls.config_model.model_validate(dict(config or {}))
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"generators.{cls.name}: {msgs}") from None
+
+    @abc.abstractmethod
+    def fit(self, train_records: Sequence[Record], out_dir: Path, seed: int = 0) -> Path:
+        """Train on ``train_records`` (a fold's training part only); return the artifact folder."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, directory: Path) -> "Generator":
+        """Rebuild a fitted generator from the folder ``fit`` returned."""
+
+    @abc.abstractmethod
+    def sample(
+        self, label: str, n: int, seed: int = 0, masks: Sequence[np.ndarray] | None = None
+    ) -> list[Synthetic]:
+        """Generate ``n`` images of class ``label``; deterministic for a seed."""
+
+    def _remember_training_ids(self, train_records: Sequence[Record]) -> None:
+        if not train_records:
+            raise ValueError(f"{self.name}: fit needs at least one training record")
+        self.train_ids = [r.id for r in train_records]
+        self.classes = self.classes or sorted({r.label for r in train_records})
+
+
+# --- registry -------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[[], type[Generator]]] = {}
+
+
+def register(name: str, loader: Callable[[], type[Generator]]) -> None:
+    """Register a generator class under a method name; ``loader`` imports it lazily."""
+    _REGISTRY[name] = loader
+
+
+def available_methods() -> list[str]:
+    """Method names the study accepts: ``real`` plus every registered generator."""
+    return ["real", *sorted(_REGISTRY)]
+
+
+def generator_class(name: str) -> type[Generator]:
+    """The generator class for a method name, with a clear error for unknown names."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[name]()
+
+
+def build_generator(name: str, study: StudyConfig) -> Generator:
+    """Instantiate the generator of a method with its section of ``study.generators``."""
+    cls = generator_class(name)
+    section = study.generators.get(name, {})
+    if name == "classical":
+        section = study.classical
+    return cls(section, classes=study.data.classes)
+
+
+# --- how many to generate, and writing samples out ------------------------------------------
+
+
+def synthetic_counts(
+    train_records: Sequence[Record], classes: Sequence[str], cfg: SynthesisConfig
+) -> dict[str, int]:
+    """Images to generate per class: ratio x real count, or top-up to the majority when balancing."""
+    counts = class_counts(train_records, classes)
+    if cfg.balance:
+        top = max(counts.values())
+        return {c: top - n for c, n in counts.items()}
+    return {c: int(math.floor(cfg.ratio * n + 0.5)) for c, n in counts.items()}
+
+
+def samples_to_records(samples: Sequence[Synthetic], method: str, start: int = 0) -> list[Record]:
+    """Wrap generated images as records (ids ``<method>:<label>_<k>``) for the classifier."""
+    return [
+        Record(
+            id=f"{method}:{s.label}_{start + k}",
+            label=s.label,
+            image=s.image,
+            mask=s.mask,
+            path=f"{method}:{s.label}/{s.label} ({start + k}).png",
+            meta={"synthetic": True, "seed": s.seed},
+        )
+        for k, s in enumerate(samples)
+    ]
+
+
+def write_samples(
+    samples: Sequence[Synthetic], out_dir: Path, generator: str, checkpoint: str | Path
+) -> Path:
+    """Write samples in the data set's own layout (``<class>/<class> (k).png`` and
+    ``_mask.png``) plus ``manifest.jsonl`` (generator, checkpoint, seed, label, files).
+
+    Numbering continues after images already in ``out_dir``; returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    manifest = out_dir / MANIFEST
+    lines = manifest.read_text().splitlines() if manifest.exists() else []
+    next_index: dict[str, int] = {}
+    for line in lines:
+        entry = json.loads(line)
+        next_index[entry["label"]] = max(next_index.get(entry["label"], 0), entry["index"])
+    new_lines = []
+    for s in samples:
+        k = next_index.get(s.label, 0) + 1
+        next_index[s.label] = k
+        image_rel = f"{s.label}/{s.label} ({k}).png"
+        write_png(out_dir / image_rel, s.image)
+        entry: dict[str, Any] = {
+            "generator": generator,
+            "checkpoint": str(checkpoint),
+            "label": s.label,
+            "index": k,
+            "seed": s.seed,
+            "image": image_rel,
+        }
+        if s.mask is not None:
+            mask_rel = f"{s.label}/{s.label} ({k})_mask.png"
+            write_png(out_dir / mask_rel, s.mask)
+            entry["mask"] = mask_rel
+        new_lines.append(json.dumps(entry))
+    write_text(manifest, "\n".join([*lines, *new_lines]) + "\n")
+    return out_dir
+
+
+def save_generator_info(directory: Path, name: str, config: BaseModel, extra: dict | None = None) -> None:
+    """Write ``generator.json`` (method name, config, training ids) into an artifact folder."""
+    write_json(Path(directory) / "generator.json", {"name": name, "config": config.model_dump(mode="json"), **(extra or {})})
+
+
+def read_generator_info(directory: Path) -> dict[str, Any]:
+    """Read ``generator.json`` from an artifact folder, with a clear error when it is missing."""
+    path = Path(directory) / "generator.json"
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a generator folder (no generator.json)")
+    return read_json(path)
