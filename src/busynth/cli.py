@@ -54,10 +54,11 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except BusynthError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except OSError as exc:  # disk full, read-only folder, permissions: name the file
-            console.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename or ''}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename or ''}", highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

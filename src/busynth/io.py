@@ -42,7 +42,7 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Atomically write a text file."""
-    return write_atomic(path, lambda p: p.write_text(text))
+    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -92,22 +91,22 @@ def read_grayscale(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
     audit uses to find coloured overlays without re-reading the file.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise DataError(
-                        f"{path}: {w}x{h} = {w * h} pixels exceeds data.max_pixels={max_pixels} "
-                        "(possible decompression bomb)"
-                    )
-                mode = im.mode
-                im.load()
-                info = {"mode": mode, "width": w, "height": h}
-                gray = _to_gray(im, info)
+        with Image.open(path) as im:
+            w, h = im.size
+            # PIL only warns between its limit and twice that; refuse there too
+            limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+            if w * h > limit:
+                raise DataError(
+                    f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
+                    "(data.max_pixels; possible decompression bomb)"
+                )
+            mode = im.mode
+            im.load()
+            info = {"mode": mode, "width": w, "height": h}
+            gray = _to_gray(im, info)
     except DataError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file PIL can identify") from None
@@ -195,7 +194,9 @@ def _load_one(
                     f"{mpath}: mask is {m.shape[1]}x{m.shape[0]} but its image {image_path.name} is "
                     f"{image.shape[1]}x{image.shape[0]}"
                 )
-            mask = (m > 127) if mask is None else (mask | (m > 127))
+            # 0/255 masks (BUSI) and 0/1 masks alike: any value above the background counts
+            lesion = m > (127 if m.max() > 1 else 0)
+            mask = lesion if mask is None else (mask | lesion)
     except DataError as exc:
         return None, str(exc)
     if mask is None and cls in config.normal_classes:
@@ -254,7 +255,9 @@ def load_dataset(root: str | Path, config: DataConfig | None = None, workers: in
             assert reason is not None
             if config.on_bad_file == "refuse":
                 raise DataError(f"{reason} (set data.on_bad_file=skip to skip such files and list them)")
-            summary.skip(image_path, reason)
+            summary.skip(image_path, reason.removeprefix(f"{image_path}: "))
+            for mpath in mask_paths:
+                summary.skip(mpath, f"mask of skipped image: {image_path.name}")
             continue
         summary.images_read += 1
         summary.masks_read += len(mask_paths)

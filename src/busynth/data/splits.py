@@ -173,6 +173,10 @@ def read_split(path: str | Path, records: Sequence[Record], audit: AuditReport |
     unknown = sorted({row[key] for row in table if row[key] not in lookup})
     if unknown:
         raise DataError(f"{path}: {len(unknown)} {key}(s) not in the data set, e.g. {unknown[:5]}")
+    named_twice = Counter(((row.get("fold") or "0") if part_col is not None else "", row[key]) for row in table)
+    repeated = sorted({k for (_, k), n in named_twice.items() if n > 1})
+    if repeated:
+        raise DataError(f"{path}: {len(repeated)} {key}(s) named more than once in one fold, e.g. {repeated[:5]}")
     group_of = audit.group_of if audit else {}
     rows: list[dict] = []
     if part_col is not None:

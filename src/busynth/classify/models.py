@@ -1,0 +1,255 @@
+"""Classifier networks: a compact ResNet for 1-channel images, and timm / torchvision models.
+
+Every model built here takes float images (N, 1, S, S) in [0, 1] (what
+``busynth.data.transforms.to_tensor`` returns), normalises them itself, returns
+logits (N, n_classes) from ``forward`` and penultimate features (N, D) from
+``features`` -- the feature space in which fidelity scores (FID, KID,
+precision/recall) are computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from busynth.config import ClassifierConfig
+from busynth.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Seconds any network access (weight download) may stall before it fails.
+WEIGHTS_TIMEOUT_S = 30.0
+# Grey-level ImageNet statistics: the mean / std of the RGB means (for pretrained models).
+IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (He et al. 2016, arXiv:1512.03385)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual block output, same spatial size (stride 1) or halved (stride 2)."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CompactResNet(nn.Module):
+    """A small ResNet: stride-2 stem, 4 stages of BasicBlocks, global pool, dropout, linear head.
+
+    Stage widths are ``width * (1, 2, 4, 8)``; stages 2-4 halve the resolution. The
+    stem (5x5 conv, stride 2, then a 2x2 max-pool) reduces a 128 px image to 32 px
+    before the first stage, which keeps CPU training fast.
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        width: int = 32,
+        depth: tuple[int, ...] | list[int] = (1, 1, 1, 1),
+        dropout: float = 0.2,
+        in_channels: int = 1,
+        stem_kernel: int = 5,
+        stem_pool: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(depth) == 0 or any(d < 1 for d in depth):
+            raise ConfigError(f"classifier.depth must list positive block counts, got {list(depth)}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, stem_kernel, stride=2, padding=stem_kernel // 2, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2) if stem_pool else nn.Identity(),
+        )
+        stages: list[nn.Module] = []
+        in_ch = width
+        for i, n_blocks in enumerate(depth):
+            out_ch = width * 2**i
+            blocks = [BasicBlock(in_ch, out_ch, stride=1 if i == 0 else 2)]
+            blocks += [BasicBlock(out_ch, out_ch) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_ch = out_ch
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(in_ch, n_classes)
+        self.feature_dim = in_ch
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)  # each block starts as the identity (Goyal et al. 2017)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, feature_dim): globally pooled output of the last stage."""
+        x = (x - 0.5) / 0.25
+        x = self.stages(self.stem(x))
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, n_classes) for images (N, 1, S, S) in [0, 1]."""
+        return self.head(self.dropout(self.features(x)))
+
+
+class BackboneClassifier(nn.Module):
+    """An external backbone returning pooled features (N, D), plus dropout and a linear head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, n_classes: int, dropout: float,
+                 mean: float, std: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, n_classes)
+        self.feature_dim = feature_dim
+        self.mean, self.std = mean, std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, feature_dim) of images (N, 1, S, S) in [0, 1]."""
+        return torch.flatten(self.backbone((x - self.mean) / self.std), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, n_classes)."""
+        return self.head(self.dropout(self.features(x)))
+
+
+@contextmanager
+def _bounded_network(timeout_s: float = WEIGHTS_TIMEOUT_S) -> Iterator[None]:
+    """Make every socket opened inside time out after ``timeout_s`` (no download can hang)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _import_library(name: str, arch: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(
+            f"classifier.arch={arch!r} needs the '{name}' package, which is not installed: "
+            f"`pip install {name}` (or use classifier.arch=resnet)"
+        ) from None
+
+
+def _weights_error(arch: str, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"classifier.arch={arch!r} with classifier.pretrained=true: could not load ImageNet "
+        f"weights ({type(exc).__name__}: {exc}). Put the weights in the library's cache while "
+        "online, or set classifier.pretrained=false."
+    )
+
+
+def _build_timm(name: str, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+    timm = _import_library("timm", cfg.arch)
+    try:
+        with _bounded_network():
+            backbone = timm.create_model(name, pretrained=cfg.pretrained, in_chans=1, num_classes=0)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ConfigError(f"classifier.arch={cfg.arch!r}: timm has no model '{name}'") from None
+        if cfg.pretrained:
+            raise _weights_error(cfg.arch, exc) from exc
+        raise
+    except (OSError, ValueError) as exc:  # network errors, timeouts, missing hub files
+        if cfg.pretrained:
+            raise _weights_error(cfg.arch, exc) from exc
+        raise ConfigError(f"classifier.arch={cfg.arch!r}: timm could not build it ({exc})") from exc
+    mean, std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if cfg.pretrained else (0.5, 0.25)
+    return BackboneClassifier(backbone, int(backbone.num_features), n_classes, cfg.dropout, mean, std)
+
+
+def _replace_first_conv_with_grey(model: nn.Module) -> None:
+    """Swap the first 3-channel Conv2d for a 1-channel one whose kernel is the RGB sum."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                grey = nn.Conv2d(1, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                 child.dilation, bias=child.bias is not None)
+                with torch.no_grad():
+                    grey.weight.copy_(child.weight.sum(dim=1, keepdim=True))
+                    if child.bias is not None:
+                        grey.bias.copy_(child.bias)
+                setattr(parent, child_name, grey)
+                return
+    raise ConfigError("classifier.arch: found no 3-channel Conv2d to adapt to grey images")
+
+
+def _strip_last_linear(model: nn.Module) -> int:
+    """Replace the model's last nn.Linear (its head) with Identity; return its in_features."""
+    last: tuple[nn.Module, str, nn.Linear] | None = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is None:
+        raise ConfigError("classifier.arch: the torchvision model has no linear head to replace")
+    parent, child_name, linear = last
+    setattr(parent, child_name, nn.Identity())
+    return int(linear.in_features)
+
+
+def _build_torchvision(name: str, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+    tv_models = _import_library("torchvision", cfg.arch).models
+    if name not in tv_models.list_models():
+        raise ConfigError(f"classifier.arch={cfg.arch!r}: torchvision has no model '{name}'")
+    try:
+        with _bounded_network():
+            backbone = tv_models.get_model(name, weights="DEFAULT" if cfg.pretrained else None)
+    except Exception as exc:  # urllib / hash / file errors all mean: weights unavailable
+        if cfg.pretrained:
+            raise _weights_error(cfg.arch, exc) from exc
+        raise ConfigError(f"classifier.arch={cfg.arch!r}: torchvision could not build it ({exc})") from exc
+    _replace_first_conv_with_grey(backbone)
+    feature_dim = _strip_last_linear(backbone)
+    mean, std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if cfg.pretrained else (0.5, 0.25)
+    return BackboneClassifier(backbone, feature_dim, n_classes, cfg.dropout, mean, std)
+
+
+def build_classifier(cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+    """The classifier ``cfg.arch`` names, for 1-channel images and ``n_classes`` outputs.
+
+    ``"resnet"`` is the built-in :class:`CompactResNet`; ``"timm:<name>"`` and
+    ``"torchvision:<name>"`` build that library's model when it is installed. The
+    returned module has ``forward(x) -> logits``, ``features(x) -> (N, D)`` and
+    ``feature_dim``. Raises ConfigError for unknown architectures, a missing library,
+    or pretrained weights that cannot be fetched.
+    """
+    if n_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {n_classes}")
+    arch = cfg.arch.strip()
+    if arch == "resnet":
+        if cfg.pretrained:
+            raise ConfigError("classifier.pretrained=true needs a timm: or torchvision: classifier.arch")
+        return CompactResNet(n_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout)
+    library, _, name = arch.partition(":")
+    if library == "timm" and name:
+        return _build_timm(name, cfg, n_classes)
+    if library == "torchvision" and name:
+        return _build_torchvision(name, cfg, n_classes)
+    raise ConfigError(
+        f"classifier.arch={cfg.arch!r} is unknown: use 'resnet', 'timm:<model>' or 'torchvision:<model>'"
+    )

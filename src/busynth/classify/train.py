@@ -1,0 +1,422 @@
+"""One training loop for the classifier (accelerate), with checkpoints, resume and model selection.
+
+A run folder holds ``last.safetensors`` (model + optimizer tensors, the run state
+in its metadata), ``best.safetensors`` (the weights chosen on the real validation
+set, config in its metadata), ``state.json`` (a readable copy of the run state) and
+``history.csv`` (one row per epoch). Everything random in epoch ``e`` -- data
+order, flips, dropout -- is seeded from ``(seed, e)``, so a run resumed after epoch
+``e`` continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
+from tqdm.auto import tqdm
+
+from busynth.classify.models import build_classifier
+from busynth.config import ClassifierConfig
+from busynth.data.transforms import to_tensor
+from busynth.errors import ConfigError, DataError, RunStateError
+from busynth.io import atomic_path, read_json, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Independent random streams derived from (seed, epoch).
+_STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT = 0, 1, 2
+# Config fields that do not change results, so they may differ when a run resumes.
+_RESUME_FREE_FIELDS = {"num_workers"}
+
+
+@dataclass
+class FitResult:
+    """A trained classifier: best weights loaded, in eval mode, and how it got there."""
+
+    model: nn.Module
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path = Path(".")
+
+
+def derived_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for one random stream of one epoch, independent of any running RNG."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles indices with a permutation derived from (seed, epoch); call ``set_epoch`` first."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose permutation ``__iter__`` yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        rng = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, _STREAM_ORDER))
+        return iter(torch.randperm(self.n, generator=rng).tolist())
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (reaching 1 at the last warm-up step),
+    then half a cosine from 1 to 0 over the remaining steps (Loshchilov & Hutter 2017,
+    arXiv:1608.03983, without restarts).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of a batch (N, C, H, W) left-right with probability 1/2."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def class_weight_vector(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
+    """Per-class loss weights: ones, or sklearn's "balanced" weights (absent classes get 1)."""
+    weights = np.ones(n_classes, dtype=np.float64)
+    if mode == "balanced":
+        present = np.unique(labels)
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean one-vs-rest ROC AUC over classes that have positives and negatives (nan if none)."""
+    aucs = [
+        roc_auc_score(y_true == c, proba[:, c])
+        for c in range(proba.shape[1])
+        if 0 < int((y_true == c).sum()) < len(y_true)
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def validation_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy and macro AUC of probabilities (N, C) on labels (N,)."""
+    pred = proba.argmax(axis=1)
+    picked = np.clip(proba[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    return {
+        "val_loss": float(-np.log(picked).mean()),
+        "val_accuracy": float((pred == y_true).mean()),
+        "val_balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
+        "val_macro_auc": macro_auc(y_true, proba),
+    }
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Softmax probabilities (N, C) as float64 for uint8 images (N, S, S), computed in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = [
+        torch.softmax(model(to_tensor(images[i : i + batch_size]).to(device)).float(), dim=1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    if not chunks:
+        return np.zeros((0, model.head.out_features))
+    return torch.cat(chunks).double().numpy()
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig, n_classes: int, part: str) -> None:
+    size = cfg.image_size
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
+        raise DataError(
+            f"{part} images must be uint8 (N, {size}, {size}) (classifier.image_size), "
+            f"got {images.dtype} {images.shape}"
+        )
+    if len(images) == 0 or len(labels) != len(images):
+        raise DataError(f"{part}: {len(images)} images and {len(labels)} labels (need the same, > 0)")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise DataError(f"{part} labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+
+
+def _data_hash(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(str((a.dtype, a.shape)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _make_accelerator(cfg: ClassifierConfig, cpu: bool) -> Accelerator:
+    """An Accelerator for this fit. In a single process, accelerate's shared state is reset
+    first, so that fits with different precision settings can follow each other. On CUDA
+    it switches cuDNN to deterministic kernels (a process-wide setting)."""
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
+    )
+    if accelerator.device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise ConfigError("classifier.mixed_precision=fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
+    if accelerator.device.type == "cuda":  # cheap for small convs; CPU kernels are deterministic already
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return accelerator
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only, not on norm weights and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Model and optimizer tensors under flat keys (``model.*``, ``optim.<param>.<name>``)."""
+    opt_state = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for idx, per_param in opt_state["state"].items():
+        tensors.update({f"optim.{idx}.{name}": v for name, v in per_param.items()})
+    _save_safetensors(path, tensors, {"state": state, "optim_param_groups": opt_state["param_groups"]})
+
+
+def _load_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tensors, meta = _read_safetensors(path)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    groups = meta["optim_param_groups"]
+    for group in groups:
+        group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+def _load_resume_state(out_dir: Path) -> dict[str, Any] | None:
+    """The state of the last finished epoch: state.json, or the copy inside last.safetensors
+    when that is newer (a run killed between writing the two)."""
+    state = read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else None
+    last = out_dir / "last.safetensors"
+    if last.exists():
+        with safe_open(str(last), framework="pt") as f:
+            embedded = json.loads((f.metadata() or {})["state"])
+        if state is None or embedded["epoch"] > state["epoch"]:
+            state = embedded
+    return state
+
+
+def _check_same_run(state: dict[str, Any], run: dict[str, Any], out_dir: Path) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise RunStateError(f"{out_dir}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
+    changed = [k for k in ("seed", "n_classes", "data_hash") if state["run"].get(k) != run[k]]
+    old_cfg, new_cfg = state["run"]["config"], run["config"]
+    changed += [
+        f"classifier.{k}" for k in sorted(set(old_cfg) | set(new_cfg))
+        if k not in _RESUME_FREE_FIELDS and old_cfg.get(k) != new_cfg.get(k)
+    ]
+    if changed:
+        raise RunStateError(
+            f"{out_dir} holds a classifier run with different {', '.join(changed)}; "
+            "use a new folder or delete this one to start over"
+        )
+
+
+def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader(), writer.writerows(history)
+    write_text(path, buffer.getvalue())
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def load_best_weights(model: nn.Module, out_dir: Path) -> nn.Module:
+    """Load ``out_dir/best.safetensors`` into ``model``; returns it in eval mode."""
+    path = Path(out_dir) / "best.safetensors"
+    if not path.exists():
+        raise RunStateError(f"{path} does not exist: no finished classifier epoch in {out_dir}")
+    tensors, _ = _read_safetensors(path)
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def load_classifier(out_dir: Path, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+    """The best model of a classifier run folder (on CPU, eval mode); never downloads weights."""
+    model = build_classifier(cfg.model_copy(update={"pretrained": False}), n_classes)
+    return load_best_weights(model, Path(out_dir))
+
+
+def _train_one_epoch(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+    loss_fn: nn.Module, cfg: ClassifierConfig, seed: int, epoch: int,
+) -> tuple[float, float]:
+    """One pass over the training data; returns (mean training loss, last learning rate)."""
+    model.train()
+    loader.set_epoch(epoch)
+    torch.manual_seed(derived_seed(seed, epoch, _STREAM_DROPOUT))
+    flips = torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_FLIP))
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    loss_sum, n_seen, lr = 0.0, 0, cfg.lr
+    bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=None if accelerator.is_local_main_process else True)
+    for i, (images, labels) in enumerate(bar):
+        lr = cfg.lr * lr_factor(epoch * steps_per_epoch + i // cfg.grad_accum, total_steps, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with accelerator.accumulate(model):
+            x = images.float().div_(255.0)
+            if cfg.augment == "flip":
+                x = random_hflip(x, flips)
+            loss = loss_fn(model(x), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += float(loss.detach()) * len(labels)
+        n_seen += len(labels)
+        bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+    return loss_sum / max(n_seen, 1), lr
+
+
+def fit_classifier(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    cfg: ClassifierConfig,
+    n_classes: int,
+    out_dir: Path,
+    seed: int = 0,
+    tracker_log: Callable[[dict[str, Any], int], None] | None = None,
+    cpu: bool = False,
+) -> FitResult:
+    """Train a classifier, choose the epoch with the best ``cfg.select_metric`` on the
+    validation images, and return it (best weights loaded, eval mode).
+
+    Images are uint8 (N, S, S) at ``cfg.image_size``; labels int64 class indices.
+    A folder with a ``state.json`` from an unfinished run of the same config and data
+    is resumed at the next epoch; a finished one is just loaded. ``tracker_log(row,
+    epoch)`` is called after each epoch's checkpoint is written; ``cpu`` forces the
+    CPU even when a GPU is present. Raises RunStateError if the folder holds a
+    different run.
+    """
+    out_dir = Path(out_dir)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    val_labels = np.asarray(val_labels, dtype=np.int64)
+    _check_arrays(train_images, train_labels, cfg, n_classes, "training")
+    _check_arrays(val_images, val_labels, cfg, n_classes, "validation")
+    run = {
+        "seed": seed, "n_classes": n_classes, "config": cfg.model_dump(mode="json"),
+        "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
+    }
+    state = _load_resume_state(out_dir)
+    if state is not None:
+        _check_same_run(state, run, out_dir)
+        if state["done"]:
+            logger.info("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
+            model = load_classifier(out_dir, cfg, n_classes)
+            return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
+
+    accelerator = _make_accelerator(cfg, cpu)
+    torch.manual_seed(seed)
+    model = build_classifier(cfg, n_classes)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    n_train = len(train_images)
+    batches = BatchSampler(EpochShuffleSampler(n_train, seed), cfg.batch_size,
+                           drop_last=n_train % cfg.batch_size == 1 and n_train > 1)  # no size-1 BN batch
+    dataset = TensorDataset(torch.from_numpy(train_images).unsqueeze(1), torch.from_numpy(train_labels))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    weights = class_weight_vector(train_labels, n_classes, cfg.class_weights).to(accelerator.device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+    if state is None:
+        state = {"version": STATE_VERSION, "run": run, "epoch": -1, "best_epoch": -1, "best_score": None,
+                 "bad_epochs": 0, "done": False, "history": [],
+                 "rng": "epoch e draws order, flips and dropout from SeedSequence([seed, e, stream])"}
+    else:
+        _load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer)
+        logger.info("resuming classifier in %s after epoch %d", out_dir, state["epoch"] + 1)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        started = time.perf_counter()
+        train_loss, lr = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch)
+        unwrapped = accelerator.unwrap_model(model)
+        metrics = validation_metrics(val_labels, predict_proba(unwrapped, val_images))
+        score = metrics[f"val_{cfg.select_metric}"]
+        improved = state["best_epoch"] < 0 or (math.isfinite(score) and score > _score(state))
+        if improved:
+            state.update(best_epoch=epoch, best_score=_finite_or_none(score), bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
+               "seconds": round(time.perf_counter() - started, 3)}
+        state["history"].append(row)
+        state.update(epoch=epoch, done=epoch + 1 >= cfg.epochs or state["bad_epochs"] >= cfg.patience)
+        if accelerator.is_main_process:
+            _save_epoch(out_dir, unwrapped, optimizer, state, improved, epoch, score)
+        accelerator.wait_for_everyone()
+        logger.info("classifier epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, train_loss,
+                    cfg.select_metric, score, " (best)" if improved else "")
+        if tracker_log is not None:
+            tracker_log(row, epoch)
+        if state["done"]:
+            break
+
+    model = load_best_weights(accelerator.unwrap_model(model), out_dir)
+    return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
+
+
+def _score(state: dict[str, Any]) -> float:
+    return float("-inf") if state["best_score"] is None else float(state["best_score"])
+
+
+def _save_epoch(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                improved: bool, epoch: int, score: float) -> None:
+    """Write best (if improved), then last (the commit point), then history.csv and state.json."""
+    if improved:
+        meta = {"config": state["run"]["config"], "n_classes": state["run"]["n_classes"],
+                "epoch": epoch, "score": _finite_or_none(score)}
+        _save_safetensors(out_dir / "best.safetensors", model.state_dict(), meta)
+    _save_last(out_dir / "last.safetensors", model, optimizer, state)
+    _write_history_csv(out_dir / "history.csv", state["history"])
+    write_json(out_dir / "state.json", state)

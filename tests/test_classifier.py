@@ -1,0 +1,233 @@
+"""Classifier: model shapes, builder errors, learning, determinism, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import busynth.classify.train as train_mod
+from busynth.classify.models import CompactResNet, build_classifier
+from busynth.classify.train import (
+    fit_classifier,
+    load_classifier,
+    lr_factor,
+    predict_proba,
+    random_hflip,
+    validation_metrics,
+)
+from busynth.config import ClassifierConfig
+from busynth.errors import ConfigError, RunStateError
+from busynth.io import read_json
+
+SIZE = 32
+N_CLASSES = 3
+
+
+def tiny_config(**changes) -> ClassifierConfig:
+    base = dict(image_size=SIZE, width=4, epochs=3, batch_size=8, lr=1e-2, warmup_epochs=0.5,
+                dropout=0.1, patience=5, select_metric="balanced_accuracy")
+    return ClassifierConfig(**{**base, **changes})
+
+
+def brightness_set(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c = mean grey level 40 + 80c with noise: trivially separable."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(N_CLASSES), n_per_class)
+    images = 40.0 + 80.0 * labels[:, None, None] + rng.normal(0, 12, (len(labels), SIZE, SIZE))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (*brightness_set(12, seed=1), *brightness_set(6, seed=2))
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    """Three uninterrupted epochs with seed 0, shared by several tests."""
+    out = tmp_path_factory.mktemp("full")
+    return fit_classifier(*data, tiny_config(), N_CLASSES, out, seed=0, cpu=True)
+
+
+def test_compact_resnet_shapes() -> None:
+    model = CompactResNet(N_CLASSES, width=8, depth=[1, 2, 1, 1]).eval()
+    x = torch.rand(5, 1, SIZE, SIZE)
+    assert model(x).shape == (5, N_CLASSES)
+    assert model.features(x).shape == (5, 64) and model.feature_dim == 64
+
+
+def test_build_classifier_resnet_and_unknown_arch() -> None:
+    model = build_classifier(tiny_config(), N_CLASSES)
+    assert model(torch.rand(2, 1, SIZE, SIZE)).shape == (2, N_CLASSES)
+    with pytest.raises(ConfigError, match="classifier.arch"):
+        build_classifier(tiny_config(arch="vgg-ish"), N_CLASSES)
+
+
+def test_missing_library_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ConfigError, match="pip install timm"):
+        build_classifier(tiny_config(arch="timm:resnet18"), N_CLASSES)
+
+
+def test_timm_model_wrapped_and_weight_failure_is_config_error(monkeypatch) -> None:
+    def create_model(name, pretrained, in_chans, num_classes):
+        if pretrained:
+            raise OSError("cannot reach huggingface.co")
+        assert in_chans == 1 and num_classes == 0
+        backbone = nn.Sequential(nn.Conv2d(1, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        backbone.num_features = 6
+        return backbone
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    model = build_classifier(tiny_config(arch="timm:fake"), N_CLASSES)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    assert model(x).shape == (2, N_CLASSES) and model.features(x).shape == (2, 6)
+    with pytest.raises(ConfigError, match="pretrained=false"):
+        build_classifier(tiny_config(arch="timm:fake", pretrained=True), N_CLASSES)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    factors = [lr_factor(s, total_steps=6, warmup_steps=2) for s in range(6)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[3] == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+    assert factors[4] == pytest.approx(0.5)
+    assert factors[5] == pytest.approx(0.5 * (1 + np.cos(3 * np.pi / 4)))
+
+
+def test_random_hflip_flips_some_images_exactly() -> None:
+    x = torch.arange(8 * 4 * 4, dtype=torch.float32).reshape(8, 1, 4, 4)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(o, xi.flip(-1))) for o, xi in zip(out, x)]
+    kept = [bool(torch.equal(o, xi)) for o, xi in zip(out, x)]
+    assert all(f != k for f, k in zip(flipped, kept)) and 0 < sum(flipped) < 8
+
+
+def test_validation_metrics_values() -> None:
+    y = np.array([0, 0, 1, 2])
+    proba = np.array([[0.8, 0.1, 0.1], [0.4, 0.5, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    m = validation_metrics(y, proba)
+    assert m["val_accuracy"] == 0.75
+    assert m["val_balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert m["val_macro_auc"] == pytest.approx(1.0)
+    assert m["val_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.4, 0.7, 0.7])))
+
+
+def test_learns_separable_set(full_run, data) -> None:
+    history = full_run.history
+    assert len(history) == 3
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    proba = predict_proba(full_run.model, data[2])
+    assert proba.shape == (len(data[2]), N_CLASSES)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert (proba.argmax(1) == data[3]).mean() >= 0.9
+    assert not full_run.model.training
+
+
+def test_run_folder_contents(full_run) -> None:
+    out = full_run.out_dir
+    for name in ("last.safetensors", "best.safetensors", "state.json", "history.csv"):
+        assert (out / name).exists(), name
+    state = read_json(out / "state.json")
+    assert state["done"] and state["epoch"] == 2 and state["best_epoch"] == full_run.best_epoch
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert {"train_loss", "val_balanced_accuracy", "val_macro_auc", "lr", "seconds"} <= set(rows[0])
+
+
+def test_same_seed_identical_other_seed_differs(full_run, data, tmp_path) -> None:
+    again = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "a", seed=0, cpu=True)
+    other = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "b", seed=1, cpu=True)
+    reference = predict_proba(full_run.model, data[2])
+    np.testing.assert_array_equal(predict_proba(again.model, data[2]), reference)
+    assert not np.array_equal(predict_proba(other.model, data[2]), reference)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(stop_epoch: int):
+    def log(row: dict, epoch: int) -> None:
+        if epoch == stop_epoch:
+            raise Interrupt
+    return log
+
+
+def test_resume_equals_uninterrupted_run(full_run, data, tmp_path) -> None:
+    with pytest.raises(Interrupt):  # killed after epoch 1 was checkpointed
+        fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, tracker_log=_interrupt_at(0), cpu=True)
+    assert read_json(tmp_path / "state.json")["epoch"] == 0
+    resumed = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, cpu=True)
+    np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full_run.model, data[2]))
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed.history) == drop(full_run.history)
+
+
+def test_resume_from_last_checkpoint_when_state_json_is_stale(full_run, data, tmp_path) -> None:
+    with pytest.raises(Interrupt):
+        fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, tracker_log=_interrupt_at(1), cpu=True)
+    (tmp_path / "state.json").unlink()  # killed between last.safetensors and state.json
+    resumed = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, cpu=True)
+    assert len(resumed.history) == 3
+    np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full_run.model, data[2]))
+
+
+def test_finished_run_is_loaded_not_retrained(full_run, data, monkeypatch) -> None:
+    monkeypatch.setattr(train_mod, "_train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    again = fit_classifier(*data, tiny_config(), N_CLASSES, full_run.out_dir, seed=0, cpu=True)
+    assert again.best_epoch == full_run.best_epoch
+    np.testing.assert_array_equal(predict_proba(again.model, data[2]), predict_proba(full_run.model, data[2]))
+
+
+def test_changed_config_is_refused(full_run, data) -> None:
+    with pytest.raises(RunStateError, match="classifier.lr"):
+        fit_classifier(*data, tiny_config(lr=0.5), N_CLASSES, full_run.out_dir, seed=0, cpu=True)
+
+
+def _scripted_scores(monkeypatch, scores: list[float]) -> None:
+    calls = iter(scores)
+
+    def fake(y_true, proba):
+        s = next(calls)
+        return {"val_loss": 1.0, "val_accuracy": s, "val_balanced_accuracy": s, "val_macro_auc": s}
+
+    monkeypatch.setattr(train_mod, "validation_metrics", fake)
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(data, tmp_path, monkeypatch) -> None:
+    _scripted_scores(monkeypatch, [0.5, 0.9, 0.7])
+    snapshots: dict[int, Path] = {}
+
+    def keep_last(row: dict, epoch: int) -> None:
+        snapshots[epoch] = tmp_path / f"last_{epoch}.safetensors"
+        snapshots[epoch].write_bytes((tmp_path / "run" / "last.safetensors").read_bytes())
+
+    result = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "run", seed=0, tracker_log=keep_last, cpu=True)
+    assert result.best_epoch == 1 and result.best_score == 0.9
+    epoch1 = train_mod._read_safetensors(snapshots[1])[0]
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, epoch1[f"model.{key}"]), key
+    loaded = load_classifier(tmp_path / "run", tiny_config(), N_CLASSES)
+    np.testing.assert_array_equal(predict_proba(loaded, data[2]), predict_proba(result.model, data[2]))
+
+
+def test_early_stopping_after_patience(data, tmp_path, monkeypatch) -> None:
+    _scripted_scores(monkeypatch, [0.9, 0.5, 0.5, 0.5, 0.5])
+    result = fit_classifier(*data, tiny_config(epochs=5, patience=2), N_CLASSES, tmp_path, seed=0, cpu=True)
+    assert len(result.history) == 3 and result.best_epoch == 0
+    assert read_json(tmp_path / "state.json")["done"]
+
+
+def test_bf16_and_gradient_accumulation_run(data, tmp_path) -> None:
+    cfg = tiny_config(epochs=1, mixed_precision="bf16", grad_accum=2, class_weights="none", label_smoothing=0.1)
+    result = fit_classifier(*data, cfg, N_CLASSES, tmp_path, seed=0, cpu=True)
+    assert np.isfinite(result.history[0]["train_loss"])
+    assert predict_proba(result.model, data[2]).shape == (len(data[2]), N_CLASSES)

@@ -1,0 +1,167 @@
+"""The study runner on the smoke preset: leakage guard, determinism, resume, config changes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import busynth.experiment as experiment
+from busynth.cli import app
+from busynth.config import load_config
+from busynth.data.transforms import stack_images
+from busynth.errors import RunStateError
+
+METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "malignant_auc")
+
+
+def smoke_config(*overrides: str):
+    return load_config("smoke", list(overrides))
+
+
+def _digest(row: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(row).tobytes()).hexdigest()
+
+
+def _cells(run_dir: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    with (run_dir / "results" / "cells.csv").open() as fh:
+        return {(r["method"], r["fold"], r["seed"]): r for r in csv.DictReader(fh)}
+
+
+def test_no_test_image_or_its_duplicates_reach_training(tmp_path, monkeypatch):
+    """Checked on the arrays handed to the classifier and the records handed to generators."""
+    seen_fits: list[dict] = []
+    seen_generator_fits: list[list[str]] = []
+    real_fit = experiment.fit_classifier
+
+    def spy_fit(train_x, train_y, val_x, val_y, cfg, n_classes, out_dir, **kw):
+        seen_fits.append({"train": train_x.copy(), "val": val_x.copy(), "cell": Path(out_dir).parent.name,
+                          "method": Path(out_dir).parent.parent.name})
+        return real_fit(train_x, train_y, val_x, val_y, cfg, n_classes, out_dir, **kw)
+
+    real_gen = experiment.fit_or_load_generator
+
+    def spy_gen(method, config, train, gen_dir, seed):
+        seen_generator_fits.append([r.id for r in train])
+        return real_gen(method, config, train, gen_dir, seed)
+
+    monkeypatch.setattr(experiment, "fit_classifier", spy_fit)
+    monkeypatch.setattr(experiment, "fit_or_load_generator", spy_gen)
+    config = smoke_config("phantom.near_duplicate_rate=0.25")
+    experiment.run_study(config, tmp_path / "run", build_html=False)
+    study = experiment.prepare_data(config, None, tmp_path / "run")
+    size = config.classifier.image_size
+    assert study.audit.near_groups, "the fixture must contain near-duplicate groups"
+    assert len(seen_fits) == 4 and len(seen_generator_fits) == 2
+    records = {r.id: r for r in study.records}
+    for fit in seen_fits:
+        fold = int(fit["cell"].removeprefix("fold").split("_")[0])
+        test_ids = set(study.split.ids(fold, "test"))
+        test_groups = {study.audit.group_of[i] for i in test_ids}
+        forbidden = [r for r in study.records if study.audit.group_of[r.id] in test_groups]
+        assert len(forbidden) >= len(test_ids)
+        forbidden_digests = {_digest(x) for x in stack_images(forbidden, size)}
+        for part in ("train", "val"):
+            used = {_digest(x) for x in fit[part]}
+            assert not used & forbidden_digests, f"{fit['method']} {fit['cell']}: test image in {part}"
+        ids = json.loads((tmp_path / "run" / "cells" / fit["method"] / fit["cell"] / "ids.json").read_text())
+        for role in ("classifier_train", "val", "generator_train"):
+            real_ids = [i for i in ids[role] if ":" not in i]
+            assert all(records[i].label for i in real_ids)
+            assert not {study.audit.group_of[i] for i in real_ids} & test_groups, role
+    for train_ids in seen_generator_fits:
+        assert all(":" not in i for i in train_ids)
+
+
+def test_leak_guard_raises_on_a_planted_leak(tmp_path):
+    config = smoke_config("phantom.near_duplicate_rate=0.25")
+    study = experiment.prepare_data(config, None, tmp_path)
+    group = next(g for g in study.audit.near_groups if len(g) > 1)
+    test_id = group[0]
+    fold = next(f for f in study.split.folds if test_id in study.split.ids(f, "test"))
+    twin = group[1]
+    with pytest.raises(AssertionError, match="test images or their duplicates"):
+        experiment.check_no_leak(study.split, fold, {"classifier_train": [twin]}, study.audit.group_of)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    config = smoke_config()
+    a = experiment.run_study(config, tmp_path / "a", build_html=False)
+    b = experiment.run_study(config, tmp_path / "b", build_html=False)
+    assert a["methods"] == b["methods"]
+    ca, cb = _cells(tmp_path / "a"), _cells(tmp_path / "b")
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        assert [ca[key][m] for m in METRIC_COLUMNS] == [cb[key][m] for m in METRIC_COLUMNS]
+    pa = (tmp_path / "a/cells/classical/fold0_seed0/predictions.csv").read_text()
+    assert pa == (tmp_path / "b/cells/classical/fold0_seed0/predictions.csv").read_text()
+
+
+def test_rerun_skips_finished_cells_and_can_add_methods(tmp_path):
+    config = smoke_config("run.methods=[real]")
+    experiment.run_study(config, tmp_path, build_html=False)
+    stamp = (tmp_path / "cells/real/fold0_seed0/metrics.json").stat().st_mtime_ns
+    more = smoke_config("run.methods=[real,classical]")
+    summary = experiment.run_study(more, tmp_path, build_html=False)
+    assert (tmp_path / "cells/real/fold0_seed0/metrics.json").stat().st_mtime_ns == stamp
+    assert set(summary["methods"]) == {"real", "classical"}
+    assert set(summary["paired"]["classical"]) == set(summary["metrics"])
+
+
+def test_changed_config_refuses_to_mix_results(tmp_path):
+    experiment.run_study(smoke_config("run.methods=[real]"), tmp_path, build_html=False)
+    with pytest.raises(RunStateError, match="classifier.lr"):
+        experiment.run_study(smoke_config("run.methods=[real]", "classifier.lr=0.01"), tmp_path, build_html=False)
+    result = CliRunner().invoke(app, ["run", "-c", "smoke", "--methods", "real", "--out", str(tmp_path),
+                                      "--set", "classifier.width=4"])
+    assert result.exit_code == 2
+    assert "classifier.width" in result.output
+
+
+def test_unknown_method_is_refused_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["run", "-c", "smoke", "--methods", "real,gan", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "unknown method 'gan'" in result.output
+    assert not (tmp_path / "r" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_gives_the_same_results(tmp_path):
+    args = ["-c", "smoke", "--set", "classifier.epochs=6", "--set", "classifier.patience=6"]
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "busynth.cli", "run", *args, "--out", str(reference)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "busynth.cli", "run", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once the second cell (classical, fold 0) has finished an epoch but not the cell.
+    target = killed / "cells" / "classical" / "fold0_seed0"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (target / "classifier" / "state.json").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (target / "classifier" / "state.json").exists(), "the run ended before it could be killed"
+    assert not (target / "metrics.json").exists(), "killed too late: the cell had finished"
+
+    again = subprocess.run([sys.executable, "-m", "busynth.cli", "run", *args, "--out", str(killed)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ref_cells, new_cells = _cells(reference), _cells(killed)
+    assert ref_cells.keys() == new_cells.keys()
+    for key in ref_cells:
+        assert [ref_cells[key][m] for m in METRIC_COLUMNS] == [new_cells[key][m] for m in METRIC_COLUMNS], key
+    assert json.loads((reference / "results/summary.json").read_text())["methods"] == \
+        json.loads((killed / "results/summary.json").read_text())["methods"]
