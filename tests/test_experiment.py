@@ -20,7 +20,7 @@ import busynth.experiment as experiment
 from busynth.cli import app
 from busynth.config import load_config
 from busynth.data.transforms import stack_images
-from busynth.errors import RunStateError
+from busynth.errors import ConfigError, RunStateError
 
 METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "malignant_auc")
 
@@ -165,3 +165,29 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_results(tmp_path):
         assert [ref_cells[key][m] for m in METRIC_COLUMNS] == [new_cells[key][m] for m in METRIC_COLUMNS], key
     assert json.loads((reference / "results/summary.json").read_text())["methods"] == \
         json.loads((killed / "results/summary.json").read_text())["methods"]
+
+
+def test_tensorboard_tracker_gets_per_epoch_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extras")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = smoke_config("run.methods=[real]", "run.tracker=tensorboard", "split.folds=2")
+    experiment.run_study(config, tmp_path, build_html=False)
+    event_dirs = {p.parent for p in (tmp_path / "trackers").rglob("events.out.tfevents.*")}
+    assert event_dirs, "no tensorboard event file written"
+    tags: set[str] = set()
+    for folder in event_dirs:
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert any(t.startswith("real/fold0_seed0/") and "loss" in t for t in tags), sorted(tags)
+    assert any(t.startswith("real/fold1_seed0/") for t in tags), sorted(tags)
+    assert (tmp_path / "results" / "cells.csv").exists()  # local files are written as well
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        experiment.run_study(smoke_config("run.methods=[real]", "run.tracker=wandb"), tmp_path, build_html=False)

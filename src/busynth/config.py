@@ -113,8 +113,9 @@ class ClassifierConfig(_Strict):
     warmup_epochs: float = Field(default=1.0, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] = "balanced"
-    # On-the-fly augmentation of every training image (all methods alike): none or flips only.
-    augment: Literal["none", "flip"] = "flip"
+    # On-the-fly augmentation of every training image, all methods alike: none, flips only, or
+    # "light" (flip, rotation ±10°, scale 0.9-1.1, shift 5%, gamma and contrast; data/augment.py).
+    augment: Literal["none", "flip", "light"] = "light"
     select_metric: Literal["balanced_accuracy", "macro_auc"] = "macro_auc"
     patience: int = Field(default=6, ge=1)
     grad_accum: int = Field(default=1, ge=1)

@@ -307,12 +307,19 @@ def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
     return [Cell(m, f, s) for f in folds for s in seeds for m in config.run.methods]
 
 
+def validate_methods(config: StudyConfig) -> None:
+    """Refuse unknown method names and invalid generator settings before any work starts."""
+    for method in config.run.methods:
+        if method != REFERENCE:
+            generator_class(method)
+    for method, section in config.generators.items():
+        generator_class(method).parse_config(section)
+
+
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
               build_html: bool = True) -> dict:
     """Run (or resume) the whole study in ``run_dir``; returns the results summary."""
-    for method in config.run.methods:
-        if method != REFERENCE:
-            generator_class(method)  # unknown names fail here, before any work
+    validate_methods(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     source = "phantom" if data is None else str(Path(data).resolve())

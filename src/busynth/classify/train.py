@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -34,8 +33,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
+from busynth.accel import make_accelerator
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
+from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import atomic_path, read_json, write_json, write_text
@@ -170,22 +171,6 @@ def _data_hash(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _make_accelerator(cfg: ClassifierConfig, cpu: bool) -> Accelerator:
-    """An Accelerator for this fit. In a single process, accelerate's shared state is reset
-    first, so that fits with different precision settings can follow each other. On CUDA
-    it switches cuDNN to deterministic kernels (a process-wide setting)."""
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
-    )
-    if accelerator.device.type == "cpu" and cfg.mixed_precision == "fp16":
-        raise ConfigError("classifier.mixed_precision=fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
-    if accelerator.device.type == "cuda":  # cheap for small convs; CPU kernels are deterministic already
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    return accelerator
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only, not on norm weights and biases."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -307,6 +292,8 @@ def _train_one_epoch(
             x = images.float().div_(255.0)
             if cfg.augment == "flip":
                 x = random_hflip(x, flips)
+            elif cfg.augment == "light":
+                x, _ = augment_batch(x, LIGHT, flips)
             loss = loss_fn(model(x), labels)
             accelerator.backward(loss)
             optimizer.step()
@@ -356,7 +343,7 @@ def fit_classifier(
             model = load_classifier(out_dir, cfg, n_classes)
             return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
 
-    accelerator = _make_accelerator(cfg, cpu)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu, field="classifier.mixed_precision")
     torch.manual_seed(seed)
     model = build_classifier(cfg, n_classes)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)

@@ -16,6 +16,13 @@ def _classical():
     return ClassicalAugmenter
 
 
+def _cvae():
+    from busynth.generators.cvae import CVAEGenerator
+
+    return CVAEGenerator
+
+
 register("classical", _classical)
+register("cvae", _cvae)
 
 __all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "register"]
