@@ -67,13 +67,14 @@ def test_shipped_presets_load_with_their_values() -> None:
 def test_overrides_are_parsed_as_yaml() -> None:
     config = load_config("smoke", ["split.folds=4", "run.methods=[real, cvae]", "classifier.lr=0.01",
                                    "split.exclude_cross_class=false", "phantom.n_per_class={normal: 3, benign: 4}",
-                                   "generators.cvae.latent=16"])
+                                   "generators.toy.latent=16"])
     assert config.split.folds == 4 and isinstance(config.split.folds, int)
     assert config.run.methods == ["real", "cvae"]
     assert config.classifier.lr == 0.01
     assert config.split.exclude_cross_class is False
     assert config.phantom.n_per_class == {"normal": 3, "benign": 4}
-    assert config.generators == {"cvae": {"latent": 16}}
+    assert config.generators["toy"] == {"latent": 16}
+    assert config.generators["cvae"]["steps"] == 30  # the preset's section is kept beside it
     assert parse_override("a.b= x=y ") == ("a.b", "x=y")
 
 

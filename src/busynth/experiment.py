@@ -43,6 +43,8 @@ from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.data.transforms import label_indices, stack_images
 from busynth.errors import ConfigError, RunStateError
+from busynth.evaluate.cell import evaluate_cell
+from busynth.evaluate.summary import summarize_fidelity
 from busynth.generators.base import (
     MANIFEST,
     Generator,
@@ -272,6 +274,16 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     return row
 
 
+def score_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> dict:
+    """fidelity.json of a generator cell: FID/KID, precision/recall, diversity, memorisation
+    against the fold's real training images (computed once; a note until the real cell exists).
+    Test images enter only the real-vs-real reference, never a fit."""
+    split = study.split
+    return evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config,
+                         split.select(study.records, cell.fold, "train"), split.select(study.records, cell.fold, "test"),
+                         read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method))
+
+
 def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:
     if log_fn is None:
         return None
@@ -338,6 +350,10 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     finally:
         if tracker:
             tracker.finish()
+    for cell in cells:
+        if cell.method != REFERENCE:
+            score_fidelity(cell, config, study, run_dir)
+    summarize_fidelity(run_dir, config.run.methods)
     summary = summarize_run(run_dir, config.run.methods, config.data.classes, n_boot=config.run.bootstrap)
     if build_html:
         from busynth.report import build_report

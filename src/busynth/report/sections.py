@@ -1,171 +1,41 @@
-"""report.html: one self-contained page that shows a finished (or partial) run of the study.
+"""The report's main sections: results, plots, samples, data and config.
 
-Every number on the page is read from files in the run folder (``config.yaml``,
-``results/summary.json``, ``results/cells.csv``, per-cell ``predictions.csv`` and
-``history.csv``, ``data/*``, ``synthetic/*``), so the report can be rebuilt without
-retraining. Plots are drawn with matplotlib's Agg canvas (``Figure`` objects, no pyplot
-state) and embedded as base64 PNG data URIs; the page loads nothing from elsewhere.
-
-Each section is one function ``section_*(run) -> str`` returning an HTML fragment; a
-section whose optional input is absent returns a short note instead. New sections are
-added by appending a function to :data:`SECTIONS`.
+Each section is one function ``section_*(run) -> str`` returning an HTML fragment; a section
+whose optional input is absent returns a short note instead.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
-import logging
-import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
-from busynth.errors import RunStateError
-from busynth.io import read_json, write_text
-
-logger = logging.getLogger(__name__)
+from busynth.io import read_json
+from busynth.report.common import (
+    MAX_LIST,
+    Run,
+    cell_dirs,
+    esc,
+    figure_to_img,
+    fmt,
+    html_table,
+    kv_table,
+    natural_key,
+    note,
+    num,
+    pooled_predictions,
+    read_csv_or_none,
+)
 
 BAR_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
 SAMPLES_PER_CLASS = 8
-MAX_LIST = 50  # longest list (skipped files, near groups) printed in full
-CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
-h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-th,td{border:1px solid #bbb;padding:.25em .5em;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td.l,th.l{text-align:left}
-td.better{background:#d7f5d7}td.worse{background:#f8d4d4}
-.diff{color:#555;font-size:.85em;white-space:nowrap}.note{color:#777;font-style:italic}
-img{max-width:100%}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
-"""
-
-
-@dataclass
-class Run:
-    """What every section needs: the folder plus the two required files, parsed."""
-
-    root: Path
-    config: dict[str, Any]
-    config_text: str
-    summary: dict[str, Any]
-    info: dict[str, Any]
-    classes: list[str]
-    methods: list[str]
-    reference: str
-
-    @property
-    def positive(self) -> str:
-        """The class scored by the ``malignant_*`` metrics and the ROC curves."""
-        return "malignant" if "malignant" in self.classes else self.classes[-1]
-
-
-def load_run(run_dir: Path) -> Run:
-    """Read the required files of a run folder; raise RunStateError naming a missing one."""
-    root = Path(run_dir)
-    for rel in ("config.yaml", "results/summary.json"):
-        if not (root / rel).is_file():
-            raise RunStateError(f"cannot build a report: {root / rel} is missing")
-    config_text = (root / "config.yaml").read_text()
-    config = yaml.safe_load(config_text) or {}
-    summary = read_json(root / "results/summary.json")
-    info = read_json(root / "run.json") if (root / "run.json").is_file() else {}
-    classes = list(summary.get("classes") or config.get("data", {}).get("classes") or [])
-    methods = list(config.get("run", {}).get("methods") or [])
-    methods += [m for m in summary.get("methods", {}) if m not in methods]
-    return Run(root, config, config_text, summary, info, classes, methods, summary.get("reference", "real"))
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def esc(value: Any) -> str:
-    """HTML-escape anything read from a file."""
-    return html.escape(str(value))
-
-
-def note(text: str) -> str:
-    """A short italic note, e.g. why a section is empty."""
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def num(x: Any) -> float:
-    """``x`` as a float; NaN for None or anything that is not a number."""
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def fmt(x: Any, digits: int = 3, sign: bool = False) -> str:
-    """Format a number with fixed decimals; '–' for missing or NaN."""
-    v = num(x)
-    return "–" if np.isnan(v) else f"{v:{'+' if sign else ''}.{digits}f}"
-
-
-def figure_to_img(fig: Figure, alt: str) -> str:
-    """Render a matplotlib figure (Agg) to PNG and return an ``<img>`` tag with a data URI."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
-
-
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
-    """A plain table; cells are escaped, the first ``left`` columns are left-aligned."""
-    cls = lambda i: ' class="l"' if i < left else ""  # noqa: E731
-    head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(f"<td{cls(i)}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def kv_table(pairs: Iterable[tuple[Any, Any]]) -> str:
-    """A two-column name/value table without a header row."""
-    body = "".join(f'<tr><th class="l">{esc(k)}</th><td class="l">{esc(v)}</td></tr>' for k, v in pairs)
-    return f"<table>{body}</table>"
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that orders 'fold2' before 'fold10' and 'x (2)' before 'x (10)'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def cell_dirs(run: Run, method: str) -> list[Path]:
-    """The cell folders (fold<f>_seed<s>) of a method, in natural order."""
-    folder = run.root / "cells" / method
-    return sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: natural_key(p.name))
-
-
-def pooled_predictions(run: Run, method: str) -> pd.DataFrame | None:
-    """All predictions.csv of a method concatenated, with a 'pred' argmax column; None if none."""
-    frames = [pd.read_csv(d / "predictions.csv") for d in cell_dirs(run, method) if (d / "predictions.csv").is_file()]
-    if not frames:
-        return None
-    df = pd.concat(frames, ignore_index=True)
-    if "label" not in df and "y_true" in df:
-        df["label"] = [run.classes[int(i)] for i in df["y_true"]]
-    probs = df[[f"p_{c}" for c in run.classes]].to_numpy(dtype=float)
-    df["pred"] = [run.classes[i] for i in probs.argmax(axis=1)]
-    return df
-
-
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
-
-
-# ----------------------------------------------------------------------------- sections
 
 
 def section_header(run: Run) -> str:
@@ -222,7 +92,7 @@ def section_results(run: Run) -> str:
 
 def section_metric_bars(run: Run) -> str:
     """Bar chart per key metric: mean ± sd over cells, with each cell as a point."""
-    cells = _read_csv(run.root / "results/cells.csv")
+    cells = read_csv_or_none(run.root / "results/cells.csv")
     stats = run.summary.get("methods", {})
     metrics = [m for m in BAR_METRICS if m in run.summary.get("metrics", BAR_METRICS)]
     methods = [m for m in run.methods if m in stats]
@@ -418,7 +288,7 @@ def section_data(run: Run) -> str:
         out += _groups_html("Near-duplicate groups", audit.get("near_groups", []))
     else:
         out += note("data/audit.json missing")
-    split = _read_csv(data / "split.csv")
+    split = read_csv_or_none(data / "split.csv")
     out += "<h3>Split</h3>"
     out += _split_table(split, run.classes) if split is not None else note("data/split.csv missing")
     return out
@@ -427,33 +297,3 @@ def section_data(run: Run) -> str:
 def section_config(run: Run) -> str:
     """The resolved config as written by the run."""
     return "<h2>Config</h2><pre>" + esc(run.config_text) + "</pre>"
-
-
-SECTIONS: list[Callable[[Run], str]] = [
-    section_header, section_results, section_metric_bars, section_roc, section_confusion,
-    section_training, section_samples, section_data, section_config,
-]
-_REQUIRED = {section_header, section_results, section_config}
-
-
-def _render(section: Callable[[Run], str], run: Run) -> str:
-    """Run one section; an optional section with unreadable input becomes a note, not a crash."""
-    try:
-        return section(run)
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        if section in _REQUIRED:
-            raise
-        logger.warning("report section %s skipped: %s", section.__name__, exc)
-        return note(f"{section.__name__.removeprefix('section_')}: could not be drawn ({exc})")
-
-
-def build_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` from the files in the run folder and return its path."""
-    run = load_run(run_dir)
-    body = "\n".join(_render(s, run) for s in SECTIONS)
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>busynth report: '
-            f"{esc(run.root.name)}</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
-    # Non-ASCII (±, Δ) as character references: the file is ASCII whatever the locale's encoding.
-    out = write_text(run.root / "report.html", page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-    logger.info("wrote %s", out)
-    return out

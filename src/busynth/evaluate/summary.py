@@ -1,0 +1,75 @@
+"""Fidelity over the whole study: mean ± sd over cells per method, next to real-vs-real.
+
+Reads only the cells' ``fidelity.json`` files (light imports: the report uses it too).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from busynth.classify.metrics import summarize
+from busynth.io import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "real"
+FIDELITY_JSON = "fidelity.json"
+SUMMARY_METRICS = ("fid", "kid_mean", "precision", "recall", "diversity", "memorization_share",
+                   "memorization_share_feature")
+
+
+def aggregate_fidelity(cells: dict[str, list[dict]]) -> dict:
+    """Mean ± sd over cells per method (overall and per class) of :data:`SUMMARY_METRICS` and
+    KID std, plus the real-vs-real reference over the distinct fold/seed cells. ``cells`` maps
+    method -> list of fidelity.json contents; skipped cells are listed, not averaged."""
+    out: dict = {"metrics": list(SUMMARY_METRICS), "methods": {}, "skipped": {}, "real_vs_real": {}}
+    references: dict[tuple[int, int], dict] = {}
+    for method, results in cells.items():
+        ok = [r for r in results if r.get("status") == "ok"]
+        skipped = [f"fold{r.get('fold')}_seed{r.get('seed')}: {r.get('note', '')}"
+                   for r in results if r.get("status") != "ok"]
+        if skipped:
+            out["skipped"][method] = skipped
+        if ok:
+            out["methods"][method] = {"cells": len(ok), **_summarize_scores([r["generator"] for r in ok])}
+        for r in ok:
+            references.setdefault((r["fold"], r["seed"]), r["real_vs_real"])
+    if references:
+        out["real_vs_real"] = {"cells": len(references), **_summarize_scores(list(references.values()))}
+    return out
+
+
+def _summarize_scores(scores: list[dict]) -> dict:
+    def stats(entries: list[dict]) -> dict:
+        names = [*SUMMARY_METRICS, "kid_std"]
+        return {m: summarize([e[m] for e in entries if e.get(m) is not None]) for m in names}
+
+    classes = list(scores[0]["per_class"]) if scores else []
+    return {"overall": stats([s["overall"] for s in scores]),
+            "per_class": {c: stats([s["per_class"][c] for s in scores if c in s["per_class"]]) for c in classes}}
+
+
+def read_cell_fidelity(run_dir: Path, methods: Sequence[str]) -> dict[str, list[dict]]:
+    """method -> fidelity.json contents of its cells (natural fold/seed order); methods without any are left out."""
+    out = {}
+    for method in methods:
+        folder = Path(run_dir) / "cells" / method
+        paths = sorted(folder.glob(f"*/{FIDELITY_JSON}"), key=lambda p: _natural_key(p.parent.name))
+        if paths:
+            out[method] = [read_json(p) for p in paths]
+    return out
+
+
+def _natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def summarize_fidelity(run_dir: Path, methods: Sequence[str]) -> dict:
+    """Write ``results/fidelity.json`` (mean ± sd over cells per method and the real-vs-real
+    reference, from the cells' fidelity.json files) and return it."""
+    summary = aggregate_fidelity(read_cell_fidelity(run_dir, [m for m in methods if m != REFERENCE]))
+    write_json(Path(run_dir) / "results" / "fidelity.json", summary)
+    return summary

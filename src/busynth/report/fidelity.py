@@ -1,0 +1,195 @@
+"""Report sections on the synthetic images themselves: fidelity and memorisation tables, the
+closest synthetic/training pairs, and image/mask pairs.
+
+Numbers come from ``results/fidelity.json`` (or, when it is missing, from the cells'
+``fidelity.json`` summarised on the fly); the pair images are the PNG copies that
+:func:`busynth.evaluate.cell.evaluate_cell` wrote into ``cells/<method>/<cell>/closest/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from busynth.evaluate.summary import aggregate_fidelity, read_cell_fidelity
+from busynth.io import read_json
+from busynth.report.common import Run, cell_dirs, esc, figure_to_img, fmt, natural_key, note, num, png_to_img
+
+MASK_PAIRS_PER_CLASS = 4
+# (key in fidelity.json, column title, scale, decimals); arrows say which direction is better.
+COLUMNS = (
+    ("fid", "FID ↓", 1.0, 3),
+    ("kid_mean", "KID ×10³ ↓", 1e3, 2),
+    ("precision", "precision ↑", 1.0, 3),
+    ("recall", "recall ↑", 1.0, 3),
+    ("diversity", "MS-SSIM ↓ (diversity)", 1.0, 3),
+    ("memorization_share", "memorised (pixels) ↓", 1.0, 3),
+    ("memorization_share_feature", "memorised (features) ↓", 1.0, 3),
+)
+REFERENCE_ROW = "real train vs real test"
+
+
+def load_fidelity_summary(run: Run) -> tuple[dict[str, Any] | None, str]:
+    """(summary, source): results/fidelity.json, else the cells' fidelity.json aggregated now,
+    else (None, reason)."""
+    path = run.root / "results" / "fidelity.json"
+    if path.is_file():
+        return read_json(path), "results/fidelity.json"
+    cells = read_cell_fidelity(run.root, [m for m in run.methods if m != run.reference])
+    if cells:
+        return aggregate_fidelity(cells), "cells/*/*/fidelity.json (results/fidelity.json missing)"
+    return None, "no fidelity.json found: fidelity is computed per generator cell once the real-only cell exists"
+
+
+def _stat(stats: dict[str, Any], key: str, scale: float, digits: int) -> str:
+    entry = stats.get(key) or {}
+    mean, sd = num(entry.get("mean")) * scale, num(entry.get("sd")) * scale
+    if np.isnan(mean):
+        return "–"
+    return f"{fmt(mean, digits)} ± {fmt(sd, digits)}"
+
+
+def _score_table(rows: list[tuple[str, int | str, dict[str, Any]]]) -> str:
+    head = ('<tr><th class="l">method</th><th>cells</th>'
+            + "".join(f"<th>{esc(c[1])}</th>" for c in COLUMNS) + "</tr>")
+    body = "".join(
+        f'<tr><td class="l">{esc(name)}</td><td>{esc(n)}</td>'
+        + "".join(f"<td>{esc(_stat(stats, key, scale, d))}</td>" for key, _, scale, d in COLUMNS) + "</tr>"
+        for name, n, stats in rows
+    )
+    return f'<table class="fid">{head}{body}</table>'
+
+
+def section_fidelity(run: Run) -> str:
+    """Fidelity, diversity and memorisation per generator (overall, then per class), each next to
+    the real-vs-real reference; mean ± sd over cells."""
+    title = "<h2>Fidelity, diversity and memorisation</h2>"
+    summary, source = load_fidelity_summary(run)
+    if summary is None:
+        return title + note(source)
+    methods = [m for m in run.methods if m in summary.get("methods", {})]
+    methods += [m for m in summary.get("methods", {}) if m not in methods]
+    ref = summary.get("real_vs_real") or {}
+
+    def rows(pick) -> list[tuple[str, int | str, dict[str, Any]]]:
+        out = [(m, summary["methods"][m].get("cells", "?"), pick(summary["methods"][m])) for m in methods]
+        if ref:
+            out.append((REFERENCE_ROW, ref.get("cells", "?"), pick(ref)))
+        return out
+
+    parts = [title, note(f"Source: {source}."), "<h3>All classes</h3>",
+             _score_table(rows(lambda s: s.get("overall", {})))]
+    for c in run.classes:
+        parts += [f"<h3>{esc(c)}</h3>", _score_table(rows(lambda s, c=c: s.get("per_class", {}).get(c, {})))]
+    for method, reasons in (summary.get("skipped") or {}).items():
+        parts.append(note(f"{method}: {len(reasons)} cell(s) not scored: " + "; ".join(reasons[:3])))
+    parts.append(note(
+        "Features: the penultimate layer of the real-only classifier of the same fold and seed. "
+        "FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) compare synthetic images with the real "
+        "training images; precision/recall use k-NN manifolds (Kynkäänniemi et al. 2019); diversity is the "
+        "mean pairwise MS-SSIM within a class (Wang et al. 2003; lower = more diverse, compare with the real "
+        "row). Memorised share: synthetic images closer "
+        "to a training image (or its mirror) than the 5th percentile of training-to-training nearest-neighbour "
+        f"distances. The '{REFERENCE_ROW}' row scores the real test images the same way (its diversity is that "
+        "of the training images): a generator close to it is as good as new real data. FID depends on set "
+        "size (the test set is smaller than the synthetic set); KID does not."
+    ))
+    return "".join(parts)
+
+
+def _first_scored_cell(run: Run, method: str) -> tuple[Path, dict[str, Any]] | None:
+    for cell in cell_dirs(run, method):
+        path = cell / "fidelity.json"
+        if path.is_file() and (result := read_json(path)).get("status") == "ok":
+            return cell, result
+    return None
+
+
+def _pair_html(cell: Path, pair: dict[str, Any]) -> str:
+    images = []
+    for side in ("synthetic", "train"):
+        png = cell / str(pair.get(f"{side}_png", ""))
+        label = f"{side}: {pair.get(f'{side}_id', '?')}"
+        images.append(png_to_img(png.read_bytes(), label, width=128) if png.is_file()
+                      else note(f"{png.name} missing"))
+    flag = " — memorised" if pair.get("flagged") else ""
+    mirrored = " (mirrored)" if pair.get("mirrored") else ""
+    caption = (f"#{pair.get('rank', '?')}: d = {fmt(pair.get('pixel_distance'))}{flag}<br>"
+               f"{esc(pair.get('synthetic_id', '?'))} ({esc(pair.get('synthetic_label', '?'))})<br>"
+               f"↔ {esc(pair.get('train_id', '?'))}{mirrored} ({esc(pair.get('train_label', '?'))})<br>"
+               f'<span class="path">{esc(pair.get("train_path", ""))}</span>')
+    cls = "pair flagged" if pair.get("flagged") else "pair"
+    return f'<figure class="{cls}">{"".join(images)}<figcaption>{caption}</figcaption></figure>'
+
+
+def section_closest_pairs(run: Run) -> str:
+    """Per generator, the synthetic images closest to a training image (pixel space), each shown
+    next to that training image, from the first scored cell."""
+    title = "<h2>Closest synthetic–training pairs</h2>"
+    parts = []
+    for method in (m for m in run.methods if m != run.reference):
+        found = _first_scored_cell(run, method)
+        if found is None:
+            continue
+        cell, result = found
+        mem = result.get("memorization", {})
+        head = (f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>"
+                + note(f"distance in {mem.get('space', '?')}; threshold d ≤ {fmt(mem.get('threshold'))} "
+                       f"(percentile {mem.get('percentile', '?')} of "
+                       f"training nearest-neighbour distances); every synthetic image's nearest training image "
+                       f"is in {cell.relative_to(run.root)}/{mem.get('nearest_csv', 'memorization.csv')}"))
+        pairs = result.get("closest_pairs") or []
+        body = "".join(_pair_html(cell, p) for p in pairs) if pairs else note("no pairs recorded")
+        parts.append(head + f'<div class="pairs">{body}</div>')
+    if not parts:
+        return title + note("no scored generator cell (cells/<method>/<cell>/fidelity.json with status ok)")
+    return title + note(
+        "Left: synthetic image, right: its nearest real training image, both at the classifier's working "
+        "resolution (0 = identical up to brightness and contrast). Red frame: below the memorisation threshold."
+    ) + "".join(parts)
+
+
+def _mask_pair_figure(folder: Path, classes: list[str]) -> Figure | None:
+    picks = {}
+    for c in classes:
+        masks = sorted((folder / c).glob("*_mask.png"), key=lambda p: natural_key(p.name))
+        picks[c] = [(m.with_name(m.name.removesuffix("_mask.png") + ".png"), m) for m in masks
+                    if m.with_name(m.name.removesuffix("_mask.png") + ".png").is_file()][:MASK_PAIRS_PER_CLASS]
+    rows = [c for c in classes if picks[c]]
+    if not rows:
+        return None
+    ncols = 2 * max(len(picks[c]) for c in rows)
+    fig = Figure(figsize=(1.25 * ncols, 1.45 * len(rows)))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, c in enumerate(rows):
+        for ax in axes[r]:
+            ax.set_axis_off()
+        for j, (image_path, mask_path) in enumerate(picks[c]):
+            for k, (path, title) in enumerate(((image_path, "image"), (mask_path, "mask"))):
+                ax = axes[r][2 * j + k]
+                ax.imshow(np.asarray(Image.open(path).convert("L")), cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{c} {title}" if j == 0 else title, fontsize=7, loc="left")
+    return fig
+
+
+def section_mask_pairs(run: Run) -> str:
+    """Image/mask pairs (image left, its mask right) for generators that write ``_mask.png``
+    files (ControlNet, classical), from the first cell folder that has them."""
+    parts = []
+    root = run.root / "synthetic"
+    for method in (m for m in run.methods if (root / m).is_dir()):
+        for cell in sorted((p for p in (root / method).iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
+            if (fig := _mask_pair_figure(cell, run.classes)) is not None:
+                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>"
+                             + figure_to_img(fig, f"{method} image/mask pairs"))
+                break
+    if not parts:
+        return ""  # no generator wrote masks: nothing to show, no heading
+    return "<h2>Synthetic image/mask pairs</h2>" + note(
+        f"Up to {MASK_PAIRS_PER_CLASS} pairs per class: each synthetic image next to the lesion mask it was "
+        "generated with (empty for normal images)."
+    ) + "".join(parts)
