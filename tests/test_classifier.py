@@ -231,3 +231,14 @@ def test_bf16_and_gradient_accumulation_run(data, tmp_path) -> None:
     result = fit_classifier(*data, cfg, N_CLASSES, tmp_path, seed=0, cpu=True)
     assert np.isfinite(result.history[0]["train_loss"])
     assert predict_proba(result.model, data[2]).shape == (len(data[2]), N_CLASSES)
+
+
+def test_test_time_augmentation_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_classifier(tiny_config(), 3)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16), dtype=np.uint8)
+    plain = train_mod.predict_proba(model, images)
+    mirrored = train_mod.predict_proba(model, images[:, :, ::-1].copy())
+    both = train_mod.predict_proba(model, images, tta=True)
+    np.testing.assert_allclose(both, (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(both, plain)

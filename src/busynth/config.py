@@ -116,6 +116,8 @@ class ClassifierConfig(_Strict):
     # On-the-fly augmentation of every training image, all methods alike: none, flips only, or
     # "light" (flip, rotation ±10°, scale 0.9-1.1, shift 5%, gamma and contrast; data/augment.py).
     augment: Literal["none", "flip", "light"] = "light"
+    # Test-time augmentation: average the predictions for each image and its mirror.
+    tta: bool = True
     select_metric: Literal["balanced_accuracy", "macro_auc"] = "macro_auc"
     patience: int = Field(default=6, ge=1)
     grad_accum: int = Field(default=1, ge=1)

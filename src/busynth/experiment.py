@@ -261,7 +261,7 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         config.classifier, len(classes), cell_dir / "classifier", seed=cell.seed,
         tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"),
     )
-    proba = predict_proba(result.model, stack_images(test, size))
+    proba = predict_proba(result.model, stack_images(test, size), tta=config.classifier.tta)
     y_true = label_indices(test, classes)
     write_text(cell_dir / "predictions.csv", predictions_csv(test, y_true, proba, classes))
     row = {

@@ -135,15 +135,20 @@ def validation_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Softmax probabilities (N, C) as float64 for uint8 images (N, S, S), computed in eval mode."""
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 128, tta: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, C) as float64 for uint8 images (N, S, S), computed in eval mode.
+
+    With ``tta`` the probabilities are averaged over each image and its horizontal mirror.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    chunks = [
-        torch.softmax(model(to_tensor(images[i : i + batch_size]).to(device)).float(), dim=1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(model(x).float(), dim=1)
+        return (p + torch.softmax(model(x.flip(-1)).float(), dim=1)) / 2 if tta else p
+
+    chunks = [probs(to_tensor(images[i : i + batch_size]).to(device)).cpu() for i in range(0, len(images), batch_size)]
     model.train(was_training)
     if not chunks:
         return np.zeros((0, model.head.out_features))
@@ -368,7 +373,7 @@ def fit_classifier(
         started = time.perf_counter()
         train_loss, lr = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch)
         unwrapped = accelerator.unwrap_model(model)
-        metrics = validation_metrics(val_labels, predict_proba(unwrapped, val_images))
+        metrics = validation_metrics(val_labels, predict_proba(unwrapped, val_images, tta=cfg.tta))
         score = metrics[f"val_{cfg.select_metric}"]
         improved = state["best_epoch"] < 0 or (math.isfinite(score) and score > _score(state))
         if improved:
