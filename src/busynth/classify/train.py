@@ -34,11 +34,12 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from busynth.accel import make_accelerator
+from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
-from busynth.errors import ConfigError, DataError, RunStateError
+from busynth.errors import DataError, RunStateError
 from busynth.io import atomic_path, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -197,25 +198,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Model and optimizer tensors under flat keys (``model.*``, ``optim.<param>.<name>``)."""
-    opt_state = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for idx, per_param in opt_state["state"].items():
-        tensors.update({f"optim.{idx}.{name}": v for name, v in per_param.items()})
-    _save_safetensors(path, tensors, {"state": state, "optim_param_groups": opt_state["param_groups"]})
+    optim, groups = optimizer_tensors(optimizer, prefix="optim.")
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optim}
+    _save_safetensors(path, tensors, {"state": state, "optim_param_groups": json.loads(groups)})
 
 
 def _load_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     tensors, meta = _read_safetensors(path)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    groups = meta["optim_param_groups"]
-    for group in groups:
-        group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    load_optimizer_tensors(optimizer, tensors, json.dumps(meta["optim_param_groups"]), prefix="optim.")
 
 
 def _load_resume_state(out_dir: Path) -> dict[str, Any] | None:

@@ -22,7 +22,14 @@ def _cvae():
     return CVAEGenerator
 
 
+def _sd_lora():
+    from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+
+    return SDLoraGenerator
+
+
 register("classical", _classical)
 register("cvae", _cvae)
+register("sd-lora", _sd_lora)
 
 __all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "register"]

@@ -11,7 +11,7 @@ Artifact folder (nanoGPT style, the config lives inside it)::
     generator.json          name, config, classes, train ids, step, seed
     model.safetensors       final weights
     history.csv             step, loss, recon, kl, kl_weight, lr (one row per step)
-    checkpoint-N/           model.safetensors, optimizer.pt (state dicts only), state.json
+    checkpoint-N/           weights.safetensors, optimizer.safetensors, state.json (busynth.checkpoint)
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import csv
 import io
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -37,11 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from busynth.accel import make_accelerator
+from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
 from busynth.errors import RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.io import atomic_path, read_json, write_json, write_text
+from busynth.io import atomic_path, read_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -211,40 +209,10 @@ class CVAE(nn.Module):
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out_dir.glob("checkpoint-*"):
-        suffix = p.name.removeprefix("checkpoint-")
-        if p.is_dir() and suffix.isdigit() and (p / "state.json").is_file():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
 def _save_weights(model: nn.Module, path: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-
-
-def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, scaler, state: dict, keep: int) -> None:
-    """Write ``checkpoint-<step>/`` atomically (temp folder, then rename) and prune old ones."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out_dir))
-    try:
-        _save_weights(model, tmp / MODEL_FILE)
-        extra = {"optimizer": optimizer.state_dict()}
-        if scaler is not None:
-            extra["scaler"] = scaler.state_dict()
-        torch.save(extra, tmp / "optimizer.pt")
-        write_json(tmp / "state.json", {**state, "step": step})
-        final = out_dir / f"checkpoint-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    for _, old in _checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
 
 
 def _read_history(out_dir: Path, before_step: int) -> list[dict]:
@@ -317,17 +285,15 @@ class CVAEGenerator(Generator):
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
         start, resume_from = 0, None
-        if found := _checkpoints(out_dir):
+        if found := list_checkpoints(out_dir):
             start, resume_from = found[-1]
-            self._check_same_run(resume_from, read_json(resume_from / "state.json"), seed)
-            model.load_state_dict(load_file(str(resume_from / MODEL_FILE)))
+            saved = read_json(resume_from / "state.json")
+            self._check_same_run(resume_from, saved, seed)
+            model.load_state_dict(load_checkpoint(resume_from, optimizer))
             logger.info("cvae: resuming from %s", resume_from)
         model, optimizer = accelerator.prepare(model, optimizer)
-        if resume_from is not None:
-            extra = torch.load(resume_from / "optimizer.pt", weights_only=True, map_location="cpu")
-            optimizer.load_state_dict(extra["optimizer"])
-            if accelerator.scaler is not None and "scaler" in extra:
-                accelerator.scaler.load_state_dict(extra["scaler"])
+        if resume_from is not None and accelerator.scaler is not None and "scaler" in saved:
+            accelerator.scaler.load_state_dict(saved["scaler"])
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
         history = _read_history(out_dir, start)
 
@@ -363,8 +329,9 @@ class CVAEGenerator(Generator):
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _write_history(out_dir, history)
-                _save_checkpoint(out_dir, done, accelerator.unwrap_model(model), optimizer,
-                                 accelerator.scaler, self._identity(seed), cfg.keep_checkpoints)
+                scaler = {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+                save_checkpoint(out_dir, done, accelerator.unwrap_model(model).state_dict(), optimizer,
+                                {**self._identity(seed), **scaler}, cfg.keep_checkpoints)
         bar.close()
 
         self.model = accelerator.unwrap_model(model).eval()

@@ -1,0 +1,98 @@
+"""Checkpoints shared by every training loop: safetensors only, written atomically.
+
+A step checkpoint is a folder ``checkpoint-<step>/`` holding ``weights.safetensors`` (the
+tensors that train), ``optimizer.safetensors`` (optimizer state under flat keys
+``<param index>.<name>``, its param groups in the metadata) and ``state.json``. It is
+written into a temporary folder and renamed, so a folder with that name is complete; the
+newest ``keep`` are kept. Nothing is ever pickled, so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from busynth.io import write_json
+
+WEIGHTS = "weights.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "") -> tuple[dict[str, torch.Tensor], str]:
+    """An optimizer's state as flat tensors ``<prefix><param index>.<name>`` and its param groups as JSON."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{prefix}{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        for idx, per_param in state["state"].items() for name, v in per_param.items()
+    }
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           param_groups_json: str, prefix: str = "") -> None:
+    """Restore an optimizer from ``optimizer_tensors`` output (keys without ``prefix`` are ignored)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    groups = json.loads(param_groups_json)
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete ``checkpoint-N`` in ``out_dir``, oldest first."""
+    found = []
+    for p in Path(out_dir).glob("checkpoint-*"):
+        suffix = p.name.removeprefix("checkpoint-")
+        if p.is_dir() and suffix.isdigit() and (p / STATE).is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoint-<step>/`` atomically (temporary folder, then rename), prune to the newest
+    ``keep``; returns the folder."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out_dir))
+    final = out_dir / f"checkpoint-{step}"
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        tensors, groups = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER), metadata={"param_groups": groups})
+        write_json(tmp / STATE, {**state, "step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a step checkpoint; restores ``optimizer`` from it when one is given."""
+    folder = Path(folder)
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    if optimizer is not None:
+        with safe_open(str(folder / OPTIMIZER), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            groups = (f.metadata() or {})["param_groups"]
+        load_optimizer_tensors(optimizer, tensors, groups)
+    return weights

@@ -1,0 +1,1 @@
+"""Stable Diffusion generators (sd-lora; ControlNet later): components, one training loop, LoRA, sampling."""
