@@ -191,3 +191,28 @@ def test_missing_tracker_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install wandb"):
         experiment.run_study(smoke_config("run.methods=[real]", "run.tracker=wandb"), tmp_path, build_html=False)
+
+
+def test_every_registered_generator_plugs_into_the_study(tmp_path):
+    from busynth.generators import available_methods
+
+    methods = available_methods()
+    assert {"real", "classical", "cvae", "sd-lora"} <= set(methods)
+    config = smoke_config(f"run.methods=[{','.join(methods)}]", "split.folds=2")
+    summary = experiment.run_study(config, tmp_path, build_html=False)
+    assert set(summary["methods"]) == set(methods)
+    for method in methods:
+        if method == "real":
+            continue
+        folder = tmp_path / "synthetic" / method / "fold0_seed0"
+        manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+        done = json.loads((folder / "done.json").read_text())["counts"]
+        assert len(manifest) == sum(done.values()) > 0
+        assert all((folder / e["image"]).is_file() and e["generator"] == method for e in manifest)
+        ids = json.loads((tmp_path / "cells" / method / "fold0_seed0" / "ids.json").read_text())
+        train_ids = set(ids["classifier_train"]) - {i for i in ids["classifier_train"] if ":" in i}
+        assert set(ids["generator_train"]) == train_ids
+        assert sum(":" in i for i in ids["classifier_train"]) == len(manifest)
+        fidelity = json.loads((tmp_path / "cells" / method / "fold0_seed0" / "fidelity.json").read_text())
+        overall = fidelity["generator"]["overall"]
+        assert overall["n_fake"] == len(manifest) and np.isfinite(overall["fid"]) and overall["fid"] >= 0
