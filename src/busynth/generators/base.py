@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from busynth.config import StudyConfig, SynthesisConfig
 from busynth.data.records import Record, class_counts
-from busynth.errors import ConfigError
+from busynth.errors import ConfigError, RunStateError
 from busynth.io import read_json, write_json, write_png, write_text
 
 MANIFEST = "manifest.jsonl"
@@ -43,6 +43,8 @@ class Generator(abc.ABC):
     config_model: ClassVar[type[BaseModel]]
     # True when the generator needs masks to sample (ControlNet); the study passes training masks.
     needs_masks: ClassVar[bool] = False
+    # Config fields that only affect sampling or bookkeeping: a fit may be reused when they change.
+    sampling_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None, classes: Sequence[str] = ()):
         self.config = self.parse_config(config)
@@ -74,6 +76,22 @@ class Generator(abc.ABC):
         self, label: str, n: int, seed: int = 0, masks: Sequence[np.ndarray] | None = None
     ) -> list[Synthetic]:
         """Generate ``n`` images of class ``label``; deterministic for a seed."""
+
+    def fit_identity(self, seed: int) -> dict[str, Any]:
+        """What makes two fits the same: classes, training ids and seed (the config is compared too)."""
+        return {"classes": self.classes, "train_ids": self.train_ids, "seed": seed}
+
+    def check_same_fit(self, where: Path, found: dict[str, Any], seed: int) -> None:
+        """Refuse to reuse or resume ``where`` when ``found`` (its saved identity and config) comes
+        from a fit with other data, seed or training settings; sampling fields may differ."""
+        mine = self.fit_identity(seed)
+        differ = [k for k in mine if found.get(k) != mine[k]]
+        theirs = found.get("config", {})
+        differ += [f"config.{k}" for k, v in self.config.model_dump(mode="json").items()
+                   if k not in self.sampling_fields and theirs.get(k) != v]
+        if differ:
+            raise RunStateError(f"{where} was written by a different {self.name} fit ({', '.join(differ)} "
+                                "differ); use a new output folder or delete it")
 
     def _remember_training_ids(self, train_records: Sequence[Record]) -> None:
         if not train_records:

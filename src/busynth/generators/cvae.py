@@ -37,7 +37,6 @@ from busynth.accel import make_accelerator
 from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
-from busynth.errors import RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.io import atomic_path, read_json, write_text
 
@@ -47,7 +46,6 @@ MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("step", "loss", "recon", "kl", "kl_weight", "lr")
 # Fields that do not change the trained weights: a finished or checkpointed fit may differ in them.
-SAMPLING_ONLY_FIELDS = frozenset({"temperature", "sample_batch_size", "checkpoint_every", "keep_checkpoints"})
 
 
 class CVAEConfig(BaseModel):
@@ -239,6 +237,7 @@ class CVAEGenerator(Generator):
 
     name = "cvae"
     config_model = CVAEConfig
+    sampling_fields = frozenset({"temperature", "sample_batch_size", "checkpoint_every", "keep_checkpoints"})
 
     def __init__(self, config: BaseModel | dict | None = None, classes: Sequence[str] = ()):
         super().__init__(config, classes)
@@ -247,21 +246,7 @@ class CVAEGenerator(Generator):
 
     def _identity(self, seed: int) -> dict:
         """Config, classes, training ids and seed: what a checkpoint or artifact records of its fit."""
-        return {"config": self.config.model_dump(mode="json"), "classes": self.classes,
-                "train_ids": self.train_ids, "seed": seed}
-
-    def _check_same_run(self, where: Path, found: dict, seed: int) -> None:
-        """Refuse to resume or reuse a folder written by a fit with other data, seed or training config."""
-        mine = self._identity(seed)
-        diff = [k for k in mine if k != "config" and found.get(k) != mine[k]]
-        theirs_cfg = {k: v for k, v in found.get("config", {}).items() if k not in SAMPLING_ONLY_FIELDS}
-        mine_cfg = {k: v for k, v in mine["config"].items() if k not in SAMPLING_ONLY_FIELDS}
-        diff += [f"config.{k}" for k in mine_cfg if theirs_cfg.get(k) != mine_cfg[k]]
-        if diff:
-            raise RunStateError(
-                f"{where} was written by a different cvae fit ({', '.join(diff)} differ); "
-                "use a new output folder or delete it"
-            )
+        return {"config": self.config.model_dump(mode="json"), **self.fit_identity(seed)}
 
     def fit(self, train_records: Sequence[Record], out_dir: Path, seed: int = 0) -> Path:
         """Train on ``train_records`` (training part only), resuming from the latest checkpoint in
@@ -271,7 +256,7 @@ class CVAEGenerator(Generator):
         out_dir.mkdir(parents=True, exist_ok=True)
         self._remember_training_ids(train_records)
         if (out_dir / MODEL_FILE).is_file() and (out_dir / "generator.json").is_file():
-            self._check_same_run(out_dir / "generator.json", read_generator_info(out_dir), seed)
+            self.check_same_fit(out_dir / "generator.json", read_generator_info(out_dir), seed)
             logger.info("cvae: %s already holds a finished model; not training again", out_dir)
             self._load_weights(out_dir / MODEL_FILE, cfg.steps)
             return out_dir
@@ -288,7 +273,7 @@ class CVAEGenerator(Generator):
         if found := list_checkpoints(out_dir):
             start, resume_from = found[-1]
             saved = read_json(resume_from / "state.json")
-            self._check_same_run(resume_from, saved, seed)
+            self.check_same_fit(resume_from, saved, seed)
             model.load_state_dict(load_checkpoint(resume_from, optimizer))
             logger.info("cvae: resuming from %s", resume_from)
         model, optimizer = accelerator.prepare(model, optimizer)

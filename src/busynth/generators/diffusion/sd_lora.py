@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
-from busynth.errors import RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
     Components,
@@ -64,7 +63,6 @@ DEFAULT_PROMPTS = {
                  "with posterior acoustic shadowing",
 }
 # Fields that only change sampling: a finished fit may be reused when only these differ.
-SAMPLING_FIELDS = frozenset({"sampling_steps", "guidance_scale", "sample_batch_size"})
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -150,6 +148,7 @@ class SDLoraGenerator(Generator):
 
     name = "sd-lora"
     config_model = SDLoraConfig
+    sampling_fields = frozenset({"sampling_steps", "guidance_scale", "sample_batch_size"})
 
     def __init__(self, config: BaseModel | dict | None = None, classes: Sequence[str] = ()):
         super().__init__(config, classes)
@@ -167,20 +166,6 @@ class SDLoraGenerator(Generator):
     def prompt(self, label: str) -> str:
         """The prompt of class ``label`` (config ``prompts``, else the generic prompt plus the class name)."""
         return self.cfg.prompts.get(label, f"{self.cfg.generic_prompt} of class {label}")
-
-    def _identity(self, seed: int) -> dict[str, Any]:
-        return {"classes": self.classes, "train_ids": self.train_ids, "seed": seed}
-
-    def _check_finished_fit(self, out_dir: Path, info: dict[str, Any], seed: int) -> None:
-        """Refuse to reuse a finished fit made from other data, seed or training settings."""
-        mine = self._identity(seed)
-        differ = [k for k in mine if info.get(k) != mine[k]]
-        theirs = info.get("config", {})
-        differ += [f"config.{k}" for k, v in self.cfg.model_dump(mode="json").items()
-                   if k not in SAMPLING_FIELDS and theirs.get(k) != v]
-        if differ:
-            raise RunStateError(f"{out_dir} holds an sd-lora fit with different {', '.join(differ)}; "
-                                "use a new folder or delete it")
 
     def _stage_identity(self, seed: int, *fields: str) -> dict[str, Any]:
         dump = self.cfg.model_dump(mode="json")
@@ -200,7 +185,7 @@ class SDLoraGenerator(Generator):
         self._remember_training_ids(train_records)
         if (out_dir / "generator.json").is_file():
             info = read_generator_info(out_dir)
-            self._check_finished_fit(out_dir, info, seed)
+            self.check_same_fit(out_dir, info, seed)
             logger.info("sd-lora: %s already holds a finished fit; not training again", out_dir)
             self._load_artifact(out_dir, info)
             return out_dir
@@ -239,7 +224,7 @@ class SDLoraGenerator(Generator):
             self._fit_lora(comps, {"moments": moments[rows], "prompt": class_prompt[rows]}, embeddings,
                            out_dir, group, seed)
         self.seed = seed
-        save_generator_info(out_dir, self.name, cfg, {**self._identity(seed), "scaling_factor": self.scaling_factor,
+        save_generator_info(out_dir, self.name, cfg, {**self.fit_identity(seed), "scaling_factor": self.scaling_factor,
                                                       "lora_groups": list(groups)})
         self._load_artifact(out_dir, read_generator_info(out_dir))
         return out_dir
