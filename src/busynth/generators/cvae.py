@@ -286,7 +286,7 @@ class CVAEGenerator(Generator):
         per_epoch = max(1, n // bs)
         model.train()
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="cvae fit",
-                   disable=not accelerator.is_local_main_process)
+                   disable=None if accelerator.is_local_main_process else True)
         for step in bar:
             # Batch order and reparameterisation noise come from (seed, step) alone: resume is exact.
             epoch, pos = divmod(step, per_epoch)

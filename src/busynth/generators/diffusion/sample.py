@@ -60,7 +60,7 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
     device = pipe.unet.device
     out: list[np.ndarray] = []
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="sampling", leave=False, disable=not progress):
+    for start in tqdm(starts, desc="sampling", leave=False, disable=None if progress else True):
         k = min(batch_size, n - start)
         generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, stream, start + i)) for i in range(k)]
         # Draw the initial latents on the CPU so results do not depend on the device's RNG.

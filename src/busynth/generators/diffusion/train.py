@@ -322,7 +322,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     history = _read_history(out_dir, start)
     stage.model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=stage.name,
-               disable=not accelerator.is_local_main_process)
+               disable=None if accelerator.is_local_main_process else True)
     for step in bar:
         started = time.perf_counter()
         lr = learning_rate(step, cfg)
