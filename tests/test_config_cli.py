@@ -60,7 +60,7 @@ def test_shipped_presets_load_with_their_values() -> None:
     assert smoke.phantom.size == 48 and smoke.split.folds == 2 and smoke.classifier.epochs == 2
     assert smoke.phantom.n_per_class == {"normal": 12, "benign": 16, "malignant": 14}
     cpu = load_config("cpu")
-    assert cpu.split.folds == 3 and cpu.classifier.image_size == 128
+    assert cpu.split.folds == 3 and cpu.classifier.image_size == 96
     assert smoke != cpu
 
 

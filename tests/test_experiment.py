@@ -216,3 +216,14 @@ def test_every_registered_generator_plugs_into_the_study(tmp_path):
         fidelity = json.loads((tmp_path / "cells" / method / "fold0_seed0" / "fidelity.json").read_text())
         overall = fidelity["generator"]["overall"]
         assert overall["n_fake"] == len(manifest) and np.isfinite(overall["fid"]) and overall["fid"] >= 0
+
+
+def test_method_settings_are_checked_per_method(tmp_path):
+    experiment.run_study(smoke_config("run.methods=[real,classical]"), tmp_path, build_html=False)
+    # another method's section changing (or appearing) does not touch this run's cells
+    experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.cvae.steps=5"), tmp_path,
+                         build_html=False)
+    with pytest.raises(RunStateError, match="classical.max_rotation"):
+        experiment.run_study(smoke_config("run.methods=[real,classical]", "classical.max_rotation=30"), tmp_path,
+                             build_html=False)
+    assert json.loads((tmp_path / "cells/classical/settings.json").read_text())["max_rotation"] == 10.0

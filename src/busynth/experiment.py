@@ -43,6 +43,7 @@ from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.data.transforms import label_indices, stack_images
 from busynth.errors import ConfigError, RunStateError
+from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.summary import summarize_fidelity
 from busynth.generators.base import (
@@ -59,6 +60,8 @@ from busynth.results import summarize_run
 log = logging.getLogger(__name__)
 
 REFERENCE = "real"
+# Config sections every cell depends on; a run folder refuses a rerun that changes them.
+SHARED_SECTIONS = ("data", "phantom", "audit", "split", "classifier", "synthesis")
 
 
 @dataclass
@@ -126,10 +129,11 @@ def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_fi
 def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     """Create the run folder, or check that an existing one was made with the same settings.
 
-    The fingerprint covers every config section except ``run`` (methods, seeds and tracker
-    may change between invocations: new cells are added, finished ones reused).
+    The fingerprint covers the sections every cell shares (data, split, classifier, ...);
+    ``run`` (methods, seeds, tracker) may change between invocations, adding cells, and each
+    method's own settings are checked per method by ``check_method_settings``.
     """
-    fingerprint = config.fingerprint(*[k for k in StudyConfig.model_fields if k != "run"])
+    fingerprint = config.fingerprint(*SHARED_SECTIONS)
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = read_json(info_path)
@@ -150,10 +154,36 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     write_text(run_dir / "config.yaml", dump_config(config))
 
 
+def method_settings(method: str, config: StudyConfig) -> dict:
+    """The resolved settings of one method (its generator config with defaults filled in)."""
+    if method == REFERENCE:
+        return {}
+    section = config.classical if method == "classical" else config.generators.get(method, {})
+    return generator_class(method).parse_config(section).model_dump(mode="json")
+
+
+def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
+    """Record each method's settings in ``cells/<method>/settings.json`` on first use; refuse a
+    rerun whose settings for a method differ, naming the changed fields."""
+    for method in methods:
+        path = run_dir / "cells" / method / "settings.json"
+        mine = method_settings(method, config)
+        if path.exists():
+            changed = _changed_keys(read_json(path), mine)
+            if changed:
+                where = "classical" if method == "classical" else f"generators.{method}"
+                raise RunStateError(
+                    f"run folder {run_dir}: method {method!r} was run with other settings; changed: "
+                    f"{', '.join(f'{where}.{c}' for c in changed[:8])}. Use a new --out folder."
+                )
+        else:
+            write_json(path, mine)
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
-        if prefix == "" and key == "run":
+        if prefix == "" and key not in SHARED_SECTIONS and key in StudyConfig.model_fields:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -284,6 +314,14 @@ def score_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: P
                          read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method))
 
 
+def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyConfig) -> dict | None:
+    """adherence.json of a generator cell whose images carry masks (controlnet, classical): how
+    much darker the lesion is than a ring around it, next to the real training pairs."""
+    return evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes,
+                              study.split.select(study.records, cell.fold, "train"),
+                              read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method))
+
+
 def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:
     if log_fn is None:
         return None
@@ -336,6 +374,7 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     run_dir.mkdir(parents=True, exist_ok=True)
     source = "phantom" if data is None else str(Path(data).resolve())
     open_run_dir(run_dir, config, source)
+    check_method_settings(run_dir, config.run.methods, config)
     study = prepare_data(config, data, run_dir, split_file)
     log.info("split:\n%s", study.split.format(config.data.classes))
     cells = study_cells(config, study.split.folds)
@@ -353,6 +392,7 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     for cell in cells:
         if cell.method != REFERENCE:
             score_fidelity(cell, config, study, run_dir)
+            score_adherence(cell, study, run_dir, config)
     summarize_fidelity(run_dir, config.run.methods)
     summary = summarize_run(run_dir, config.run.methods, config.data.classes, n_boot=config.run.bootstrap)
     if build_html:

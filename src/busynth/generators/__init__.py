@@ -28,8 +28,15 @@ def _sd_lora():
     return SDLoraGenerator
 
 
+def _controlnet():
+    from busynth.generators.diffusion.controlnet import ControlNetGenerator
+
+    return ControlNetGenerator
+
+
 register("classical", _classical)
 register("cvae", _cvae)
 register("sd-lora", _sd_lora)
+register("controlnet", _controlnet)
 
 __all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "register"]

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from busynth.io import write_text
 from busynth.report.common import CSS, Run, esc, load_run, note
-from busynth.report.fidelity import section_closest_pairs, section_fidelity, section_mask_pairs
+from busynth.report.fidelity import (
+    section_adherence,
+    section_closest_pairs,
+    section_fidelity,
+    section_mask_pairs,
+)
 from busynth.report.sections import (
     section_config,
     section_confusion,
@@ -39,7 +44,7 @@ logger = logging.getLogger(__name__)
 SECTIONS: list[Callable[[Run], str]] = [
     section_header, section_results, section_metric_bars, section_roc, section_confusion,
     section_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
-    section_data, section_config,
+    section_adherence, section_data, section_config,
 ]
 _REQUIRED = {section_header, section_results, section_config}
 

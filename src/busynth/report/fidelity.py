@@ -17,7 +17,17 @@ from PIL import Image
 
 from busynth.evaluate.summary import aggregate_fidelity, read_cell_fidelity
 from busynth.io import read_json
-from busynth.report.common import Run, cell_dirs, esc, figure_to_img, fmt, natural_key, note, num, png_to_img
+from busynth.report.common import (
+    Run,
+    cell_dirs,
+    esc,
+    figure_to_img,
+    fmt,
+    natural_key,
+    note,
+    num,
+    png_to_img,
+)
 
 MASK_PAIRS_PER_CLASS = 4
 # (key in fidelity.json, column title, scale, decimals); arrows say which direction is better.
@@ -193,3 +203,97 @@ def section_mask_pairs(run: Run) -> str:
         f"Up to {MASK_PAIRS_PER_CLASS} pairs per class: each synthetic image next to the lesion mask it was "
         "generated with (empty for normal images)."
     ) + "".join(parts)
+
+
+# --- control adherence (mask-conditioned generators) ---------------------------------------------
+
+ADHERENCE_COLUMNS = (("cnr_mean", "CNR ↑"), ("shuffled_cnr_mean", "CNR, shuffled masks"),
+                     ("gap", "gap (matched − shuffled) ↑"), ("adherent_share", "share CNR > threshold ↑"),
+                     ("n_scored", "pairs scored"))
+
+
+def _adherence_cells(run: Run) -> dict[str, list[dict[str, Any]]]:
+    """Every cells/<method>/<cell>/adherence.json with status ok, per method."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for method in run.methods:
+        for cell in cell_dirs(run, method):
+            path = cell / "adherence.json"
+            if path.is_file() and (result := read_json(path)).get("status") == "ok":
+                found.setdefault(method, []).append(result)
+    return found
+
+
+def _adherence_row(name: str, entries: list[dict[str, Any]]) -> str:
+    cells = []
+    for key, _ in ADHERENCE_COLUMNS:
+        values = np.array([num(e.get(key)) for e in entries], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) == 0:
+            cells.append("–")
+        elif key == "n_scored":
+            cells.append(str(int(values.sum())))
+        else:
+            sd = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells.append(f"{fmt(values.mean())} ± {fmt(sd)}")
+    return f'<tr><td class="l">{esc(name)}</td><td>{len(entries)}</td>' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
+
+
+def _overlay_figure(folder: Path, classes: list[str]) -> Figure | None:
+    """Generated images with their mask's outline drawn on them (red), up to 6 per lesion class."""
+    picks = {}
+    for c in classes:
+        masks = sorted((folder / c).glob("*_mask.png"), key=lambda p: natural_key(p.name))
+        pairs = [(m.with_name(m.name.removesuffix("_mask.png") + ".png"), m) for m in masks]
+        pairs = [(i, m) for i, m in pairs if i.is_file() and np.asarray(Image.open(m).convert("L")).max() > 127]
+        if pairs:
+            picks[c] = pairs[:6]
+    if not picks:
+        return None
+    ncols = max(len(p) for p in picks.values())
+    fig = Figure(figsize=(1.4 * ncols, 1.5 * len(picks)))
+    axes = fig.subplots(len(picks), ncols, squeeze=False)
+    for r, (c, pairs) in enumerate(picks.items()):
+        for ax in axes[r]:
+            ax.set_axis_off()
+        for j, (image_path, mask_path) in enumerate(pairs):
+            ax = axes[r][j]
+            ax.imshow(np.asarray(Image.open(image_path).convert("L")), cmap="gray", vmin=0, vmax=255)
+            ax.contour(np.asarray(Image.open(mask_path).convert("L")) > 127, levels=[0.5], colors="red", linewidths=0.8)
+            if j == 0:
+                ax.set_title(c, fontsize=7, loc="left")
+    return fig
+
+
+def section_adherence(run: Run) -> str:
+    """Control adherence of mask-conditioned generators (cells' adherence.json): per class, the lesion
+    contrast (CNR) of generated pairs against shuffled masks and against real training pairs, and
+    generated images with their mask outlines. Empty when no cell has an adherence.json."""
+    found = _adherence_cells(run)
+    if not found:
+        return ""
+    head = ('<tr><th class="l">pairs</th><th>cells</th>'
+            + "".join(f"<th>{esc(title)}</th>" for _, title in ADHERENCE_COLUMNS) + "</tr>")
+    parts = ["<h2>Control adherence</h2>", note(
+        "How well images follow their lesion masks. CNR = (mean of a ring just outside the mask − mean inside) / "
+        "sqrt(var inside + var ring): positive when the lesion is darker than its surroundings, as real "
+        "(hypoechoic) lesions mostly are. 'Shuffled' scores the same images against other images' masks; the gap "
+        "is the contrast that follows the given mask. Real training pairs of the same folds are the reference. "
+        "Normal images (empty masks) are not scored. Mean ± sd over cells.")]
+    for scope in ["overall", *run.classes]:
+        rows = []
+        for method, results in found.items():
+            pick = (lambda r, s=scope: r[s] if s == "overall" else r["per_class"].get(s, {}))
+            rows.append(_adherence_row(f"{method}: generated", [pick(r["generated"]) for r in results]))
+        first = next(iter(found.values()))
+        rows.append(_adherence_row("real training pairs", [
+            (r["real_train"]["overall"] if scope == "overall" else r["real_train"]["per_class"].get(scope, {}))
+            for r in first]))
+        parts.append(f"<h3>{esc(scope if scope != 'overall' else 'all classes')}</h3><table>{head}{''.join(rows)}</table>")
+    root = run.root / "synthetic"
+    for method in found:
+        for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
+            if (fig := _overlay_figure(cell, run.classes)) is not None:
+                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small>: mask outlines on generated images</h3>"
+                             + figure_to_img(fig, f"{method} generated images with mask outlines"))
+                break
+    return "".join(parts)

@@ -1,0 +1,125 @@
+"""Lesion masks to sample a mask-conditioned generator (ControlNet) with: new layouts from training masks.
+
+The masks of a fold's training part are drawn (seeded, with replacement) and transformed so
+that generated image--mask pairs are not copies of training layouts:
+
+* a random affine warp -- horizontal flip, rotation and scale about the image centre --
+  reusing the batched warp of :mod:`busynth.data.augment` (nearest-neighbour resampling);
+* an elastic deformation (Simard, Steinkraus & Platt, "Best Practices for Convolutional
+  Neural Networks Applied to Visual Document Analysis", ICDAR 2003): a random displacement
+  field, smoothed with a Gaussian of standard deviation ``sigma`` and scaled by ``alpha``.
+  Unlike the paper, the smoothed field is normalised to unit standard deviation first, so
+  ``alpha`` is the root-mean-square displacement and means the same for every ``sigma``;
+  both are given as shares of the image side, so a setting means the same at 128 and 512 px.
+
+Everything is a pure function of its inputs and a seed. Empty masks (normal images) stay
+empty under every transform; a lesion mask that a warp would push out of the image is kept
+untransformed instead, so a lesion class never gets an empty mask by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+from busynth.data.augment import AugmentParams, random_affine_grid, warp
+from busynth.data.transforms import resize_mask
+
+logger = logging.getLogger(__name__)
+
+
+class MaskTransformConfig(BaseModel):
+    """Random transforms of sampling masks (all off: training masks are used as they are)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hflip: bool = True
+    max_rotation: float = Field(default=15.0, ge=0.0, le=180.0)  # degrees, uniform in [-max, max]
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    # Elastic deformation (Simard et al. 2003): rms displacement and smoothness, shares of the side.
+    elastic_alpha: float = Field(default=0.02, ge=0.0)
+    elastic_sigma: float = Field(default=0.08, gt=0.0)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when no setting changes a mask."""
+        return (not self.hflip and self.max_rotation == 0.0 and tuple(self.scale_range) == (1.0, 1.0)
+                and self.elastic_alpha == 0.0)
+
+
+IDENTITY = MaskTransformConfig(hflip=False, max_rotation=0.0, scale_range=(1.0, 1.0), elastic_alpha=0.0)
+
+
+def resize_masks(masks: Sequence[np.ndarray | None], size: int) -> np.ndarray:
+    """Masks (each bool (H, W), None for an unknown mask = empty) as bool (N, size, size), nearest-neighbour."""
+    out = np.zeros((len(masks), size, size), dtype=bool)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            out[i] = resize_mask(np.asarray(mask, dtype=bool), size)
+    return out
+
+
+def affine_masks(masks: np.ndarray, cfg: MaskTransformConfig, seed: int) -> np.ndarray:
+    """Random flip, rotation and scale about the centre of each mask (N, S, S); returns bool (N, S, S)."""
+    if len(masks) == 0:
+        return masks.astype(bool)
+    params = AugmentParams(hflip=cfg.hflip, max_rotation=cfg.max_rotation, max_translate=0.0,
+                           scale_range=tuple(cfg.scale_range))
+    generator = torch.Generator().manual_seed(int(seed))
+    grid = random_affine_grid(len(masks), masks.shape[-1], params, generator)
+    x = torch.from_numpy(masks.astype(np.float32))[:, None]
+    return (warp(x, grid, nearest=True)[:, 0] > 0.5).numpy()
+
+
+def elastic_masks(masks: np.ndarray, alpha: float, sigma: float, seed: int) -> np.ndarray:
+    """Elastic deformation (Simard et al. 2003) of each mask (N, S, S): a per-mask random
+    displacement field smoothed by a Gaussian of ``sigma * S`` px and scaled to an rms of
+    ``alpha * S`` px; bilinear resampling, threshold 0.5. Returns bool (N, S, S)."""
+    if alpha == 0.0 or len(masks) == 0:
+        return masks.astype(bool)
+    n, h, w = masks.shape
+    rng = np.random.default_rng([int(seed), 1])
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    out = np.empty_like(masks, dtype=bool)
+    for i in range(n):
+        field = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, (2, h, w)), (0, sigma * h, sigma * w), mode="reflect")
+        field /= field.std(axis=(1, 2), keepdims=True) + 1e-12
+        field *= alpha * np.array([h, w], dtype=np.float64)[:, None, None]
+        coords = np.stack([rows + field[0], cols + field[1]])
+        out[i] = ndimage.map_coordinates(masks[i].astype(np.float32), coords, order=1, mode="constant") > 0.5
+    return out
+
+
+def transform_masks(masks: np.ndarray, cfg: MaskTransformConfig, seed: int) -> np.ndarray:
+    """Affine warp then elastic deformation of bool masks (N, S, S), deterministic for ``seed``;
+    returns bool (N, S, S). A lesion mask left empty by the warp is returned unchanged."""
+    masks = np.asarray(masks, dtype=bool)
+    if cfg.is_identity or len(masks) == 0:
+        return masks.copy()
+    out = affine_masks(masks, cfg, seed)
+    out = elastic_masks(out, cfg.elastic_alpha, cfg.elastic_sigma, seed)
+    lost = masks.any(axis=(1, 2)) & ~out.any(axis=(1, 2))
+    if lost.any():
+        logger.debug("%d mask(s) left the image under the transform; kept untransformed", int(lost.sum()))
+        out[lost] = masks[lost]
+    return out
+
+
+def draw_masks(pool: Sequence[np.ndarray | None], n: int, seed: int) -> list[np.ndarray | None]:
+    """``n`` masks drawn from ``pool`` with replacement (seeded); an empty pool gives ``n`` Nones (empty masks)."""
+    if not pool:
+        return [None] * n
+    idx = np.random.default_rng([int(seed), 0]).integers(len(pool), size=n)
+    return [pool[i] for i in idx]
+
+
+def sampling_masks(pool: Sequence[np.ndarray | None], n: int, size: int, cfg: MaskTransformConfig,
+                   seed: int) -> np.ndarray:
+    """``n`` masks for sampling at ``size`` px: drawn from ``pool`` (a class's training masks), resized
+    and transformed; bool (n, size, size). Normal classes (empty masks, or no pool) stay all False."""
+    return transform_masks(resize_masks(draw_masks(pool, n, seed), size), cfg, seed)
