@@ -107,7 +107,9 @@ def test_report_is_self_contained_and_shows_the_numbers(full_run: Path) -> None:
     before = {p for p in full_run.rglob("*")}
     out = build_report(full_run)
     assert out == full_run / "report.html"
-    assert {p for p in full_run.rglob("*")} - before == {out}  # one file, no temporaries left
+    samples = full_run / "results" / "samples"
+    # report.html plus the sample grids as PNG files; no temporaries left
+    assert {p for p in full_run.rglob("*")} - before == {out, samples, samples / "cvae.png"}
     page = out.read_text(encoding="ascii")
 
     assert "href=" not in page and "<script" not in page and "<link" not in page
@@ -128,6 +130,9 @@ def test_report_is_self_contained_and_shows_the_numbers(full_run: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "benign (7), malignant (3)" in page and "benign (12)" in page
     assert "fold0_seed0" in page
+    grid = full_run / "results" / "samples" / "cvae.png"  # the sample grid, also as a file
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.width > 100
 
 
 @pytest.mark.parametrize("missing", ["results/summary.json", "config.yaml"])

@@ -22,7 +22,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from busynth.errors import RunStateError
-from busynth.io import read_json
+from busynth.io import read_json, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ def fmt(x: Any, digits: int = 3, sign: bool = False) -> str:
     """Format a number with fixed decimals; '–' for missing or NaN."""
     v = num(x)
     return "–" if np.isnan(v) else f"{v:{'+' if sign else ''}.{digits}f}"
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure as a PNG file (atomically) so it can be used outside the report; returns the path."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def figure_to_img(fig: Figure, alt: str) -> str:

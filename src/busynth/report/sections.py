@@ -31,6 +31,7 @@ from busynth.report.common import (
     note,
     num,
     pooled_predictions,
+    save_figure,
     read_csv_or_none,
 )
 
@@ -229,13 +230,16 @@ def section_samples(run: Run) -> str:
     for method in ordered:
         for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
             if (fig := _sample_grid(cell, run.classes)) is not None:
+                save_figure(fig, run.root / "results" / "samples" / f"{method}.png")
                 parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>" + figure_to_img(fig, method))
                 break
         else:
             parts.append(f"<h3>{esc(method)}</h3>" + note("no images found"))
     if not parts:
         return "<h2>Synthetic samples</h2>" + note("no synthetic/ folder: no generator method produced images")
-    return "<h2>Synthetic samples</h2>" + note("Red outlines: the mask that goes with the image.") + "".join(parts)
+    return "<h2>Synthetic samples</h2>" + note(
+        "Red outlines: the mask that goes with the image. Each grid is also saved as "
+        "results/samples/<method>.png.") + "".join(parts)
 
 
 def _load_summary_html(load: dict[str, Any]) -> str:
