@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 MAX_LIST = 50  # longest list (skipped files, near groups) printed in full
 CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
+body{font-family:system-ui,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.82em;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #bbb;padding:.25em .5em;text-align:right;vertical-align:top}
 th{background:#f2f2f2}td.l,th.l{text-align:left}
 td.better{background:#d7f5d7}td.worse{background:#f8d4d4}
