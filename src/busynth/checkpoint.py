@@ -10,9 +10,7 @@ newest ``keep`` are kept. Nothing is ever pickled, so loading runs no code.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from busynth.io import write_json
+from busynth.io import write_dir_atomic, write_json
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -66,20 +64,13 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], 
                     state: dict[str, Any], keep: int) -> Path:
     """Write ``checkpoint-<step>/`` atomically (temporary folder, then rename), prune to the newest
     ``keep``; returns the folder."""
-    out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out_dir))
-    final = out_dir / f"checkpoint-{step}"
-    try:
+    def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
         tensors, groups = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER), metadata={"param_groups": groups})
         write_json(tmp / STATE, {**state, "step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    final = write_dir_atomic(Path(out_dir) / f"checkpoint-{step}", write)
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +39,23 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def write_dir_atomic(final: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_dir)`` on a temporary folder next to ``final``, then rename it onto
+    ``final`` (replacing an older one); a killed process never leaves a half-written ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        writer(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
 
 
 def write_text(path: str | Path, text: str) -> Path:

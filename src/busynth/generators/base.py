@@ -8,6 +8,7 @@ folder ``fit`` wrote, so sampling never needs the training command again.
 from __future__ import annotations
 
 import abc
+import logging
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from busynth.config import StudyConfig, SynthesisConfig
 from busynth.data.records import Record, class_counts
 from busynth.errors import ConfigError, RunStateError
 from busynth.io import read_json, write_json, write_png, write_text
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 
@@ -92,6 +95,21 @@ class Generator(abc.ABC):
         if differ:
             raise RunStateError(f"{where} was written by a different {self.name} fit ({', '.join(differ)} "
                                 "differ); use a new output folder or delete it")
+
+    def reuse_finished_fit(self, out_dir: Path, seed: int) -> bool:
+        """Load the finished fit in ``out_dir`` (its ``generator.json`` is written last) and return
+        True when it was made from the same data, seed and settings; refuse a different one; return
+        False when there is none. Subclasses using it implement ``_load_artifact``."""
+        if not (Path(out_dir) / "generator.json").is_file():
+            return False
+        info = read_generator_info(out_dir)
+        self.check_same_fit(out_dir, info, seed)
+        log.info("%s: %s already holds a finished fit; not training again", self.name, out_dir)
+        self._load_artifact(Path(out_dir), info)
+        return True
+
+    def _load_artifact(self, directory: Path, info: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{self.name} does not reload its artifacts through _load_artifact")
 
     def _remember_training_ids(self, train_records: Sequence[Record]) -> None:
         if not train_records:

@@ -30,10 +30,8 @@ Artifact folder::
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +54,7 @@ from busynth.generators.diffusion.sample import image_seed, rgb_to_gray_uint8, w
 from busynth.generators.diffusion.sd_lora import (_DTYPES, SDLoraConfig, SDLoraGenerator, _digest, _to, embed_prompts,
                                                   encode_moments, records_to_pixels)
 from busynth.generators.diffusion.train import NoisePredictionStage, StageConfig, train_stage
-from busynth.io import atomic_path
+from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -167,22 +165,6 @@ def sample_gray_with_masks(pipe: StableDiffusionControlNetPipeline, prompt: str,
     return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
 
 
-def _atomic_dir(final: Path, writer: Callable[[Path], Any]) -> Path:
-    """Call ``writer(tmp_dir)`` and rename the folder onto ``final`` (replacing it); returns ``final``."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        writer(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
-
-
 class ControlNetGenerator(Generator):
     """ControlNet on lesion masks over the fold's sd-lora base; ``sample`` returns image--mask pairs."""
 
@@ -244,9 +226,9 @@ class ControlNetGenerator(Generator):
     def _copy_base(self, base: Path, out_dir: Path) -> None:
         """Copy what sampling needs from the base (its LoRA; tiny: its pipeline) into the artifact."""
         if not (out_dir / "lora" / LORA_WEIGHT_NAME).is_file():
-            _atomic_dir(out_dir / "lora", lambda tmp: shutil.copy2(base / "lora" / LORA_WEIGHT_NAME, tmp))
+            write_dir_atomic(out_dir / "lora", lambda tmp: shutil.copy2(base / "lora" / LORA_WEIGHT_NAME, tmp))
         if self.base_config.source == "tiny" and not (out_dir / "model" / "model_index.json").is_file():
-            _atomic_dir(out_dir / "model", lambda tmp: shutil.copytree(base / "model", tmp, dirs_exist_ok=True))
+            write_dir_atomic(out_dir / "model", lambda tmp: shutil.copytree(base / "model", tmp, dirs_exist_ok=True))
 
     def _base_source(self, out_dir: Path) -> str | Path:
         return out_dir / "model" if self.base_config.source == "tiny" else self.base_config.pretrained_model
@@ -259,11 +241,7 @@ class ControlNetGenerator(Generator):
         cfg, out_dir = self.cfg, Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._remember_training_ids(train_records)
-        if (out_dir / "generator.json").is_file():
-            info = read_generator_info(out_dir)
-            self.check_same_fit(out_dir, info, seed)
-            logger.info("controlnet: %s already holds a finished fit; not training again", out_dir)
-            self._load_artifact(out_dir, info)
+        if self.reuse_finished_fit(out_dir, seed):
             return out_dir
         base = self.resolve_base(train_records, out_dir, seed)
         base_info = read_generator_info(base)
@@ -305,7 +283,7 @@ class ControlNetGenerator(Generator):
                                 cfg.training.prompt_dropout, cfg.training.snr_gamma)
         train_stage(stage, data, cfg.training, out_dir / "stages" / "controlnet", seed, cfg.mixed_precision,
                     {**identity, "training": cfg.training.model_dump(mode="json")})
-        _atomic_dir(out_dir / "controlnet", lambda tmp: stage.model.save_pretrained(tmp))
+        write_dir_atomic(out_dir / "controlnet", lambda tmp: stage.model.save_pretrained(tmp))
         self._save_mask_pool(with_masks, out_dir / "masks.safetensors")
         self.seed = seed
         save_generator_info(out_dir, self.name, cfg, {

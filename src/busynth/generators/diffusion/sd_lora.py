@@ -183,11 +183,7 @@ class SDLoraGenerator(Generator):
         cfg, out_dir = self.cfg, Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._remember_training_ids(train_records)
-        if (out_dir / "generator.json").is_file():
-            info = read_generator_info(out_dir)
-            self.check_same_fit(out_dir, info, seed)
-            logger.info("sd-lora: %s already holds a finished fit; not training again", out_dir)
-            self._load_artifact(out_dir, info)
+        if self.reuse_finished_fit(out_dir, seed):
             return out_dir
 
         prompts = [cfg.generic_prompt, *(self.prompt(c) for c in self.classes), ""]
