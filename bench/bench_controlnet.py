@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from busynth.generators.diffusion.controlnet import (
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
 from busynth.generators.diffusion.train import StageConfig, train_stage
 from busynth.io import write_json
+
+from bench_diffusion import interleaved_comparison  # bench/ is on sys.path when run as a script
 
 logger = logging.getLogger("bench_controlnet")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -100,18 +101,11 @@ def reference_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[fl
 
 
 def loop_overhead(cfg: SDLoraConfig, reps: int, steps: int, batch: int) -> dict:
-    """Interleaved repetitions of both loops; returns medians, the ratio and the raw timings."""
-    ours, ref = [], []
-    for rep in range(reps):
-        ours += ours_step_seconds(cfg, steps, batch)
-        ref += reference_step_seconds(cfg, steps, batch)
-        logger.info("rep %d: ours %.4f s, reference %.4f s (medians so far)", rep, statistics.median(ours),
-                    statistics.median(ref))
+    """Our ControlNet step vs the hand-written one, interleaved; returns medians, the ratio and raw timings."""
     return {"batch_size": batch, "steps_per_rep": steps, "reps": reps, "image_size": cfg.image_size,
             "unet_channels": cfg.tiny.unet_channels,
-            "ours_median_s": statistics.median(ours), "reference_median_s": statistics.median(ref),
-            "ratio": statistics.median(ours) / statistics.median(ref),
-            "ours_s": [round(x, 4) for x in ours], "reference_s": [round(x, 4) for x in ref]}
+            **interleaved_comparison(lambda: ours_step_seconds(cfg, steps, batch),
+                                     lambda: reference_step_seconds(cfg, steps, batch), reps)}
 
 
 def main() -> None:

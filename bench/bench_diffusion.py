@@ -23,6 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,17 +97,27 @@ def reference_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[fl
     return times[1:]
 
 
-def loop_overhead(cfg: SDLoraConfig, reps: int, steps: int, batch: int) -> dict:
-    """Interleaved repetitions of both loops; returns medians, the ratio and raw timings."""
-    ours, ref = [], []
+def interleaved_comparison(ours: Callable[[], list[float]], reference: Callable[[], list[float]],
+                           reps: int) -> dict:
+    """Alternate ``reps`` repetitions of two step-timing functions (so machine load hits both alike);
+    returns both medians, their ratio (ours / reference) and the raw step times."""
+    ours_s: list[float] = []
+    ref_s: list[float] = []
     for rep in range(reps):
-        ours += ours_step_seconds(cfg, steps, batch)
-        ref += reference_step_seconds(cfg, steps, batch)
-        logger.info("rep %d: ours %.4f s, reference %.4f s (medians so far)", rep, statistics.median(ours),
-                    statistics.median(ref))
+        ours_s += ours()
+        ref_s += reference()
+        logger.info("rep %d: ours %.4f s, reference %.4f s (medians so far)", rep, statistics.median(ours_s),
+                    statistics.median(ref_s))
+    return {"ours_median_s": statistics.median(ours_s), "reference_median_s": statistics.median(ref_s),
+            "ratio": statistics.median(ours_s) / statistics.median(ref_s),
+            "ours_s": [round(x, 4) for x in ours_s], "reference_s": [round(x, 4) for x in ref_s]}
+
+
+def loop_overhead(cfg: SDLoraConfig, reps: int, steps: int, batch: int) -> dict:
+    """Our training step vs the hand-written one, interleaved; returns medians, the ratio and raw timings."""
     return {"batch_size": batch, "steps_per_rep": steps, "reps": reps,
-            "ours_median_s": statistics.median(ours), "reference_median_s": statistics.median(ref),
-            "ratio": statistics.median(ours) / statistics.median(ref)}
+            **interleaved_comparison(lambda: ours_step_seconds(cfg, steps, batch),
+                                     lambda: reference_step_seconds(cfg, steps, batch), reps)}
 
 
 def sampling_speed(cfg: SDLoraConfig, n: int) -> float:

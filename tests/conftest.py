@@ -136,3 +136,15 @@ def phantom_records() -> list[Record]:
     from busynth.data.phantom import make_phantom
 
     return make_phantom(SMALL_PHANTOM)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch ops on one thread (tiny models are faster so), restoring the setting afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

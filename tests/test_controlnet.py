@@ -56,13 +56,7 @@ CN = {"training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 
       "guidance_scale": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's torch ops on one thread, restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

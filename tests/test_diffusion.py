@@ -45,13 +45,7 @@ TINY = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
         "lora": {"rank": 2, "alpha": 2.0}, "sampling_steps": 3, "guidance_scale": 2.0, "encode_batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's torch ops on one thread, restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
