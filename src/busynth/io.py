@@ -5,6 +5,8 @@ A killed process leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -71,6 +73,30 @@ def write_json(path: str | Path, data: Any) -> Path:
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def write_rows_csv(path: str | Path, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> Path:
+    """Atomically write dict rows as CSV (columns: ``fieldnames`` or the first row's keys)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def read_history_csv(path: str | Path, before_step: int) -> list[dict[str, str]]:
+    """Rows of a per-step history CSV whose ``step`` is below ``before_step`` ([] when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(row["step"]) < before_step]
+
+
+def derived_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed derived from (seed, step or epoch, stream) alone, independent of any running
+    RNG, so the randomness of any step is reproducible and a resumed run continues exactly."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:

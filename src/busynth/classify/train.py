@@ -10,9 +10,7 @@ order, flips, dropout -- is seeded from ``(seed, e)``, so a run resumed after ep
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -40,7 +38,7 @@ from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
 from busynth.errors import DataError, RunStateError
-from busynth.io import atomic_path, read_json, write_json, write_text
+from busynth.io import atomic_path, derived_seed, read_json, write_json, write_rows_csv
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +58,6 @@ class FitResult:
     best_score: float
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path = Path(".")
-
-
-def derived_seed(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed for one random stream of one epoch, independent of any running RNG."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -238,13 +231,6 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], out_dir: Path) -
         )
 
 
-def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader(), writer.writerows(history)
-    write_text(path, buffer.getvalue())
-
-
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -401,5 +387,5 @@ def _save_epoch(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimize
                 "epoch": epoch, "score": _finite_or_none(score)}
         _save_safetensors(out_dir / "best.safetensors", model.state_dict(), meta)
     _save_last(out_dir / "last.safetensors", model, optimizer, state)
-    _write_history_csv(out_dir / "history.csv", state["history"])
+    write_rows_csv(out_dir / "history.csv", state["history"])
     write_json(out_dir / "state.json", state)

@@ -16,8 +16,6 @@ Artifact folder (nanoGPT style, the config lives inside it)::
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from collections.abc import Sequence
@@ -38,7 +36,7 @@ from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoin
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.io import atomic_path, read_json, write_text
+from busynth.io import atomic_path, derived_seed, read_history_csv, read_json, write_rows_csv
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +95,6 @@ def learning_rate(step: int, steps: int, lr: float, min_ratio: float) -> float:
     """Cosine decay from ``lr`` at step 0 to ``lr * min_ratio`` at the last step."""
     progress = step / max(1, steps - 1)
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed derived from (seed, step, stream), so any step's randomness is reproducible."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -213,22 +206,6 @@ def _save_weights(model: nn.Module, path: Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def _read_history(out_dir: Path, before_step: int) -> list[dict]:
-    path = out_dir / HISTORY_FILE
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) < before_step]
-
-
-def _write_history(out_dir: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / HISTORY_FILE, buf.getvalue())
-
-
 # --- the generator -----------------------------------------------------------------------------
 
 
@@ -280,7 +257,7 @@ class CVAEGenerator(Generator):
         if resume_from is not None and accelerator.scaler is not None and "scaler" in saved:
             accelerator.scaler.load_state_dict(saved["scaler"])
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-        history = _read_history(out_dir, start)
+        history = read_history_csv(out_dir / HISTORY_FILE, start)
 
         n, bs = len(images), min(cfg.batch_size, len(images))
         per_epoch = max(1, n // bs)
@@ -290,9 +267,9 @@ class CVAEGenerator(Generator):
         for step in bar:
             # Batch order and reparameterisation noise come from (seed, step) alone: resume is exact.
             epoch, pos = divmod(step, per_epoch)
-            perm_gen = torch.Generator().manual_seed(step_seed(seed, epoch, 0))
+            perm_gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 0))
             idx = torch.randperm(n, generator=perm_gen)[pos * bs:(pos + 1) * bs].to(accelerator.device)
-            noise_gen = torch.Generator().manual_seed(step_seed(seed, step, 1))
+            noise_gen = torch.Generator().manual_seed(derived_seed(seed, step, 1))
             noise = torch.randn(bs, cfg.latent_dim, generator=noise_gen).to(accelerator.device)
             weight = kl_weight(step, cfg.kl_warmup_steps, cfg.beta)
             lr = learning_rate(step, cfg.steps, cfg.lr, cfg.min_lr_ratio)
@@ -313,7 +290,7 @@ class CVAEGenerator(Generator):
             bar.set_postfix(loss=f"{row['loss']:.1f}", recon=f"{row['recon']:.1f}", kl=f"{row['kl']:.1f}")
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _write_history(out_dir, history)
+                write_rows_csv(out_dir / HISTORY_FILE, history, HISTORY_FIELDS)
                 scaler = {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
                 save_checkpoint(out_dir, done, accelerator.unwrap_model(model).state_dict(), optimizer,
                                 {**self._identity(seed), **scaler}, cfg.keep_checkpoints)

@@ -23,8 +23,6 @@ Checkpoint folder ``checkpoint-N/``: ``trainable.safetensors`` (the trainable pa
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -32,7 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -43,7 +40,7 @@ from tqdm.auto import tqdm
 from busynth.accel import make_accelerator
 from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from busynth.errors import ConfigError, RunStateError
-from busynth.io import read_json, write_text
+from busynth.io import derived_seed, read_history_csv, read_json, write_rows_csv
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +76,6 @@ class StageConfig(BaseModel):
 # --- pure math ---------------------------------------------------------------------------------
 
 
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed derived from (seed, step, stream) alone, independent of any running RNG."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def learning_rate(step: int, cfg: StageConfig) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warm-up to ``cfg.lr`` over
     ``warmup_steps``, then constant or half a cosine down to ``lr * min_lr_ratio`` at the last step."""
@@ -116,7 +108,7 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> torch.
     bs = min(batch_size, n)
     per_epoch = max(1, n // bs)
     epoch, pos = divmod(micro_step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, _STREAM_ORDER)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_ORDER)))
     return order[pos * bs:(pos + 1) * bs]
 
 
@@ -262,27 +254,6 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
             params[k].copy_(v)
 
 
-def _read_history(out_dir: Path, before_step: int) -> list[dict[str, Any]]:
-    path = out_dir / HISTORY_FILE
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) < before_step]
-
-
-def _write_history(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out_dir / HISTORY_FILE, buf.getvalue())
-
-
-# --- the loop --------------------------------------------------------------------------------------
-
-
 def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig, out_dir: Path, seed: int = 0,
                 mixed_precision: str = "no", identity: Mapping[str, Any] | None = None,
                 cpu: bool = False) -> list[dict[str, Any]]:
@@ -319,7 +290,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
         logger.info("%s: resuming from %s", stage.name, folder)
     stage.model, optimizer = accelerator.prepare(stage.model, optimizer)
     data = {k: v.to(accelerator.device) for k, v in data.items()}
-    history = _read_history(out_dir, start)
+    history = read_history_csv(out_dir / HISTORY_FILE, start)
     stage.model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=stage.name,
                disable=None if accelerator.is_local_main_process else True)
@@ -330,8 +301,8 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
             group["lr"] = lr
         loss_sum, extras = 0.0, {}
         for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-            generator = torch.Generator().manual_seed(step_seed(seed, micro, _STREAM_STEP))
-            torch.manual_seed(step_seed(seed, micro, _STREAM_STEP + 1))  # any dropout inside the model
+            generator = torch.Generator().manual_seed(derived_seed(seed, micro, _STREAM_STEP))
+            torch.manual_seed(derived_seed(seed, micro, _STREAM_STEP + 1))  # any dropout inside the model
             idx = batch_indices(n, cfg.batch_size, micro, seed).to(accelerator.device)
             batch = {k: v[idx] for k, v in data.items()}
             with accelerator.accumulate(stage.model), accelerator.autocast():
@@ -348,7 +319,8 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if accelerator.is_main_process:
-                _write_history(out_dir, history)
+                if history:
+                    write_rows_csv(out_dir / HISTORY_FILE, history)
                 save_checkpoint(out_dir, done, _trainable_state(accelerator.unwrap_model(stage.model)),
                                 optimizer, run, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
