@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -24,7 +25,7 @@ from busynth.classify.train import (
 )
 from busynth.config import ClassifierConfig
 from busynth.errors import ConfigError, RunStateError
-from busynth.io import read_json
+from busynth.io import read_json, write_json
 
 SIZE = 32
 N_CLASSES = 3
@@ -231,6 +232,32 @@ def test_bf16_and_gradient_accumulation_run(data, tmp_path) -> None:
     result = fit_classifier(*data, cfg, N_CLASSES, tmp_path, seed=0, cpu=True)
     assert np.isfinite(result.history[0]["train_loss"])
     assert predict_proba(result.model, data[2]).shape == (len(data[2]), N_CLASSES)
+
+
+def test_channels_last_option_trains_in_nhwc_and_matches_the_default_run(full_run, data, tmp_path) -> None:
+    result = fit_classifier(*data, tiny_config(channels_last=True), N_CLASSES, tmp_path, seed=0, cpu=True)
+    assert result.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    proba = predict_proba(result.model, data[2])
+    # Other kernels, other rounding: after 3 epochs the probabilities differ by < 1e-3 here.
+    np.testing.assert_allclose(proba, predict_proba(full_run.model, data[2]), atol=5e-3)
+    # The checkpoint is stored contiguous: a plain (NCHW) model loads it and predicts the same.
+    reloaded = load_classifier(tmp_path, tiny_config(channels_last=True), N_CLASSES)
+    np.testing.assert_allclose(predict_proba(reloaded, data[2]), proba, atol=1e-5)
+
+
+def test_run_saved_before_a_field_existed_is_loaded_when_the_field_has_its_default(full_run, data, tmp_path,
+                                                                                  monkeypatch) -> None:
+    out = tmp_path / "old"
+    shutil.copytree(full_run.out_dir, out)
+    state = read_json(out / "state.json")
+    del state["run"]["config"]["channels_last"]  # written before classifier.channels_last was added
+    write_json(out / "state.json", state)
+    monkeypatch.setattr(train_mod, "_train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    again = fit_classifier(*data, tiny_config(), N_CLASSES, out, seed=0, cpu=True)
+    assert again.best_epoch == full_run.best_epoch
+    with pytest.raises(RunStateError, match="classifier.channels_last"):
+        fit_classifier(*data, tiny_config(channels_last=True), N_CLASSES, out, seed=0, cpu=True)
 
 
 def test_test_time_augmentation_averages_an_image_and_its_mirror():

@@ -293,3 +293,212 @@ def test_data_phantom_writes_a_busi_layout_the_loader_reads_back(tmp_path: Path)
 def test_data_phantom_with_a_bad_override_exits_2(tmp_path: Path) -> None:
     assert_user_error(invoke("data", "phantom", tmp_path / "y", "--set", "phantom.size=4"), "phantom.size")
     assert not (tmp_path / "y").exists()
+
+
+# --- bad config and CLI input: refused before any work, naming the field or file ---------------
+
+
+@pytest.fixture(scope="module")
+def generators_imported() -> None:
+    """Import every generator before CliRunner swaps the streams: transformers binds a log handler
+    to the stderr of its first import, which CliRunner closes after that invocation."""
+    from busynth.generators import available_methods, generator_class
+
+    for method in available_methods()[1:]:
+        generator_class(method)
+
+
+def test_unknown_method_is_refused_by_the_config_itself() -> None:
+    with pytest.raises(ConfigError, match="unknown method 'gan'") as info:
+        load_config(None, ["run.methods=[real, gan]"])
+    assert "run.methods" in str(info.value) and "cvae" in str(info.value)
+    assert_user_error(invoke("config", "--set", "run.methods=[real, gan]"), "run.methods", "unknown method 'gan'")
+
+
+def test_unknown_methods_on_the_run_command_are_all_named(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert_user_error(invoke("run", "-c", "smoke", "--methods", "real,gan,vae", "--out", out),
+                      "run.methods", "'gan'", "'vae'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("classifier.image_size=0", "classifier.image_size"),
+    ("classifier.batch_size=0", "classifier.batch_size"),
+    ("classifier.epochs=-1", "classifier.epochs"),
+    ("classifier.width=0", "classifier.width"),
+    ("classifier.depth=[1, 0, 1]", "classifier.depth"),
+    ("classifier.depth=[]", "classifier.depth"),
+    ("classifier.grad_accum=0", "classifier.grad_accum"),
+    ("classical.image_size=-8", "classical.image_size"),
+    ("classical.scale_range=[0, 1.1]", "classical.scale_range"),
+    ("classical.gamma_range=[1.2, 0.8]", "classical.gamma_range"),
+    ("classical.contrast_range=[-1, 1]", "classical.contrast_range"),
+    ("phantom.size=0", "phantom.size"),
+    ("phantom.n_per_class={normal: -2}", "phantom.n_per_class"),
+    ("split.folds=0", "split.folds"),
+    ("split.val_fraction=0", "split.val_fraction"),
+    ("run.seeds=0", "run.seeds"),
+    ("run.bootstrap=-1", "run.bootstrap"),
+    ("synthesis.ratio=0", "synthesis.ratio"),
+    ("synthesis.ratio=-0.5", "synthesis.ratio"),
+    ("data.max_pixels=0", "data.max_pixels"),
+    ("data.classes=[normal, ../benign]", "data.classes"),
+    ("data.classes=[normal, a/b]", "data.classes"),
+])
+def test_zero_negative_and_path_like_values_are_refused_naming_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", [override])
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["run", "--folds", "0"], "split.folds"),
+    (["run", "--seeds", "0"], "run.seeds"),
+    (["run", "--methods", ","], "run.methods"),
+    (["data", "split", "phantom", "--folds", "-3"], "split.folds"),
+    (["data", "split", "phantom", "--holdout", "0"], "split.test_fraction"),
+])
+def test_zero_or_negative_cli_options_exit_2_naming_the_field(tmp_path: Path, args: list[str], field: str) -> None:
+    out = tmp_path / "out"
+    assert_user_error(invoke(*args, "-c", "smoke", "--out", out), field)
+    assert not out.exists()
+
+
+def test_an_override_changes_only_its_section_not_a_yaml_alias_of_it() -> None:
+    """smoke.yaml aliases generators.controlnet.sd_lora to generators.sd-lora (``*sd_lora_smoke``)."""
+    config = load_config("smoke", ["generators.sd-lora.image_size=64"])
+    assert config.generators["sd-lora"]["image_size"] == 64
+    assert config.generators["controlnet"]["sd_lora"]["image_size"] == 32
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["generators.cvae.batch_size=0"], ["generators.cvae.batch_size"]),
+    (["generators.cvae.steps=-5"], ["generators.cvae.steps"]),
+    (["generators.cvae.image_size=20"], ["generators.cvae", "image_size 20", "divisible by 2**len(channels) = 8"]),
+    (["generators.sd-lora.image_size=36"], ["generators.sd-lora", "image_size 36", "divisible by 8"]),
+    (["generators.sd-lora.autoencoder_crop=18"], ["generators.sd-lora", "autoencoder_crop 18", "factor 4"]),
+    (["generators.sd-lora.lora_training.batch_size=0"], ["generators.sd-lora.lora_training.batch_size"]),
+    (["generators.sd-lora.lora_training.steps=0"], ["generators.sd-lora", "lora_training.steps must be at least 1"]),
+    (["generators.sd-lora.tiny.vae_channels=[8, -8]"], ["generators.sd-lora.tiny", "must be positive"]),
+    (["generators.sd-lora.sampling_steps=0"], ["generators.sd-lora.sampling_steps"]),
+    (["generators.controlnet.sd_lora.image_size=20"], ["generators.controlnet.sd_lora", "image_size 20"]),
+    (["generators.controlnet.training.steps=0"], ["generators.controlnet.training", "steps must be at least 1"]),
+    (["generators.controlnet.masks.scale_range=[0, 1]"], ["generators.controlnet.masks.scale_range"]),
+    (["generators.controlnet.conditioning_embedding_channels=[8, 0]"],
+     ["generators.controlnet.conditioning_embedding_channels"]),
+    (["generators.sd-lora.source=pretrained", "generators.sd-lora.pretrained_model=/no/such/dir"],
+     ["generators.sd-lora.pretrained_model", "/no/such/dir", "no such folder"]),
+    (["generators.sd-lora.source=pretrained", "generators.sd-lora.pretrained_model=../models/sd15"],
+     ["generators.sd-lora.pretrained_model", "../models/sd15", "no such folder"]),
+    (["generators.controlnet.pretrained_controlnet=/no/such/dir"],
+     ["generators.controlnet.pretrained_controlnet", "/no/such/dir", "no such folder"]),
+    (["generators.controlnet.base=/no/such/dir"], ["generators.controlnet.base", "/no/such/dir", "no such folder"]),
+    (["generators.gan.steps=1"], ["unknown method 'gan'"]),
+])
+@pytest.mark.usefixtures("generators_imported")
+def test_bad_generator_settings_stop_the_run_before_any_work(tmp_path: Path, overrides: list[str],
+                                                             needles: list[str]) -> None:
+    out = tmp_path / "run"
+    args = [a for o in overrides for a in ("--set", o)]
+    assert_user_error(invoke("run", "-c", "smoke", "--methods", "real", "--out", out, *args), *needles)
+    assert not out.exists()
+
+
+def _fake_sd_folder(root: Path, vae_blocks: int) -> Path:
+    """The two files config validation reads of a diffusers Stable Diffusion folder."""
+    (root / "vae").mkdir(parents=True)
+    (root / "model_index.json").write_text("{}")
+    (root / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8] * vae_blocks}))
+    return root
+
+
+@pytest.mark.usefixtures("generators_imported")
+def test_pretrained_resolution_must_fit_the_local_autoencoder_factor(tmp_path: Path) -> None:
+    folder = _fake_sd_folder(tmp_path / "sd", vae_blocks=5)  # an f16 autoencoder
+    base = ["generators.sd-lora.source=pretrained", f"generators.sd-lora.pretrained_model={folder}"]
+    from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+
+    cfg = load_config("smoke", [*base, "generators.sd-lora.image_size=48"]).generators["sd-lora"]
+    assert SDLoraGenerator.parse_config(cfg).image_size == 48
+    out = tmp_path / "run"
+    result = invoke("run", "-c", "smoke", "--methods", "real", "--out", out, *(a for o in base for a in ("--set", o)),
+                    "--set", "generators.sd-lora.image_size=40")
+    assert_user_error(result, "generators.sd-lora", "image_size 40", "divisible by 16", str(folder))
+    assert not out.exists()
+    (folder / "model_index.json").unlink()
+    with pytest.raises(ConfigError, match="no model_index.json") as info:
+        SDLoraGenerator.parse_config({"source": "pretrained", "pretrained_model": str(folder)})
+    assert "generators.sd-lora.pretrained_model" in str(info.value)
+
+
+@pytest.mark.usefixtures("generators_imported")
+def test_folders_only_a_fit_reads_are_not_needed_to_reload_a_controlnet_artifact(tmp_path: Path) -> None:
+    """``base`` and ``pretrained_controlnet`` start a fit; the artifact holds copies of what it needs."""
+    from busynth.generators.diffusion.controlnet import ControlNetGenerator
+
+    gone = {"base": str(tmp_path / "gone-base"), "pretrained_controlnet": str(tmp_path / "gone-cn")}
+    with pytest.raises(ConfigError) as info:
+        ControlNetGenerator.parse_config(gone)
+    assert "generators.controlnet.base" in str(info.value)
+    assert "generators.controlnet.pretrained_controlnet" in str(info.value)
+    assert ControlNetGenerator.parse_config(gone, fit_inputs=False).base == gone["base"]
+
+
+def _classical_fit(folder: Path) -> Path:
+    from busynth.generators.classical import ClassicalAugmenter
+
+    records = make_phantom(load_config("smoke").phantom)[::6]
+    return ClassicalAugmenter({"image_size": 16}, classes=["normal", "benign", "malignant"]).fit(records, folder)
+
+
+def test_generate_refuses_missing_or_wrong_checkpoint_folders(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    assert_user_error(invoke("generate", "cvae", "--checkpoint", missing, "--out", tmp_path / "g"),
+                      "--checkpoint", str(missing), "no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(invoke("generate", "cvae", "--checkpoint", empty, "--out", tmp_path / "g"),
+                      str(empty), "no generator.json")
+    fit = _classical_fit(tmp_path / "classical")
+    assert_user_error(invoke("generate", "cvae", "--checkpoint", fit, "--out", tmp_path / "g"),
+                      str(fit), "'classical' generator, not 'cvae'")
+    assert_user_error(invoke("generate", "gan", "--checkpoint", fit, "--out", tmp_path / "g"), "unknown method 'gan'")
+    assert_user_error(invoke("generate", "classical", "--checkpoint", fit, "--n", "0", "--out", tmp_path / "g"),
+                      "--n must be positive")
+    assert_user_error(invoke("generate", "classical", "--checkpoint", fit, "--classes", "benign,cats",
+                             "--out", tmp_path / "g"), "--classes", "cats")
+    assert not (tmp_path / "g").exists()
+    ok = invoke("generate", "classical", "--checkpoint", fit, "--classes", "benign", "--n", "2", "--out", tmp_path / "g")
+    assert ok.exit_code == 0, ok.output
+    assert len((tmp_path / "g" / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_generate_refuses_a_generator_json_that_is_not_one(tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "generator.json").write_text("[1, 2]")
+    assert_user_error(invoke("generate", "classical", "--checkpoint", folder, "--out", tmp_path / "g"),
+                      str(folder / "generator.json"), "not a generator description")
+    (folder / "generator.json").write_text("{oops")
+    assert_user_error(invoke("generate", "classical", "--checkpoint", folder, "--out", tmp_path / "g"),
+                      str(folder / "generator.json"), "not valid JSON")
+
+
+@pytest.mark.parametrize(("row", "needles"), [
+    ("benign_999,test", ["not in the data set", "line 44: 'benign_999'"]),
+    ("../../etc/passwd,test", ["'../../etc/passwd'", "'..' is not allowed"]),
+    ("/etc/passwd,test", ["'/etc/passwd'", "absolute path"]),
+])
+@pytest.mark.usefixtures("generators_imported")
+def test_run_with_a_split_file_naming_unknown_or_escaping_entries_exits_2(tmp_path: Path, row: str,
+                                                                          needles: list[str]) -> None:
+    records = make_phantom(load_config("smoke").phantom)
+    key = "id" if row.startswith("benign") else "path"
+    split = tmp_path / "split.csv"
+    split.write_text(f"{key},split\n" + "".join(f"{getattr(r, key)},train\n" for r in records) + row + "\n")
+    out = tmp_path / "run"
+    result = invoke("run", "-c", "smoke", "--methods", "real", "--split-file", split, "--out", out)
+    line = f"{split}:{len(records) + 2}" if key == "path" else str(split)
+    assert_user_error(result, line, *needles)
+    assert not list(out.glob("cells/*/fold*")) and not (out / "data" / "split.csv").exists()

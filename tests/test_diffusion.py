@@ -246,6 +246,19 @@ def test_refit_reuses_finished_fit_and_refuses_other_data(fitted, records):
         SDLoraGenerator(TINY, classes=CLASSES).fit(records[:-1], out, seed=3)
 
 
+def test_bf16_sampling_precision_is_close_to_fp32_and_reuses_the_fit(fitted, records):
+    gen, out = fitted
+    expected = np.stack([s.image for s in gen.sample("benign", 2, seed=5)])
+    bf16 = SDLoraGenerator({**TINY, "sampling_precision": "bf16"}, classes=CLASSES)
+    bf16.fit(records, out, seed=3)  # a sampling-only change: the finished fit is reused
+    autocast_seen = []
+    bf16.pipe.unet.register_forward_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    images = np.stack([s.image for s in bf16.sample("benign", 2, seed=5)])
+    assert autocast_seen and all(autocast_seen)
+    assert images.dtype == np.uint8 and images.shape == expected.shape
+    assert np.abs(images.astype(int) - expected.astype(int)).mean() < 2.0  # grey levels out of 255
+
+
 def test_config_is_strict():
     with pytest.raises(ConfigError):
         SDLoraGenerator({"guidence_scale": 3.0})

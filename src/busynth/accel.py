@@ -1,6 +1,20 @@
-"""One way to make an accelerate ``Accelerator`` for every training loop of the package."""
+"""accelerate for every training loop of the package, and the rules of a multi-process run.
+
+Under ``accelerate launch --num_processes N`` every process runs the same deterministic
+program. Training loops split each global batch between the processes (DDP averages the
+gradients), so N processes take the same optimisation steps as one. Everything else is
+computed by every process alike, and only the main process *commits* files: ``busynth.io``
+routes every atomic write through :func:`commit_on_main`, which lets the main process
+rename its file into place while the others discard theirs, between two barriers. So a
+file check made between two writes gives the same answer in every process, and a file
+written by the main process is there for all of them after the write returns.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -8,18 +22,110 @@ from accelerate.state import AcceleratorState, PartialState
 
 from busynth.errors import ConfigError
 
+T = TypeVar("T")
+
+# World-size variables a multi-process launcher sets (accelerate launch / torchrun, mpirun).
+_WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_distributed() -> bool:
+    """Whether this process was started by a multi-process launcher (checked without starting anything)."""
+    return any(int(os.environ.get(k) or 1) > 1 for k in _WORLD_SIZE_ENV)
+
+
+def process_state() -> PartialState | None:
+    """accelerate's process state in a multi-process run, else None (nothing initialised)."""
+    if not launched_distributed():
+        return None
+    # `accelerate launch --multi_gpu` (torchrun) on a machine without GPUs: CPU processes over gloo.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(process index, number of processes); (0, 1) outside a multi-process run."""
+    state = process_state()
+    return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and in the main process of a multi-process one."""
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to do in a single process)."""
+    state = process_state()
+    if state is not None:
+        state.wait_for_everyone()
+
+
+_file_group: list = []
+
+
+def _file_barrier() -> None:
+    """A barrier on a process group of its own (gloo), so that the file protocol never shares a
+    sequence of collectives with training (DDP's gradient reductions run on the default group)."""
+    if not _file_group:
+        _file_group.append(torch.distributed.new_group(backend="gloo"))
+    torch.distributed.barrier(group=_file_group[0])
+
+
+def commit_on_main(commit: Callable[[], T], discard: Callable[[], None] | None = None) -> T | None:
+    """Run ``commit`` in the main process only (``discard`` in the others), between two barriers.
+
+    The first barrier keeps every process from seeing the result before all of them reached
+    this write; the second makes it visible to all of them when this returns.
+    """
+    state = process_state()
+    if state is None:
+        return commit()
+    _file_barrier()
+    try:
+        if state.is_main_process:
+            return commit()
+        if discard is not None:
+            discard()
+        return None
+    finally:
+        _file_barrier()
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process the main process's buffers (batch-norm running statistics).
+
+    DDP averages gradients, so parameters agree across processes, but each process updates
+    its running statistics on its own rows; evaluation (and every decision taken from it,
+    such as model selection) must see the same numbers everywhere.
+    """
+    if process_state() is None:
+        return
+    with torch.no_grad():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def local_rows(n: int) -> slice:
+    """The rows of a global batch of ``n`` that this process computes (contiguous, near-equal shares)."""
+    rank, world = rank_and_world()
+    if world > n:
+        raise ConfigError(f"a batch of {n} cannot be shared by {world} processes: use a batch size of at least {world}")
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False,
                      field: str = "mixed_precision") -> Accelerator:
     """An Accelerator for one fit.
 
-    In a single process accelerate's shared state is reset first, so that fits with
-    different precision settings (a bf16 generator, then an fp32 classifier) can follow
-    each other. fp16 on a CPU is refused naming ``field``; on CUDA cuDNN is switched to
+    accelerate's shared state is reset first (keeping the process group of a multi-process
+    run), so that fits with different precision settings (a bf16 generator, then an fp32
+    classifier) can follow each other. fp16 on a CPU is refused naming ``field``; on CUDA cuDNN is switched to
     deterministic kernels (a process-wide setting; CPU kernels are deterministic already).
     """
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    distributed = process_state() is not None  # first, so a CPU-only multi-process launch gets gloo
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=not distributed)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
     if accelerator.device.type == "cpu" and mixed_precision == "fp16":
         raise ConfigError(f"{field}=fp16 needs a GPU; use 'bf16' or 'no' on a CPU")

@@ -4,21 +4,23 @@ A step checkpoint is a folder ``checkpoint-<step>/`` holding ``weights.safetenso
 tensors that train), ``optimizer.safetensors`` (optimizer state under flat keys
 ``<param index>.<name>``, its param groups in the metadata) and ``state.json``. It is
 written into a temporary folder and renamed, so a folder with that name is complete; the
-newest ``keep`` are kept. Nothing is ever pickled, so loading runs no code.
+newest ``keep`` are kept. Nothing is ever pickled, so loading runs no code: every weight
+file is read with :func:`read_safetensors`, which refuses anything that is not a safetensors
+file (a pickle under a ``.safetensors`` name included) with a RunStateError naming it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from busynth.io import write_dir_atomic, write_json
+from busynth.errors import RunStateError
+from busynth.io import remove_tree, write_dir_atomic, write_json
 
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -72,18 +74,40 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], 
 
     final = write_dir_atomic(Path(out_dir) / f"checkpoint-{step}", write)
     for _, old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove_tree(old)
     return final
 
 
+def read_safetensors(path: Path, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none when ``load_tensors`` is False) and the metadata of a safetensors file.
+
+    safetensors parses a JSON header and raw bytes and never runs code, so a pickle or any other
+    file under this name is refused: a missing or unreadable file raises RunStateError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunStateError(f"{path}: weight file is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys() if load_tensors else []
+            tensors = {k: f.get_tensor(k) for k in names}
+            return tensors, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunStateError(
+            f"{path}: not a readable safetensors file ({exc}); busynth loads weights only from safetensors "
+            "and never unpickles a file. Delete the folder (or use a new one) to start over."
+        ) from None
+
+
 def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
-    """The weights of a step checkpoint; restores ``optimizer`` from it when one is given."""
+    """The weights of a step checkpoint; restores ``optimizer`` from it when one is given.
+
+    Raises RunStateError naming the file when either file is missing or not safetensors."""
     folder = Path(folder)
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        weights = {k: f.get_tensor(k) for k in f.keys()}
+    weights, _ = read_safetensors(folder / WEIGHTS)
     if optimizer is not None:
-        with safe_open(str(folder / OPTIMIZER), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            groups = (f.metadata() or {})["param_groups"]
-        load_optimizer_tensors(optimizer, tensors, groups)
+        tensors, metadata = read_safetensors(folder / OPTIMIZER)
+        if "param_groups" not in metadata:
+            raise RunStateError(f"{folder / OPTIMIZER}: no param_groups in its metadata (not a busynth checkpoint)")
+        load_optimizer_tensors(optimizer, tensors, metadata["param_groups"])
     return weights

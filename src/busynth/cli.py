@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from busynth.accel import is_main_process
 from busynth.config import StudyConfig, dump_config, load_config
 from busynth.errors import BusynthError, ConfigError
 
@@ -36,8 +37,10 @@ DataArg = Annotated[str, typer.Argument(help="Data set folder in the BUSI layout
 
 
 def _setup_logging(verbose: bool) -> None:
+    # Under `accelerate launch` the other processes do the same work: only the main one narrates.
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level if is_main_process() else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, markup=False)],
         force=True,
@@ -57,11 +60,23 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except OSError as exc:  # disk full, read-only folder, permissions: name the file
-            console.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename or ''}", highlight=False,
-                          soft_wrap=True)
+            console.print(f"[bold red]error:[/] {os_error_message(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError that reached the CLI: a failed write (busynth.io.WRITE_ERRNOS) as
+    'cannot write <path>: <reason> (errno N); ...' like OutputWriteError, anything else with its
+    reason, errno and file."""
+    from busynth.io import write_error
+
+    if exc.filename is not None and (error := write_error(exc.filename, exc)) is not None:
+        return str(error)
+    reason = exc.strerror or str(exc)
+    code = f" (errno {exc.errno})" if exc.errno is not None else ""
+    return f"{reason}{code}: {exc.filename}" if exc.filename is not None else f"{reason}{code}"
 
 
 def _data_path(data: str | None) -> Path | None:
@@ -210,7 +225,12 @@ def generate(
     if not checkpoint.is_dir():
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder")
     gen = generator_class(method).load(checkpoint)
-    wanted = [c.strip() for c in classes.split(",")] if classes else gen.classes
+    wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else gen.classes
+    if not wanted:
+        raise ConfigError(f"--classes {classes!r}: names no class")
+    if unknown := [c for c in wanted if c not in gen.classes]:
+        raise ConfigError(f"--classes: {', '.join(unknown)} not among the classes of {checkpoint} "
+                          f"({', '.join(gen.classes)})")
     for k, label in enumerate(wanted):
         write_samples(gen.sample(label, n, seed=seed * 1000 + k), out, method, checkpoint)
     typer.echo(f"wrote {n * len(wanted)} images to {out}")

@@ -26,6 +26,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def is_plain_name(name: str) -> bool:
+    """True for a single, non-empty folder or file name (no separators, not ``.`` or ``..``)."""
+    return bool(name) and name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0"))
+
+
+def positive_range(value: tuple[float, float], what: str = "range") -> tuple[float, float]:
+    """Check a (low, high) range of positive factors with low <= high; returns it."""
+    low, high = value
+    if not 0 < low <= high:
+        raise ValueError(f"{what} must be (low, high) with 0 < low <= high, got {tuple(value)}")
+    return value
+
+
 class DataConfig(_Strict):
     """How a data set folder is read."""
 
@@ -47,6 +60,9 @@ class DataConfig(_Strict):
             raise ValueError("need at least two classes")
         if len(set(v)) != len(v):
             raise ValueError(f"class names must be unique, got {v}")
+        bad = [c for c in v if not is_plain_name(c)]
+        if bad:
+            raise ValueError(f"class names are folder names: no '/', '\\', '..' or empty names, got {bad}")
         return v
 
 
@@ -104,7 +120,7 @@ class ClassifierConfig(_Strict):
     pretrained: bool = False
     image_size: int = Field(default=128, ge=16)
     width: int = Field(default=32, ge=4)
-    depth: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
+    depth: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1)
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -121,8 +137,20 @@ class ClassifierConfig(_Strict):
     select_metric: Literal["balanced_accuracy", "macro_auc"] = "macro_auc"
     patience: int = Field(default=6, ge=1)
     grad_accum: int = Field(default=1, ge=1)
+    # bf16 autocast (accelerate): on a CPU with AVX-512 BF16 a training step takes ~0.5-0.6x the
+    # time of fp32 at 96 px (bench/bench_speed.py; measured only on this CPU). Changes the numbers.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Keep the model's weights and activations in channels_last (NHWC) memory layout: ~0.8x the
+    # epoch time of NCHW on this CPU (bench/bench_speed.py), the same results up to rounding.
+    channels_last: bool = False
     num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("depth")
+    @classmethod
+    def _positive_depth(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"every stage needs at least one block, got {v}")
+        return v
 
 
 class ClassicalConfig(_Strict):
@@ -138,12 +166,17 @@ class ClassicalConfig(_Strict):
     contrast_range: tuple[float, float] = (0.85, 1.15)
     speckle_std: float = Field(default=0.08, ge=0.0)
 
+    @field_validator("scale_range", "gamma_range", "contrast_range")
+    @classmethod
+    def _positive_ranges(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return positive_range(v)
+
 
 class SynthesisConfig(_Strict):
     """How many synthetic images a method adds per class."""
 
     # Extra images per class = ratio x real training count of that class.
-    ratio: float = Field(default=1.0, ge=0.0)
+    ratio: float = Field(default=1.0, gt=0.0)
     # Top minority classes up to the majority count instead of using ratio.
     balance: bool = False
 
@@ -164,6 +197,13 @@ class RunConfig(_Strict):
             raise ValueError("need at least one method")
         if len(set(v)) != len(v):
             raise ValueError(f"methods repeat: {v}")
+        # The method registry (busynth.generators imports no model code until a method is used).
+        from busynth.generators import available_methods
+
+        known = available_methods()
+        unknown = [m for m in v if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
         return v
 
 
@@ -219,7 +259,17 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    return _unshared(data)
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which no mapping or list is shared: a YAML alias (``*name``) becomes its own copy,
+    so an override of one section never changes the section it was aliased from."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

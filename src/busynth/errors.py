@@ -1,5 +1,8 @@
 """Exceptions whose messages are meant for the user: the CLI prints them without a traceback."""
 
+from os import PathLike
+from pathlib import Path
+
 
 class BusynthError(Exception):
     """Base class: a problem the user can fix (bad input, bad config, missing file)."""
@@ -15,3 +18,15 @@ class ConfigError(BusynthError):
 
 class RunStateError(BusynthError):
     """A run folder is inconsistent with the command (e.g. config changed since it started)."""
+
+
+class OutputWriteError(BusynthError):
+    """A file or folder could not be written (disk full, read-only, quota, file size limit).
+
+    ``path`` is the file the command meant to write (never a temporary name); writes are
+    atomic, so what was written before is unchanged.
+    """
+
+    def __init__(self, path: str | PathLike[str], errno: int, strerror: str) -> None:
+        self.path, self.errno, self.strerror = Path(path), errno, strerror
+        super().__init__(f"cannot write {path}: {strerror} (errno {errno}); files already written are unchanged")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import yaml
 from PIL import Image
 
 from busynth import __version__
+from busynth.accel import is_main_process
 from busynth.classify.metrics import classification_metrics
 from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import StudyConfig, dump_config
@@ -42,19 +42,19 @@ from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.data.transforms import label_indices, stack_images
-from busynth.errors import ConfigError, RunStateError
+from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.summary import summarize_fidelity
 from busynth.generators.base import (
-    MANIFEST,
     Generator,
     build_generator,
     generator_class,
+    read_manifest,
     synthetic_counts,
     write_samples,
 )
-from busynth.io import read_json, write_json, write_text
+from busynth.io import read_json, remove_tree, write_json, write_text
 from busynth.results import summarize_run
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,7 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
     """Generate the method's images for one cell into ``out_dir`` (once), then read them back."""
     done = out_dir / "done.json"
     if not done.exists():
-        if out_dir.exists():  # a sampling run was interrupted: start the folder again
-            shutil.rmtree(out_dir)
+        remove_tree(out_dir)  # whatever an interrupted sampling run left: start the folder again
         counts = synthetic_counts(train, config.data.classes, config.synthesis)
         rng = np.random.default_rng([seed, 7])
         for k, label in enumerate(config.data.classes):
@@ -241,21 +240,25 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
 
 
 def read_synthetic(folder: Path, method: str) -> list[Record]:
-    """Records for the images listed in a synthetic folder's manifest."""
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        return []
+    """Records for the images listed in a synthetic folder's manifest (see ``read_manifest``)."""
     records = []
-    for line in manifest.read_text().splitlines():
-        entry = yaml.safe_load(line)
-        image = np.asarray(Image.open(folder / entry["image"]).convert("L"))
-        mask = np.asarray(Image.open(folder / entry["mask"]).convert("L")) > 127 if "mask" in entry else None
+    for entry in read_manifest(folder):
+        image = _read_gray(folder / entry["image"])
+        mask = _read_gray(folder / entry["mask"]) > 127 if "mask" in entry else None
         records.append(Record(
             id=f"{method}:{entry['label']}_{entry['index']}", label=entry["label"], image=image,
             mask=mask, path=str(Path("synthetic") / method / folder.name / entry["image"]),
             meta={"synthetic": True, "seed": entry["seed"]},
         ))
     return records
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the synthetic image ({exc})") from None
 
 
 def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
@@ -378,7 +381,7 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     study = prepare_data(config, data, run_dir, split_file)
     log.info("split:\n%s", study.split.format(config.data.classes))
     cells = study_cells(config, study.split.folds)
-    tracker = open_tracker(config, run_dir)
+    tracker = open_tracker(config, run_dir) if is_main_process() else None
     try:
         for i, cell in enumerate(cells, start=1):
             done = (run_dir / "cells" / cell.method / cell.key / "metrics.json").exists()

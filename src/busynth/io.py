@@ -1,14 +1,22 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-A killed process leaves either the old file or the new one, never half of one.
+A killed process leaves either the old file or the new one, never half of one. In a
+multi-process run (``accelerate launch``) only the main process renames its file into
+place; the others discard theirs (see ``busynth.accel.commit_on_main``).
+
+A write that fails (disk full, read-only folder, quota, file size limit) raises
+:class:`busynth.errors.OutputWriteError` naming the file meant to be written, never the
+temporary one; the CLI prints it as one line.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,21 +27,74 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from busynth.accel import commit_on_main
+from busynth.errors import OutputWriteError
+
+# errnos that mean "cannot write there": disk full, quota, read-only, file too large, permissions, I/O
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                          errno.EIO})
+_NATIVE_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how a Rust writer (safetensors) reports one
+
+
+def write_error(path: str | Path, exc: BaseException) -> OutputWriteError | None:
+    """The OutputWriteError naming ``path`` for an exception raised while writing it: an OSError
+    with one of WRITE_ERRNOS, or a native writer's error whose message carries ``(os error N)``
+    (safetensors raises SafetensorError, not OSError). None for any other exception."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (found := _NATIVE_OS_ERROR.search(str(exc))):
+        code = int(found.group(1))
+    if code not in WRITE_ERRNOS:
+        return None
+    return OutputWriteError(path, code, os.strerror(code))
+
+
+@contextmanager
+def _naming_failed_writes(final: Path, tmp_dir: Path | None = None) -> Iterator[None]:
+    """Re-raise a failed write inside the block as OutputWriteError naming ``final`` (or, for a
+    failure that names a file inside the temporary folder ``tmp_dir``, that file under ``final``)."""
+    try:
+        yield
+    except OutputWriteError as exc:  # a nested atomic write
+        inner = _relative_to(exc.path, tmp_dir)
+        if inner is None:
+            raise
+        raise OutputWriteError(final / inner, exc.errno, exc.strerror) from exc
+    except Exception as exc:
+        inner = _relative_to(getattr(exc, "filename", None), tmp_dir)
+        error = write_error(final / inner if inner is not None else final, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _relative_to(path: Any, folder: Path | None) -> Path | None:
+    """``path`` relative to ``folder`` when it lies inside it, else None."""
+    if folder is None or not isinstance(path, str | bytes | os.PathLike):
+        return None
+    try:
+        return Path(os.fsdecode(path)).relative_to(folder)
+    except ValueError:
+        return None
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``."""
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    A failed write raises OutputWriteError naming ``path`` and leaves an older ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _naming_failed_writes(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _naming_failed_writes(path):
+            yield tmp_path
+            commit_on_main(lambda: os.replace(tmp_path, path))
     finally:
         if tmp_path.exists():
-            tmp_path.unlink()
+            _discard(tmp_path.unlink)
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
@@ -45,19 +106,53 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
 
 def write_dir_atomic(final: str | Path, writer: Callable[[Path], Any]) -> Path:
     """Call ``writer(tmp_dir)`` on a temporary folder next to ``final``, then rename it onto
-    ``final`` (replacing an older one); a killed process never leaves a half-written ``final``."""
+    ``final`` (replacing an older one); a killed process never leaves a half-written ``final``.
+
+    An older ``final`` is first renamed away in one step and deleted afterwards, so a kill leaves
+    the old folder, the new one or none, never a half-deleted one. A failed write raises
+    OutputWriteError naming the file under ``final``."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    with _naming_failed_writes(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+    def commit() -> None:
+        old = Path(f"{tmp}.old") if final.exists() else None
+        if old is not None:
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+
     try:
-        writer(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with _naming_failed_writes(final, tmp):
+            writer(tmp)
+            commit_on_main(commit)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            _discard(lambda: shutil.rmtree(tmp))
     return final
+
+
+def _discard(remove: Callable[[], Any]) -> None:
+    """Remove a temporary file or folder, ignoring failures (a read-only or full disk must not
+    hide the error that stopped the write)."""
+    try:
+        remove()
+    except OSError:
+        pass
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a folder if it exists (the main process does it in a multi-process run; everyone
+    waits). Call it unconditionally: whether a folder exists is no test of its completeness, and
+    in a multi-process run another process may have created it a moment ago."""
+    commit_on_main(lambda: shutil.rmtree(path, ignore_errors=not Path(path).exists()))
 
 
 def write_text(path: str | Path, text: str) -> Path:

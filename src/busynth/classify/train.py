@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
@@ -31,8 +30,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
-from busynth.accel import make_accelerator
-from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors
+from busynth.accel import broadcast_buffers, local_rows, make_accelerator, rank_and_world
+from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors, read_safetensors
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
@@ -183,10 +182,10 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+def _read_safetensors(path: Path, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and JSON metadata; a pickle or any non-safetensors file raises RunStateError naming it."""
+    tensors, meta = read_safetensors(path, load_tensors)
+    return tensors, {k: json.loads(v) for k, v in meta.items()}
 
 
 def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -208,8 +207,7 @@ def _load_resume_state(out_dir: Path) -> dict[str, Any] | None:
     state = read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else None
     last = out_dir / "last.safetensors"
     if last.exists():
-        with safe_open(str(last), framework="pt") as f:
-            embedded = json.loads((f.metadata() or {})["state"])
+        embedded = _read_safetensors(last, load_tensors=False)[1]["state"]
         if state is None or embedded["epoch"] > state["epoch"]:
             state = embedded
     return state
@@ -220,9 +218,10 @@ def _check_same_run(state: dict[str, Any], run: dict[str, Any], out_dir: Path) -
         raise RunStateError(f"{out_dir}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
     changed = [k for k in ("seed", "n_classes", "data_hash") if state["run"].get(k) != run[k]]
     old_cfg, new_cfg = state["run"]["config"], run["config"]
+    defaults = ClassifierConfig().model_dump(mode="json")  # a field added since counts as its default
     changed += [
         f"classifier.{k}" for k in sorted(set(old_cfg) | set(new_cfg))
-        if k not in _RESUME_FREE_FIELDS and old_cfg.get(k) != new_cfg.get(k)
+        if k not in _RESUME_FREE_FIELDS and old_cfg.get(k, defaults.get(k)) != new_cfg.get(k, defaults.get(k))
     ]
     if changed:
         raise RunStateError(
@@ -255,9 +254,13 @@ def _train_one_epoch(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
     loss_fn: nn.Module, cfg: ClassifierConfig, seed: int, epoch: int,
 ) -> tuple[float, float]:
-    """One pass over the training data; returns (mean training loss, last learning rate)."""
+    """One pass over the training data; returns (mean training loss, last learning rate).
+
+    Every process reads and augments the same global batch and computes its own share of
+    rows (``local_rows``); DDP averages the gradients, so N processes take the steps of one.
+    """
     model.train()
-    loader.set_epoch(epoch)
+    loader.batch_sampler.sampler.set_epoch(epoch)
     torch.manual_seed(derived_seed(seed, epoch, _STREAM_DROPOUT))
     flips = torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_FLIP))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
@@ -270,17 +273,18 @@ def _train_one_epoch(
         lr = cfg.lr * lr_factor(epoch * steps_per_epoch + i // cfg.grad_accum, total_steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        x = images.float().div_(255.0)
+        if cfg.augment == "flip":
+            x = random_hflip(x, flips)
+        elif cfg.augment == "light":
+            x, _ = augment_batch(x, LIGHT, flips)
+        rows = local_rows(len(labels))
         with accelerator.accumulate(model):
-            x = images.float().div_(255.0)
-            if cfg.augment == "flip":
-                x = random_hflip(x, flips)
-            elif cfg.augment == "light":
-                x, _ = augment_batch(x, LIGHT, flips)
-            loss = loss_fn(model(x), labels)
+            loss = loss_fn(model(x[rows].to(accelerator.device)), labels[rows].to(accelerator.device))
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += float(loss.detach()) * len(labels)
+        loss_sum += float(accelerator.reduce(loss.detach(), "mean")) * len(labels)
         n_seen += len(labels)
         bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
     return loss_sum / max(n_seen, 1), lr
@@ -322,19 +326,26 @@ def fit_classifier(
         _check_same_run(state, run, out_dir)
         if state["done"]:
             logger.info("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
+            if _records_behind(out_dir, state):  # killed after the last epoch's commit point
+                _write_epoch_records(out_dir, state)
             model = load_classifier(out_dir, cfg, n_classes)
             return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
 
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu, field="classifier.mixed_precision")
     torch.manual_seed(seed)
     model = build_classifier(cfg, n_classes)
+    if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     n_train = len(train_images)
+    world = rank_and_world()[1]
+    # A last batch too small to give every process two rows would make a batch-norm batch of one.
     batches = BatchSampler(EpochShuffleSampler(n_train, seed), cfg.batch_size,
-                           drop_last=n_train % cfg.batch_size == 1 and n_train > 1)  # no size-1 BN batch
+                           drop_last=0 < n_train % cfg.batch_size < 2 * world and n_train > cfg.batch_size)
     dataset = TensorDataset(torch.from_numpy(train_images).unsqueeze(1), torch.from_numpy(train_labels))
+    # Not prepared by accelerate: every process iterates the same global batches (see _train_one_epoch).
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     weights = class_weight_vector(train_labels, n_classes, cfg.class_weights).to(accelerator.device)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
@@ -350,6 +361,7 @@ def fit_classifier(
         started = time.perf_counter()
         train_loss, lr = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch)
         unwrapped = accelerator.unwrap_model(model)
+        broadcast_buffers(unwrapped)
         metrics = validation_metrics(val_labels, predict_proba(unwrapped, val_images, tta=cfg.tta))
         score = metrics[f"val_{cfg.select_metric}"]
         improved = state["best_epoch"] < 0 or (math.isfinite(score) and score > _score(state))
@@ -361,9 +373,7 @@ def fit_classifier(
                "seconds": round(time.perf_counter() - started, 3)}
         state["history"].append(row)
         state.update(epoch=epoch, done=epoch + 1 >= cfg.epochs or state["bad_epochs"] >= cfg.patience)
-        if accelerator.is_main_process:
-            _save_epoch(out_dir, unwrapped, optimizer, state, improved, epoch, score)
-        accelerator.wait_for_everyone()
+        _save_epoch(out_dir, unwrapped, optimizer, state, improved, epoch, score)  # the main process commits
         logger.info("classifier epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, train_loss,
                     cfg.select_metric, score, " (best)" if improved else "")
         if tracker_log is not None:
@@ -387,5 +397,17 @@ def _save_epoch(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimize
                 "epoch": epoch, "score": _finite_or_none(score)}
         _save_safetensors(out_dir / "best.safetensors", model.state_dict(), meta)
     _save_last(out_dir / "last.safetensors", model, optimizer, state)
+    _write_epoch_records(out_dir, state)
+
+
+def _write_epoch_records(out_dir: Path, state: dict[str, Any]) -> None:
+    """history.csv and state.json of the last finished epoch (written after last.safetensors)."""
     write_rows_csv(out_dir / "history.csv", state["history"])
     write_json(out_dir / "state.json", state)
+
+
+def _records_behind(out_dir: Path, state: dict[str, Any]) -> bool:
+    """True when state.json is missing or older than ``state`` (the copy in last.safetensors): a run
+    was killed between the commit point and these records, which a rerun must then complete."""
+    path = out_dir / "state.json"
+    return not path.exists() or read_json(path)["epoch"] < state["epoch"]

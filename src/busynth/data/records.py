@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+
+from busynth.errors import DataError
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,3 +59,26 @@ def by_id(records: Iterable[Record]) -> dict[str, Record]:
             raise ValueError(f"duplicate record id {r.id!r} ({out[r.id].path} and {r.path})")
         out[r.id] = r
     return out
+
+
+def check_relative(relative: object, where: str) -> str:
+    """Refuse, with a DataError naming ``where``, a path read from a file (a manifest, a split
+    file) that could leave the folder it is relative to: a non-string, an empty or absolute path,
+    a drive, a home folder or a ``..`` part. Returns ``relative``."""
+    if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
+        raise DataError(f"{where}: {relative!r} is not a file path")
+    posix, windows = PurePosixPath(relative), PureWindowsPath(relative)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or relative.startswith(("/", "\\", "~")):
+        raise DataError(f"{where}: {relative!r} is an absolute path; only paths relative to the folder are allowed")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise DataError(f"{where}: {relative!r} leaves its folder ('..' is not allowed)")
+    return relative
+
+
+def check_inside(folder: str | Path, relative: object, where: str) -> Path:
+    """``folder / relative`` after :func:`check_relative`, also refusing a symbolic link that
+    resolves outside ``folder``. Returns the path."""
+    path = Path(folder) / check_relative(relative, where)
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise DataError(f"{where}: {relative!r} resolves outside {folder}")
+    return path

@@ -21,7 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from busynth.config import SplitConfig
 from busynth.data.audit import AuditReport
-from busynth.data.records import Record
+from busynth.data.records import Record, check_relative
 from busynth.errors import DataError
 from busynth.io import write_text
 
@@ -169,10 +169,17 @@ def read_split(path: str | Path, records: Sequence[Record], audit: AuditReport |
     part_col = "part" if "part" in header else "split" if "split" in header else None
     if key is None or (part_col is None and "fold" not in header):
         raise DataError(f"{path}: needs an 'id' or 'path' column and a 'part'/'split' or 'fold' column; got {header}")
+    if "path" in header:
+        for line, row in enumerate(table, start=2):
+            check_relative(row["path"], f"{path}:{line}: path")
     lookup = {(r.id if key == "id" else r.path): r for r in records}
-    unknown = sorted({row[key] for row in table if row[key] not in lookup})
+    unknown = {}
+    for line, row in enumerate(table, start=2):
+        if row[key] not in lookup:
+            unknown.setdefault(row[key], line)
     if unknown:
-        raise DataError(f"{path}: {len(unknown)} {key}(s) not in the data set, e.g. {unknown[:5]}")
+        examples = ", ".join(f"line {line}: {name!r}" for name, line in list(unknown.items())[:5])
+        raise DataError(f"{path}: {len(unknown)} {key}(s) not in the data set, e.g. {examples}")
     named_twice = Counter(((row.get("fold") or "0") if part_col is not None else "", row[key]) for row in table)
     repeated = sorted({k for (_, k), n in named_twice.items() if n > 1})
     if repeated:

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from busynth.config import StudyConfig, SynthesisConfig
-from busynth.data.records import Record, class_counts
-from busynth.errors import ConfigError, RunStateError
+from busynth.config import StudyConfig, SynthesisConfig, is_plain_name
+from busynth.data.records import Record, check_inside, class_counts
+from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_png, write_text
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,18 @@ class Generator(abc.ABC):
         self.train_ids: list[str] = []
 
     @classmethod
-    def parse_config(cls, config: BaseModel | dict[str, Any] | None) -> BaseModel:
-        """Validate a dict (or None for defaults) into this generator's config model."""
+    def parse_config(cls, config: BaseModel | dict[str, Any] | None, fit_inputs: bool = True) -> BaseModel:
+        """Validate a dict (or None for defaults) into this generator's config model. With
+        ``fit_inputs`` False (reloading a fitted artifact) inputs only a fit reads, such as a folder
+        to start from, are not checked (validation context ``{"fit_inputs": False}``)."""
         if isinstance(config, cls.config_model):
             return config
         try:
-            return cls.config_model.model_validate(dict(config or {}))
+            return cls.config_model.model_validate(dict(config or {}), context={"fit_inputs": fit_inputs})
         except ValidationError as exc:
-            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"generators.{cls.name}: {msgs}") from None
+            section = "classical" if cls.name == "classical" else f"generators.{cls.name}"
+            msgs = "; ".join(f"{'.'.join([section, *map(str, e['loc'])])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid {cls.name} settings: {msgs}") from None
 
     @abc.abstractmethod
     def fit(self, train_records: Sequence[Record], out_dir: Path, seed: int = 0) -> Path:
@@ -188,13 +191,15 @@ def write_samples(
     """
     out_dir = Path(out_dir)
     manifest = out_dir / MANIFEST
-    lines = manifest.read_text().splitlines() if manifest.exists() else []
+    entries = read_manifest(out_dir)  # refuses a manifest whose paths leave out_dir
+    lines = [json.dumps(entry) for entry in entries]
     next_index: dict[str, int] = {}
-    for line in lines:
-        entry = json.loads(line)
+    for entry in entries:
         next_index[entry["label"]] = max(next_index.get(entry["label"], 0), entry["index"])
     new_lines = []
     for s in samples:
+        if not is_plain_name(s.label):
+            raise ConfigError(f"{generator}: class name {s.label!r} is not a plain folder name")
         k = next_index.get(s.label, 0) + 1
         next_index[s.label] = k
         image_rel = f"{s.label}/{s.label} ({k}).png"
@@ -216,14 +221,53 @@ def write_samples(
     return out_dir
 
 
+def read_manifest(folder: Path) -> list[dict]:
+    """The entries of ``folder/manifest.jsonl`` ([] when there is none). Each line must be a JSON
+    object with ``label``, ``index``, ``seed`` and ``image`` (and optionally ``mask``) whose file
+    paths are relative and stay inside ``folder``; anything else raises DataError naming the line."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.exists():
+        return []
+    entries = []
+    for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{where}: not a JSON object ({exc})") from None
+        if not isinstance(entry, dict) or not {"label", "index", "seed", "image"} <= set(entry):
+            raise DataError(f"{where}: needs the keys label, index, seed and image")
+        if not isinstance(entry["label"], str) or not isinstance(entry["index"], int):
+            raise DataError(f"{where}: label must be a string and index an integer")
+        for key in ("image", "mask"):
+            if key in entry:
+                check_inside(folder, entry[key], f"{where}: {key}")
+        entries.append(entry)
+    return entries
+
+
 def save_generator_info(directory: Path, name: str, config: BaseModel, extra: dict | None = None) -> None:
     """Write ``generator.json`` (method name, config, training ids) into an artifact folder."""
     write_json(Path(directory) / "generator.json", {"name": name, "config": config.model_dump(mode="json"), **(extra or {})})
 
 
-def read_generator_info(directory: Path) -> dict[str, Any]:
-    """Read ``generator.json`` from an artifact folder, with a clear error when it is missing."""
-    path = Path(directory) / "generator.json"
+def read_generator_info(directory: Path, expected: str | None = None) -> dict[str, Any]:
+    """Read ``generator.json`` from an artifact folder, with a clear error when the folder or the
+    file is missing, the file is not a JSON object, or (given ``expected``) it holds another method."""
+    directory = Path(directory)
+    path = directory / "generator.json"
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such generator folder")
     if not path.is_file():
         raise ConfigError(f"{directory}: not a generator folder (no generator.json)")
-    return read_json(path)
+    try:
+        info = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunStateError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or "config" not in info:
+        raise RunStateError(f"{path}: not a generator description (no 'config')")
+    if expected is not None and info.get("name") != expected:
+        raise ConfigError(f"{directory} holds a {info.get('name')!r} generator, not {expected!r}")
+    return info

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from busynth.checkpoint import read_safetensors
 from busynth.config import ClassicalConfig
 from busynth.data.records import Record
 from busynth.data.augment import AugmentParams, augment_batch
@@ -59,9 +60,9 @@ class ClassicalAugmenter(Generator):
     @classmethod
     def load(cls, directory: Path) -> "ClassicalAugmenter":
         """Rebuild from ``generator.json`` and ``train.safetensors``."""
-        info = read_generator_info(directory)
+        info = read_generator_info(directory, expected=cls.name)
         gen = cls(info["config"], classes=info["classes"])
-        tensors = load_file(str(Path(directory) / "train.safetensors"))
+        tensors, _ = read_safetensors(Path(directory) / "train.safetensors")
         gen.images = tensors["images"].numpy()
         gen.masks = tensors["masks"].numpy()
         gen.has_mask = tensors["has_mask"].numpy()

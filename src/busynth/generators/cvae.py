@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from busynth.accel import make_accelerator
-from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from busynth.accel import broadcast_buffers, local_rows, make_accelerator
+from busynth.checkpoint import list_checkpoints, load_checkpoint, read_safetensors, save_checkpoint
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
+from busynth.errors import RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.io import atomic_path, derived_seed, read_history_csv, read_json, write_rows_csv
 
@@ -276,6 +277,9 @@ class CVAEGenerator(Generator):
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            # Each process computes its share of the global batch; DDP averages the gradients.
+            rows = local_rows(len(idx))
+            idx, noise = idx[rows], noise[rows]
             logits, mu, logvar = model(images[idx], labels[idx], noise)
             recon = reconstruction_loss(logits, images[idx]).mean()
             kl = gaussian_kl(mu.float(), logvar.float()).mean()
@@ -284,8 +288,8 @@ class CVAEGenerator(Generator):
             accelerator.backward(loss)
             optimizer.step()
 
-            row = {"step": step, "loss": loss.item(), "recon": recon.item(), "kl": kl.item(),
-                   "kl_weight": weight, "lr": lr}
+            loss, recon, kl = (float(accelerator.reduce(t.detach(), "mean")) for t in (loss, recon, kl))
+            row = {"step": step, "loss": loss, "recon": recon, "kl": kl, "kl_weight": weight, "lr": lr}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.1f}", recon=f"{row['recon']:.1f}", kl=f"{row['kl']:.1f}")
             done = step + 1
@@ -297,6 +301,7 @@ class CVAEGenerator(Generator):
         bar.close()
 
         self.model = accelerator.unwrap_model(model).eval()
+        broadcast_buffers(self.model)
         self.step = cfg.steps
         _save_weights(self.model, out_dir / MODEL_FILE)
         save_generator_info(out_dir, self.name, cfg, {**self._identity(seed), "step": cfg.steps})
@@ -305,7 +310,11 @@ class CVAEGenerator(Generator):
 
     def _load_weights(self, path: Path, step: int) -> None:
         model = CVAE(self.config, len(self.classes))  # type: ignore[arg-type]
-        model.load_state_dict(load_file(str(path)))
+        weights, _ = read_safetensors(path)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:  # missing, unexpected or differently shaped tensors
+            raise RunStateError(f"{path}: weights do not fit the model of its generator.json ({exc})") from None
         self.model = model.to(PartialState().device).eval()
         self.step = step
 
@@ -313,7 +322,7 @@ class CVAEGenerator(Generator):
     def load(cls, directory: Path) -> "CVAEGenerator":
         """Rebuild a fitted generator from ``generator.json`` + ``model.safetensors`` in ``directory``."""
         directory = Path(directory)
-        info = read_generator_info(directory)
+        info = read_generator_info(directory, expected=cls.name)
         gen = cls(info["config"], classes=info["classes"])
         gen.train_ids = list(info.get("train_ids", []))
         gen._load_weights(directory / MODEL_FILE, int(info.get("step", 0)))

@@ -10,23 +10,30 @@ LoRA, sampling, ControlNet) runs one code path:
 * ``tiny``: AutoencoderKL, UNet2DConditionModel and CLIPTextModel built from
   :class:`TinyModelConfig` with random weights, sized for a CPU, and a CLIP BPE tokenizer
   built offline from the words of the prompts (no vocabulary file is ever downloaded).
+
+Weights are read from safetensors files only (``use_safetensors=True``): a folder that holds
+only pickled ``*.bin`` weights is refused with a clear error, never unpickled.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from busynth.errors import BusynthError, ConfigError, RunStateError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,9 @@ class TinyModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _groups_divide_channels(self) -> "TinyModelConfig":
+        if any(c < 1 for c in [*self.vae_channels, *self.unet_channels]):
+            raise ValueError(f"channel counts must be positive, got vae_channels={self.vae_channels}, "
+                             f"unet_channels={self.unet_channels}")
         bad = [c for c in [*self.vae_channels, *self.unet_channels] if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count, not {bad}")
@@ -96,23 +106,55 @@ def word_level_clip_tokenizer(texts: Sequence[str], max_length: int) -> CLIPToke
     """A CLIP BPE tokenizer trained offline on ``texts`` until every word of them is one token.
 
     Its vocabulary also holds every byte of CLIP's byte-level alphabet (with and without the
-    end-of-word mark), so any other text still tokenizes, into pieces or bytes. Returns the
-    tokenizer; it saves and loads with ``save_pretrained`` / ``from_pretrained`` like CLIP's own.
+    end-of-word mark), so any other text still tokenizes, into pieces or bytes. The same texts
+    give the same tokenizer in every process (``bpe_merges`` breaks ties by the pair itself;
+    the Rust trainer of ``tokenizers`` breaks them by hash order, which changes per process).
+    Returns the tokenizer; it saves and loads with ``save_pretrained`` / ``from_pretrained``
+    like CLIP's own.
     """
     probe = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[])
-    bpe = Tokenizer(BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer = probe.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
+    backend = probe.backend_tokenizer
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    merges = bpe_merges(words)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = BpeTrainer(vocab_size=1_000_000, min_frequency=1, special_tokens=[BOS, EOS], show_progress=False,
-                         initial_alphabet=alphabet, end_of_word_suffix="</w>", continuing_subword_prefix="")
-    bpe.train_from_iterator(list(texts), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    for symbol in alphabet + [a + "</w>" for a in alphabet]:
+    vocab = {BOS: 0, EOS: 1}
+    for symbol in [*alphabet, *(a + "</w>" for a in alphabet), *(a + b for a, b in merges)]:
         vocab.setdefault(symbol, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def bpe_merges(words: Mapping[tuple[str, ...], int]) -> list[tuple[str, str]]:
+    """Byte-pair-encoding merges (Sennrich et al. 2016) learned from ``words`` (symbol tuples and
+    their counts) until every word is one symbol: at each step the most frequent adjacent pair,
+    ties broken by the pair itself, so the result depends on the words alone. Returns the merges
+    in the order learned (their rank)."""
+    words = dict(words)
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] += count
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, count in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
 
 
 def _tiny_unet(cfg: TinyModelConfig, latent_size: int) -> UNet2DConditionModel:
@@ -157,28 +199,81 @@ def build_tiny_components(cfg: TinyModelConfig, image_size: int, prompts: Sequen
     return Components(vae, unet, text_encoder, tokenizer, DDPMScheduler(**SD_SCHEDULER))
 
 
-def load_pretrained_components(source: str | Path, dtype: torch.dtype = torch.float32) -> Components:
+# --- loading saved or pretrained models: safetensors only, clear errors ------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(value: str, marker: str) -> str:
+    """Validate a hub id or a local model folder: a path that exists must be a folder holding
+    ``marker`` (``model_index.json`` for a pipeline, ``config.json`` for one model); a path that
+    does not exist is refused unless it reads as a hub id (``org/name``). Returns ``value``."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is a file, not a model folder")
+        if not (path / marker).is_file():
+            raise ValueError(f"{value!r} is not a diffusers model folder (no {marker})")
+        return value
+    if _HUB_ID.match(value) and ".." not in value:
+        return value  # a hub id: resolved (or refused) when it is loaded
+    raise ValueError(f"{value!r}: no such folder (a hub id looks like 'org/name')")
+
+
+def local_vae_factor(source: str | Path) -> int | None:
+    """The downsampling factor (2 ** (len(block_out_channels) - 1)) of the autoencoder in a local
+    pipeline folder, or None when ``source`` is not such a folder (a hub id)."""
+    path = Path(source).expanduser() / "vae" / "config.json"
+    try:
+        channels = json.loads(path.read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return 2 ** (len(channels) - 1)
+
+
+def from_pretrained(cls: Any, source: str | Path, *, what: str, error: type[BusynthError] = RunStateError,
+                    weights: bool = True, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source, **kwargs)``, with ``use_safetensors=True`` when ``cls`` has
+    weights (a pickled ``*.bin`` is never read); a folder or hub id that cannot be loaded raises
+    ``error`` naming ``what`` and ``source``. Returns the loaded object."""
+    if weights:
+        kwargs["use_safetensors"] = True
+    try:
+        return cls.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        sub = f" ({kwargs['subfolder']}/)" if kwargs.get("subfolder") else ""
+        detail = " ".join(str(exc).split())[:400].rstrip(".")
+        raise error(f"{what} {source}{sub}: cannot load {getattr(cls, '__name__', cls)}: {detail}. busynth reads "
+                    "model weights only from safetensors files.") from None
+
+
+def load_pretrained_components(source: str | Path, dtype: torch.dtype = torch.float32, *,
+                               what: str = "model folder", error: type[BusynthError] = RunStateError) -> Components:
     """Stable Diffusion parts from a hub id or a local folder in the diffusers layout (subfolders
-    vae, unet, text_encoder, tokenizer, scheduler); returns Components in ``dtype``."""
+    vae, unet, text_encoder, tokenizer, scheduler); returns Components in ``dtype``. Weights come
+    from safetensors files only; a part that cannot be loaded raises ``error`` naming ``what``."""
     source = str(source)
     logger.info("loading Stable Diffusion components from %s", source)
+    kw: dict[str, Any] = {"what": what, "error": error}
     return Components(
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        vae=from_pretrained(AutoencoderKL, source, subfolder="vae", dtype=dtype, **kw),
+        unet=from_pretrained(UNet2DConditionModel, source, subfolder="unet", dtype=dtype, **kw),
+        text_encoder=from_pretrained(CLIPTextModel, source, subfolder="text_encoder", dtype=dtype, **kw),
+        tokenizer=from_pretrained(CLIPTokenizer, source, subfolder="tokenizer", weights=False, **kw),
+        noise_scheduler=from_pretrained(DDPMScheduler, source, subfolder="scheduler", weights=False, **kw),
     )
 
 
 def load_components(
     source: str, *, pretrained_model: str | Path = "", tiny: TinyModelConfig | None = None,
     image_size: int = 128, prompts: Sequence[str] = (), seed: int = 0, dtype: torch.dtype = torch.float32,
+    field: str = "pretrained_model",
 ) -> Components:
     """The Stable Diffusion parts for ``source`` = ``pretrained`` (from ``pretrained_model``) or
-    ``tiny`` (random weights from ``tiny``, ``image_size``, ``prompts`` and ``seed``); returns Components."""
+    ``tiny`` (random weights from ``tiny``, ``image_size``, ``prompts`` and ``seed``); returns Components.
+    A pretrained model that cannot be loaded raises ConfigError naming the config ``field``."""
     if source == "pretrained":
-        return load_pretrained_components(pretrained_model, dtype)
+        return load_pretrained_components(pretrained_model, dtype, what=field, error=ConfigError)
     if source == "tiny":
         return build_tiny_components(tiny or TinyModelConfig(), image_size, prompts, seed)
     raise ValueError(f"unknown components source {source!r} (use 'pretrained' or 'tiny')")

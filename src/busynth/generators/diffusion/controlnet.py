@@ -17,7 +17,8 @@ this fit's, so no held-out image reaches the ControlNet through its base.
 
 Artifact folder::
 
-    generator.json            name, config, classes, train ids, seed, base (folder, config, identity)
+    generator.json            name, config, classes, train ids, seed, base (folder, config, identity),
+                              base_model (the identity of the UNet the base's LoRA was trained on)
     base/                     only when the base was fitted here (sd-lora's own layout)
     model/                    tiny bases: the base pipeline, copied (save_pretrained)
     lora/                     the base's LoRA (diffusers' load_lora_weights format), copied
@@ -40,15 +41,16 @@ import torch
 from accelerate import PartialState
 from diffusers import (ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from busynth.checkpoint import read_safetensors
 from busynth.data.records import Record
-from busynth.errors import ConfigError
+from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.generators.diffusion.components import Components, freeze
-from busynth.generators.diffusion.lora import LORA_WEIGHT_NAME, load_lora_into
+from busynth.generators.diffusion.components import Components, check_model_source, freeze, from_pretrained
+from busynth.generators.diffusion.lora import LORA_WEIGHT_NAME, check_same_base, load_lora_into, unet_fingerprint
 from busynth.generators.diffusion.masks import MaskTransformConfig, draw_masks, resize_masks, transform_masks
 from busynth.generators.diffusion.sample import image_seed, rgb_to_gray_uint8, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import (_DTYPES, SDLoraConfig, SDLoraGenerator, _digest, _to, embed_prompts,
@@ -59,6 +61,11 @@ from busynth.io import atomic_path, write_dir_atomic
 logger = logging.getLogger(__name__)
 
 _MASK_STREAM = 1_000_003  # seeds of the mask transforms, apart from the images' noise streams
+
+
+def _checks_fit_inputs(info: ValidationInfo) -> bool:
+    """False when a fitted artifact's config is being reloaded (see ``Generator.parse_config``)."""
+    return not isinstance(info.context, dict) or info.context.get("fit_inputs", True)
 
 
 class ControlNetConfig(BaseModel):
@@ -86,6 +93,35 @@ class ControlNetConfig(BaseModel):
     sampling_steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=3.0, ge=0.0)
     sample_batch_size: int = Field(default=32, ge=1)
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_a_fit(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if not _checks_fit_inputs(info):
+            return v  # a fitted artifact holds what it needs of its base
+        if v is not None and not (Path(v) / "generator.json").is_file():
+            problem = "not an sd-lora fit (no generator.json)" if Path(v).is_dir() else "no such folder"
+            raise ValueError(f"{v!r}: {problem}")
+        return v
+
+    @field_validator("pretrained_controlnet")
+    @classmethod
+    def _pretrained_controlnet_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None or not _checks_fit_inputs(info) else check_model_source(v, "config.json")
+
+    @field_validator("conditioning_embedding_channels")
+    @classmethod
+    def _positive_channels(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(c < 1 for c in v)):
+            raise ValueError(f"must list positive channel counts, got {v}")
+        return v
+
+    @field_validator("training")
+    @classmethod
+    def _trains(cls, v: StageConfig) -> StageConfig:
+        if v.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {v.steps}")
+        return v
 
 
 class ControlNetStage(NoisePredictionStage):
@@ -119,12 +155,15 @@ class ControlNetStage(NoisePredictionStage):
                          mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
 
 
-def fused_base_pipeline(source: str | Path, lora_dir: Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def fused_base_pipeline(source: str | Path, lora_dir: Path, dtype: torch.dtype = torch.float32,
+                        base_model: dict[str, Any] | None = None) -> StableDiffusionPipeline:
     """The Stable Diffusion pipeline in ``source`` with the LoRA of ``lora_dir`` fused into its UNet
-    (peft layers removed afterwards, so the UNet is a plain UNet2DConditionModel); returns it."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(source), dtype=dtype, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
-    load_lora_into(pipe, lora_dir, adapter_name="base")
+    (peft layers removed afterwards, so the UNet is a plain UNet2DConditionModel); returns it.
+    ``base_model`` is the identity recorded when the LoRA was trained: another base is refused."""
+    pipe = from_pretrained(StableDiffusionPipeline, source, dtype=dtype, safety_checker=None, feature_extractor=None,
+                           requires_safety_checker=False, what="controlnet base model")
+    check_same_base(lora_dir, base_model, unet_fingerprint(pipe.unet, str(source)))
+    load_lora_into(pipe, lora_dir, adapter_name="base", base=str(source))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     return pipe
@@ -245,10 +284,10 @@ class ControlNetGenerator(Generator):
             return out_dir
         base = self.resolve_base(train_records, out_dir, seed)
         base_info = read_generator_info(base)
-        self.base_config = SDLoraConfig.model_validate(base_info["config"])
+        self.base_config = SDLoraGenerator.parse_config(base_info["config"])
         self._copy_base(base, out_dir)
         device, dtype = PartialState().device, self._weight_dtype()
-        pipe = fused_base_pipeline(self._base_source(out_dir), out_dir / "lora")
+        pipe = fused_base_pipeline(self._base_source(out_dir), out_dir / "lora", base_model=base_info.get("base_model"))
         comps = Components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer,
                            DDPMScheduler.from_config(pipe.scheduler.config))
         freeze(comps.vae, comps.unet, comps.text_encoder)
@@ -275,7 +314,9 @@ class ControlNetGenerator(Generator):
         embeddings = embed_prompts(comps, prompts)
         data = {"moments": moments, "prompt": torch.tensor([self.classes.index(lab) for lab in labels]), "mask": masks}
 
-        controlnet = self._initial_controlnet(comps.unet)
+        with torch.random.fork_rng(devices=[]):  # its random layers depend on the seed alone, so that a
+            torch.manual_seed(seed)  # fit restarted in a new process begins from the same weights
+            controlnet = self._initial_controlnet(comps.unet)
         if cfg.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             comps.unet.enable_gradient_checkpointing()
@@ -287,7 +328,7 @@ class ControlNetGenerator(Generator):
         self._save_mask_pool(with_masks, out_dir / "masks.safetensors")
         self.seed = seed
         save_generator_info(out_dir, self.name, cfg, {
-            **self.fit_identity(seed), "scaling_factor": scaling,
+            **self.fit_identity(seed), "scaling_factor": scaling, "base_model": base_info.get("base_model"),
             "base": {"folder": str(base.resolve()), "config": base_info["config"], "seed": base_info.get("seed")}})
         self._load_artifact(out_dir, read_generator_info(out_dir))
         return out_dir
@@ -297,7 +338,8 @@ class ControlNetGenerator(Generator):
         (encoder weights copied from the base UNet, zero convolutions), in float32 and trainable."""
         cfg = self.cfg
         if cfg.pretrained_controlnet:
-            controlnet = ControlNetModel.from_pretrained(cfg.pretrained_controlnet, dtype=torch.float32)
+            controlnet = from_pretrained(ControlNetModel, cfg.pretrained_controlnet, dtype=torch.float32,
+                                         what="generators.controlnet.pretrained_controlnet", error=ConfigError)
             if tuple(controlnet.config.block_out_channels) != tuple(unet.config.block_out_channels):
                 raise ConfigError(f"controlnet: {cfg.pretrained_controlnet} does not fit the base UNet "
                                   f"(block_out_channels {controlnet.config.block_out_channels} vs "
@@ -320,8 +362,9 @@ class ControlNetGenerator(Generator):
         """Posterior moments of ``pixels`` under the frozen VAE, cached in ``latents.safetensors``."""
         key, path = _digest(dict(identity)), out_dir / "latents.safetensors"
         if path.is_file():
-            cached = load_file(str(path))
-            if cached["key"].numpy().tobytes().decode() == key and len(cached["moments"]) == len(pixels):
+            cached, _ = read_safetensors(path)
+            if "key" in cached and "moments" in cached and cached["key"].numpy().tobytes().decode() == key \
+                    and len(cached["moments"]) == len(pixels):
                 return cached["moments"]
         moments = encode_moments(vae, pixels, self.cfg.encode_batch_size)
         with atomic_path(path) as tmp:
@@ -342,23 +385,28 @@ class ControlNetGenerator(Generator):
         directory = Path(directory)
         self.train_ids = list(info.get("train_ids", []))
         self.seed = int(info.get("seed", 0))
-        self.base_config = SDLoraConfig.model_validate(info["base"]["config"])
+        self.base_config = SDLoraGenerator.parse_config(info["base"]["config"])
         dtype = self._weight_dtype()
-        base = fused_base_pipeline(self._base_source(directory), directory / "lora", dtype)
-        controlnet = ControlNetModel.from_pretrained(directory / "controlnet", dtype=dtype)
+        base = fused_base_pipeline(self._base_source(directory), directory / "lora", dtype, info.get("base_model"))
+        controlnet = from_pretrained(ControlNetModel, directory / "controlnet", dtype=dtype, what="controlnet folder")
+        for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
+            if controlnet.config.get(key) != base.unet.config.get(key):
+                raise RunStateError(f"the ControlNet in {directory / 'controlnet'} was made for another base model: "
+                                    f"its {key} is {controlnet.config.get(key)}, the base UNet's "
+                                    f"({self._base_source(directory)}) {base.unet.config.get(key)}")
         pipe = StableDiffusionControlNetPipeline(
             vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
             controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
         self.pipe = with_dpm_solver(pipe).to(PartialState().device)
-        stored = load_file(str(directory / "masks.safetensors")) if (directory / "masks.safetensors").is_file() else {}
+        stored = read_safetensors(directory / "masks.safetensors")[0] if (directory / "masks.safetensors").is_file() else {}
         self.mask_pool = {c: m.numpy().astype(bool) for c, m in stored.items()}
 
     @classmethod
     def load(cls, directory: Path) -> ControlNetGenerator:
         """Rebuild a fitted generator from ``generator.json``, ``model/`` (tiny), ``lora/`` and ``controlnet/``."""
-        info = read_generator_info(directory)
-        gen = cls(info["config"], classes=info["classes"])
+        info = read_generator_info(directory, expected=cls.name)
+        gen = cls(cls.parse_config(info["config"], fit_inputs=False), classes=info["classes"])
         gen._load_artifact(Path(directory), info)
         return gen
 

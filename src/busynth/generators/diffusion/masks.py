@@ -24,9 +24,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage
 
+from busynth.config import positive_range
 from busynth.data.augment import AugmentParams, random_affine_grid, warp
 from busynth.data.transforms import resize_mask
 
@@ -44,6 +45,11 @@ class MaskTransformConfig(BaseModel):
     # Elastic deformation (Simard et al. 2003): rms displacement and smoothness, shares of the side.
     elastic_alpha: float = Field(default=0.02, ge=0.0)
     elastic_sigma: float = Field(default=0.08, gt=0.0)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _positive_scales(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return positive_range(v)
 
     @property
     def is_identity(self) -> bool:

@@ -9,6 +9,7 @@ images of a call with n >= k are the k images of a call with n = k, whatever the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -51,13 +52,16 @@ def resize_gray(images: np.ndarray, size: int) -> np.ndarray:
 @torch.no_grad()
 def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, stream: int, *, size: int,
                 steps: int = 25, guidance_scale: float = 3.0, batch_size: int = 16,
-                negative_prompt: str | None = None, progress: bool = False) -> np.ndarray:
+                negative_prompt: str | None = None, progress: bool = False,
+                autocast: torch.dtype | None = None) -> np.ndarray:
     """``n`` images for ``prompt`` from ``pipe`` at ``size`` px: uint8 grayscale (n, size, size).
 
     Deterministic for (seed, stream): image i starts from noise drawn by a generator seeded
-    with ``image_seed(seed, stream, i)``.
+    with ``image_seed(seed, stream, i)``. ``autocast`` (e.g. ``torch.bfloat16``) runs the networks
+    under ``torch.autocast`` in that dtype; the solver's state stays in the weights' dtype.
     """
     device = pipe.unet.device
+    precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     out: list[np.ndarray] = []
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="sampling", leave=False, disable=None if progress else True):
@@ -66,10 +70,11 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
         # Draw the initial latents on the CPU so results do not depend on the device's RNG.
         shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
-        result = pipe(
-            [prompt] * k, negative_prompt=None if negative_prompt is None else [negative_prompt] * k,
-            height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-            latents=latents, output_type="np", return_dict=True,
-        )
+        with precision:
+            result = pipe(
+                [prompt] * k, negative_prompt=None if negative_prompt is None else [negative_prompt] * k,
+                height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                latents=latents, output_type="np", return_dict=True,
+            )
         out.append(rgb_to_gray_uint8(np.asarray(result.images, dtype=np.float32)))
     return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)

@@ -8,7 +8,8 @@ LoRA stage. Every stage runs ``train.train_stage``.
 
 Artifact folder::
 
-    generator.json                 name, config, classes, train ids, seed, scaling factor
+    generator.json                 name, config, classes, train ids, seed, scaling factor, and
+                                   base_model: the identity of the UNet the LoRA was trained on
     model/                         tiny only: the base pipeline (save_pretrained; vae, unet, text encoder,
                                    tokenizer, scheduler)
     lora/pytorch_lora_weights.safetensors          one LoRA for all classes (lora_mode=shared), or
@@ -30,29 +31,36 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from safetensors.torch import save_file
 
+from busynth.checkpoint import read_safetensors
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
+from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
     Components,
     TinyModelConfig,
+    check_model_source,
     freeze,
+    from_pretrained,
     load_components,
     load_pretrained_components,
+    local_vae_factor,
 )
 from busynth.generators.diffusion.lora import (
     LORA_WEIGHT_NAME,
     LoraSettings,
     add_unet_lora,
+    check_same_base,
     load_lora_into,
     save_unet_lora,
+    unet_fingerprint,
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, StageConfig, train_stage
-from busynth.io import atomic_path
+from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +103,37 @@ class SDLoraConfig(BaseModel):
     sampling_steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=3.0, ge=0.0)
     sample_batch_size: int = Field(default=32, ge=1)
+    # bf16 autocast while sampling (weights stay in their dtype). On this CPU (AVX-512 BF16) ~0.76x the
+    # time of fp32, images within a grey level or two (bench/bench_speed.py); training under bf16 is slower.
+    sampling_precision: Literal["no", "bf16"] = "no"
+
+    @field_validator("pretrained_model")
+    @classmethod
+    def _pretrained_model_exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_model_source(v, "model_index.json") if info.data.get("source") == "pretrained" else v
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "SDLoraConfig":
         if self.source == "tiny":
             factor = self.tiny.vae_factor * 2 ** (len(self.tiny.unet_channels) - 1)
             if self.image_size % factor:
-                raise ValueError(f"image_size {self.image_size} must be divisible by {factor} for the tiny model")
-        elif self.image_size % 8:
-            raise ValueError("image_size must be divisible by 8 (Stable Diffusion's f8 autoencoder)")
+                raise ValueError(f"image_size {self.image_size} must be divisible by {factor} for the tiny model "
+                                 f"(autoencoder factor {self.tiny.vae_factor} times the UNet's "
+                                 f"{2 ** (len(self.tiny.unet_channels) - 1)})")
+            crop = min(self.autoencoder_crop, self.image_size)
+            if crop % self.tiny.vae_factor:
+                raise ValueError(f"autoencoder_crop {self.autoencoder_crop} must be divisible by the autoencoder "
+                                 f"factor {self.tiny.vae_factor}")
+        else:
+            factor = max(8, local_vae_factor(self.pretrained_model) or 8)
+            if self.image_size % factor:
+                raise ValueError(f"image_size {self.image_size} must be divisible by {factor}, the downsampling "
+                                 f"factor of the autoencoder of {self.pretrained_model}")
+        stages = ("autoencoder_training", "base_training", "lora_training") if self.source == "tiny" \
+            else ("lora_training",)
+        for stage in stages:
+            if getattr(self, stage).steps < 1:
+                raise ValueError(f"{stage}.steps must be at least 1, got {getattr(self, stage).steps}")
         return self
 
 
@@ -148,13 +178,14 @@ class SDLoraGenerator(Generator):
 
     name = "sd-lora"
     config_model = SDLoraConfig
-    sampling_fields = frozenset({"sampling_steps", "guidance_scale", "sample_batch_size"})
+    sampling_fields = frozenset({"sampling_steps", "guidance_scale", "sample_batch_size", "sampling_precision"})
 
     def __init__(self, config: BaseModel | dict | None = None, classes: Sequence[str] = ()):
         super().__init__(config, classes)
         self.pipe: StableDiffusionPipeline | None = None
         self.seed = 0
         self.scaling_factor: float | None = None
+        self.base_model: dict[str, Any] | None = None  # identity of the UNet the LoRA adapts
 
     # --- small helpers -----------------------------------------------------------------------
 
@@ -191,7 +222,8 @@ class SDLoraGenerator(Generator):
             comps = load_pretrained_components(out_dir / "model")  # base stage finished earlier
         else:
             comps = load_components(cfg.source, pretrained_model=cfg.pretrained_model, tiny=cfg.tiny,
-                                    image_size=cfg.image_size, prompts=prompts, seed=seed)
+                                    image_size=cfg.image_size, prompts=prompts, seed=seed,
+                                    field=f"generators.{self.name}.pretrained_model")
         device = PartialState().device
         freeze(comps.text_encoder)
         _to(comps.text_encoder, device, self._weight_dtype())
@@ -220,8 +252,10 @@ class SDLoraGenerator(Generator):
             self._fit_lora(comps, {"moments": moments[rows], "prompt": class_prompt[rows]}, embeddings,
                            out_dir, group, seed)
         self.seed = seed
+        if self.base_model is None:  # every LoRA was saved by an earlier, interrupted fit
+            self.base_model = unet_fingerprint(self._base_unet(out_dir), self._base_label(out_dir))
         save_generator_info(out_dir, self.name, cfg, {**self.fit_identity(seed), "scaling_factor": self.scaling_factor,
-                                                      "lora_groups": list(groups)})
+                                                      "lora_groups": list(groups), "base_model": self.base_model})
         self._load_artifact(out_dir, read_generator_info(out_dir))
         return out_dir
 
@@ -229,14 +263,14 @@ class SDLoraGenerator(Generator):
         """Train the tiny autoencoder (or load it from ``model/vae`` when that stage finished)."""
         cfg, final = self.cfg, out_dir / "model" / "vae"
         if (final / "config.json").is_file():
-            comps.vae = type(comps.vae).from_pretrained(final)
+            comps.vae = from_pretrained(type(comps.vae), final, what="autoencoder stage")
             return
         stage = AutoencoderStage(comps.vae, crop=cfg.autoencoder_crop, kl_weight=cfg.autoencoder_kl_weight)
         train_stage(stage, {"pixels": pixels}, cfg.autoencoder_training, out_dir / "stages" / "autoencoder", seed,
                     cfg.mixed_precision, self._stage_identity(seed, "autoencoder_training", "autoencoder_crop",
                                                               "autoencoder_kl_weight"))
         comps.vae = stage.vae
-        comps.vae.save_pretrained(final)
+        write_dir_atomic(final, comps.vae.save_pretrained)  # config.json never without its weights
 
     def _cached_moments(self, comps: Components, pixels: torch.Tensor, out_dir: Path, seed: int) -> torch.Tensor:
         """Posterior moments of the training images (and their mirror images), encoded once and
@@ -245,8 +279,8 @@ class SDLoraGenerator(Generator):
                                            "autoencoder_kl_weight", "random_flip"))
         path = out_dir / "latents.safetensors"
         if path.is_file():
-            cached = load_file(str(path))
-            if cached["key"].numpy().tobytes().decode() == key:
+            cached, _ = read_safetensors(path)
+            if "key" in cached and "moments" in cached and cached["key"].numpy().tobytes().decode() == key:
                 return cached["moments"]
         if self.cfg.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
@@ -275,13 +309,18 @@ class SDLoraGenerator(Generator):
                                          "base_training", "generic_prompt", "prompts"))
         comps.unet = stage.model
         comps.unet.disable_gradient_checkpointing()
-        comps.pipeline().save_pretrained(final)
+        write_dir_atomic(final, comps.pipeline().save_pretrained)  # model_index.json never without the parts
+
+    def _base_label(self, directory: Path) -> str:
+        """Where the base model comes from, for messages: ``directory/model`` (tiny) or ``pretrained_model``."""
+        return str(Path(directory) / "model") if self.cfg.source == "tiny" else self.cfg.pretrained_model
 
     def _base_unet(self, out_dir: Path) -> UNet2DConditionModel:
         """A fresh copy of the base UNet the LoRA adapts (tiny: ``model/unet``; else the pretrained one)."""
         if self.cfg.source == "tiny":
-            return UNet2DConditionModel.from_pretrained(out_dir / "model", subfolder="unet")
-        return UNet2DConditionModel.from_pretrained(self.cfg.pretrained_model, subfolder="unet")
+            return from_pretrained(UNet2DConditionModel, out_dir / "model", subfolder="unet", what="base model")
+        return from_pretrained(UNet2DConditionModel, self.cfg.pretrained_model, subfolder="unet",
+                               what=f"generators.{self.name}.pretrained_model", error=ConfigError)
 
     def _fit_lora(self, comps: Components, data: dict[str, torch.Tensor], embeddings: torch.Tensor,
                   out_dir: Path, group: str, seed: int) -> None:
@@ -290,7 +329,10 @@ class SDLoraGenerator(Generator):
         if (lora_dir / LORA_WEIGHT_NAME).is_file():
             return
         unet = self._base_unet(out_dir)
-        add_unet_lora(unet, cfg.lora, self._weight_dtype(), cfg.gradient_checkpointing)
+        self.base_model = unet_fingerprint(unet, self._base_label(out_dir))
+        with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed alone, so that a
+            torch.manual_seed(seed)  # stage restarted in a new process begins from the same weights
+            add_unet_lora(unet, cfg.lora, self._weight_dtype(), cfg.gradient_checkpointing)
         name = f"lora-{group}" if group else "lora"
         stage = self._noise_stage(name, unet, comps, embeddings, cfg.lora_training)
         train_stage(stage, data, cfg.lora_training, out_dir / "stages" / name, seed, cfg.mixed_precision,
@@ -306,18 +348,21 @@ class SDLoraGenerator(Generator):
         self.train_ids = list(info.get("train_ids", []))
         self.seed = int(info.get("seed", 0))
         self.scaling_factor = info.get("scaling_factor")
+        self.base_model = info.get("base_model")
         dtype = self._weight_dtype()
-        source = directory / "model" if cfg.source == "tiny" else cfg.pretrained_model
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        source = self._base_label(directory)
+        pipe = from_pretrained(StableDiffusionPipeline, source, dtype=dtype, safety_checker=None, feature_extractor=None,
+                               requires_safety_checker=False, what=f"{self.name} base model",
+                               error=RunStateError if cfg.source == "tiny" else ConfigError)
+        check_same_base(directory / "lora", self.base_model, unet_fingerprint(pipe.unet, source))
         for group in info.get("lora_groups", [""]):
-            load_lora_into(pipe, directory / "lora" / group, adapter_name=group or "sd-lora")
+            load_lora_into(pipe, directory / "lora" / group, adapter_name=group or "sd-lora", base=source)
         self.pipe = with_dpm_solver(pipe).to(PartialState().device)
 
     @classmethod
     def load(cls, directory: Path) -> "SDLoraGenerator":
         """Rebuild a fitted generator from ``generator.json``, ``model/`` (tiny) and ``lora/`` in ``directory``."""
-        info = read_generator_info(directory)
+        info = read_generator_info(directory, expected=cls.name)
         gen = cls(info["config"], classes=info["classes"])
         gen._load_artifact(Path(directory), info)
         return gen
@@ -335,5 +380,6 @@ class SDLoraGenerator(Generator):
             self.pipe.set_adapters([label])
         images = sample_gray(self.pipe, self.prompt(label), n, seed, self.classes.index(label),
                              size=self.cfg.image_size, steps=self.cfg.sampling_steps,
-                             guidance_scale=self.cfg.guidance_scale, batch_size=self.cfg.sample_batch_size)
+                             guidance_scale=self.cfg.guidance_scale, batch_size=self.cfg.sample_batch_size,
+                             autocast=torch.bfloat16 if self.cfg.sampling_precision == "bf16" else None)
         return [Synthetic(image=im, label=label, seed=seed) for im in images]

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from busynth.accel import make_accelerator
+from busynth.accel import broadcast_buffers, local_rows, make_accelerator, rank_and_world
 from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from busynth.errors import ConfigError, RunStateError
 from busynth.io import derived_seed, read_history_csv, read_json, write_rows_csv
@@ -274,6 +274,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     run = {"version": CHECKPOINT_VERSION, "stage": stage.name, "seed": seed,
            "config": cfg.model_dump(mode="json"), "identity": dict(identity or {}), "rows": n}
     accelerator = make_accelerator(mixed_precision, cfg.grad_accum, cpu, field="mixed_precision")
+    rank = rank_and_world()[0]
     params = stage.trainable_parameters()
     if not params:
         raise ValueError(f"{stage.name}: no trainable parameters")
@@ -301,9 +302,13 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
             group["lr"] = lr
         loss_sum, extras = 0.0, {}
         for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-            generator = torch.Generator().manual_seed(derived_seed(seed, micro, _STREAM_STEP))
-            torch.manual_seed(derived_seed(seed, micro, _STREAM_STEP + 1))  # any dropout inside the model
-            idx = batch_indices(n, cfg.batch_size, micro, seed).to(accelerator.device)
+            # Every process draws the same global batch and computes its share of the rows, with
+            # its own noise stream (process 0's is the single-process one); DDP averages gradients.
+            stream = _STREAM_STEP + 2 * rank
+            generator = torch.Generator().manual_seed(derived_seed(seed, micro, stream))
+            torch.manual_seed(derived_seed(seed, micro, stream + 1))  # any dropout inside the model
+            idx = batch_indices(n, cfg.batch_size, micro, seed)
+            idx = idx[local_rows(len(idx))].to(accelerator.device)
             batch = {k: v[idx] for k, v in data.items()}
             with accelerator.accumulate(stage.model), accelerator.autocast():
                 loss, extras = stage.loss(batch, generator)
@@ -312,20 +317,18 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+            loss_sum += float(accelerator.reduce(loss.detach(), "mean")) / cfg.grad_accum
         row = {"step": step, "loss": loss_sum, **extras, "lr": lr, "seconds": round(time.perf_counter() - started, 4)}
         history.append(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            if accelerator.is_main_process:
-                if history:
-                    write_rows_csv(out_dir / HISTORY_FILE, history)
-                save_checkpoint(out_dir, done, _trainable_state(accelerator.unwrap_model(stage.model)),
-                                optimizer, run, cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the main process commits the files
+            write_rows_csv(out_dir / HISTORY_FILE, history)
+            save_checkpoint(out_dir, done, _trainable_state(accelerator.unwrap_model(stage.model)),
+                            optimizer, run, cfg.keep_checkpoints)
     bar.close()
     stage.model = accelerator.unwrap_model(stage.model)
+    broadcast_buffers(stage.model)
     stage.model.eval()
     if history:
         logger.info("%s: %d steps, last loss %.4f", stage.name, cfg.steps, float(history[-1]["loss"]))
