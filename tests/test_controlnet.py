@@ -45,10 +45,8 @@ from busynth.generators.diffusion.train import (
     list_checkpoints,
     train_stage,
 )
+from helpers.tiny import CLASSES, TINY_MODEL
 
-CLASSES = ["normal", "benign", "malignant"]
-TINY_MODEL = {"vae_channels": [8, 8], "unet_channels": [16, 16], "norm_num_groups": 8, "text_hidden_size": 16,
-              "attention_max_resolution": 16, "max_prompt_tokens": 24}
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},
       "lora_training": {"steps": 2, "batch_size": 4}, "lora": {"rank": 2, "alpha": 2.0}, "encode_batch_size": 8}

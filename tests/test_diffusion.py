@@ -35,10 +35,8 @@ from busynth.generators.diffusion.train import (
     min_snr_weights,
     train_stage,
 )
+from helpers.tiny import CLASSES, TINY_MODEL
 
-CLASSES = ["normal", "benign", "malignant"]
-TINY_MODEL = {"vae_channels": [8, 8], "unet_channels": [16, 16], "norm_num_groups": 8, "text_hidden_size": 16,
-              "attention_max_resolution": 16, "max_prompt_tokens": 24}
 TINY = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
         "autoencoder_training": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
         "base_training": {"steps": 3, "batch_size": 4}, "lora_training": {"steps": 3, "batch_size": 4},

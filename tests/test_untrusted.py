@@ -39,10 +39,8 @@ from busynth.generators.base import (
 )
 from busynth.generators.classical import ClassicalAugmenter
 from busynth.generators.cvae import CVAEGenerator
+from helpers.tiny import CLASSES, TINY_MODEL
 
-CLASSES = ["normal", "benign", "malignant"]
-TINY_MODEL = {"vae_channels": [8, 8], "unet_channels": [16, 16], "norm_num_groups": 8, "text_hidden_size": 16,
-              "attention_max_resolution": 16, "max_prompt_tokens": 24}
 CVAE = {"image_size": 16, "channels": [4, 8], "latent_dim": 4, "class_embed_dim": 2, "steps": 2, "batch_size": 4,
         "kl_warmup_steps": 1, "checkpoint_every": 1}
 
