@@ -502,3 +502,26 @@ def test_run_with_a_split_file_naming_unknown_or_escaping_entries_exits_2(tmp_pa
     line = f"{split}:{len(records) + 2}" if key == "path" else str(split)
     assert_user_error(result, line, *needles)
     assert not list(out.glob("cells/*/fold*")) and not (out / "data" / "split.csv").exists()
+
+
+@pytest.mark.parametrize("override", [
+    "classifier.mixed_precision=no",
+    "generators.cvae.mixed_precision=no",
+    "generators.sd-lora.mixed_precision=no",
+    "generators.sd-lora.sampling_precision=no",
+    "generators.controlnet.mixed_precision=no",
+])
+def test_an_unquoted_no_precision_means_no_not_false(override: str) -> None:
+    """YAML 1.1 reads ``no`` as False; a precision field takes it as the setting "no"."""
+    from busynth.experiment import method_settings
+
+    def resolved(text: str) -> str:
+        config = load_config("cpu", [text])
+        section, *rest = text.split("=")[0].split(".")
+        if section == "classifier":
+            return config.classifier.mixed_precision
+        return method_settings(rest[0], config)[rest[1]]
+
+    assert resolved(override) == "no"
+    with pytest.raises(ConfigError, match="precision"):  # yes (True) is no precision at all
+        resolved(override.replace("=no", "=yes"))

@@ -12,14 +12,32 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from busynth.errors import ConfigError
 
 DEFAULT_CLASSES = ("normal", "benign", "malignant")
+
+
+def _false_is_no(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``no`` (``mixed_precision: no``, ``--set ...=no``) as False."""
+    return "no" if value is False else value
+
+
+# Precision of a training loop (accelerate's mixed_precision) and of sampling.
+MixedPrecision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_false_is_no)]
+SamplingPrecision = Annotated[Literal["no", "bf16"], BeforeValidator(_false_is_no)]
 
 
 class _Strict(BaseModel):
@@ -139,7 +157,7 @@ class ClassifierConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     # bf16 autocast (accelerate): on a CPU with AVX-512 BF16 a training step takes ~0.5-0.6x the
     # time of fp32 at 96 px (bench/bench_speed.py; measured only on this CPU). Changes the numbers.
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     # Keep the model's weights and activations in channels_last (NHWC) memory layout: ~0.8x the
     # epoch time of NCHW on this CPU (bench/bench_speed.py), the same results up to rounding.
     channels_last: bool = False

@@ -20,7 +20,6 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -32,12 +31,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator
-from busynth.checkpoint import list_checkpoints, load_checkpoint, read_safetensors, save_checkpoint
+from busynth.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+)
+from busynth.config import MixedPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
 from busynth.errors import RunStateError
-from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.io import atomic_path, derived_seed, read_history_csv, read_json, write_rows_csv
+from busynth.generators.base import (
+    Generator,
+    Synthetic,
+    read_generator_info,
+    save_generator_info,
+)
+from busynth.io import (
+    atomic_path,
+    derived_seed,
+    read_history_csv,
+    read_json,
+    write_rows_csv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +79,7 @@ class CVAEConfig(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     beta: float = Field(default=1.0, ge=0.0)
     kl_warmup_steps: int = Field(default=200, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)

@@ -34,28 +34,70 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from diffusers import (ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from busynth.checkpoint import read_safetensors
+from busynth.config import MixedPrecision
 from busynth.data.records import Record
 from busynth.errors import ConfigError, RunStateError
-from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.generators.diffusion.components import Components, check_model_source, freeze, from_pretrained
-from busynth.generators.diffusion.lora import LORA_WEIGHT_NAME, check_same_base, load_lora_into, unet_fingerprint
-from busynth.generators.diffusion.masks import MaskTransformConfig, draw_masks, resize_masks, transform_masks
-from busynth.generators.diffusion.sample import image_seed, rgb_to_gray_uint8, with_dpm_solver
-from busynth.generators.diffusion.sd_lora import (_DTYPES, SDLoraConfig, SDLoraGenerator, _digest, _to, embed_prompts,
-                                                  encode_moments, records_to_pixels)
-from busynth.generators.diffusion.train import NoisePredictionStage, StageConfig, train_stage
+from busynth.generators.base import (
+    Generator,
+    Synthetic,
+    read_generator_info,
+    save_generator_info,
+)
+from busynth.generators.diffusion.components import (
+    Components,
+    check_model_source,
+    freeze,
+    from_pretrained,
+)
+from busynth.generators.diffusion.lora import (
+    LORA_WEIGHT_NAME,
+    check_same_base,
+    load_lora_into,
+    unet_fingerprint,
+)
+from busynth.generators.diffusion.masks import (
+    MaskTransformConfig,
+    draw_masks,
+    resize_masks,
+    transform_masks,
+)
+from busynth.generators.diffusion.sample import (
+    image_seed,
+    rgb_to_gray_uint8,
+    with_dpm_solver,
+)
+from busynth.generators.diffusion.sd_lora import (
+    _DTYPES,
+    SDLoraConfig,
+    SDLoraGenerator,
+    _digest,
+    _to,
+    embed_prompts,
+    encode_moments,
+    records_to_pixels,
+)
+from busynth.generators.diffusion.train import (
+    NoisePredictionStage,
+    StageConfig,
+    train_stage,
+)
 from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,7 +125,7 @@ class ControlNetConfig(BaseModel):
     training: StageConfig = Field(default_factory=lambda: StageConfig(
         steps=1200, batch_size=8, lr=5e-4, warmup_steps=50, prompt_dropout=0.1, snr_gamma=5.0, checkpoint_every=200))
     random_flip: bool = True
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     encode_batch_size: int = Field(default=16, ge=1)
     # Classes sampled with empty masks whatever masks are passed (images without a lesion).

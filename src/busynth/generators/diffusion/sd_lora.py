@@ -31,14 +31,27 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
+from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
 from busynth.errors import ConfigError, RunStateError
-from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
+from busynth.generators.base import (
+    Generator,
+    Synthetic,
+    read_generator_info,
+    save_generator_info,
+)
 from busynth.generators.diffusion.components import (
     Components,
     TinyModelConfig,
@@ -59,7 +72,12 @@ from busynth.generators.diffusion.lora import (
     unet_fingerprint,
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
-from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, StageConfig, train_stage
+from busynth.generators.diffusion.train import (
+    AutoencoderStage,
+    NoisePredictionStage,
+    StageConfig,
+    train_stage,
+)
 from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -97,7 +115,7 @@ class SDLoraConfig(BaseModel):
         steps=400, batch_size=16, lr=1e-3, warmup_steps=20, prompt_dropout=0.1, snr_gamma=5.0))
     # Also cache latents of the left-right mirrored images (a flip of the latent is not one of the image).
     random_flip: bool = True
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     encode_batch_size: int = Field(default=16, ge=1)
     sampling_steps: int = Field(default=20, ge=1)
@@ -105,7 +123,7 @@ class SDLoraConfig(BaseModel):
     sample_batch_size: int = Field(default=32, ge=1)
     # bf16 autocast while sampling (weights stay in their dtype). On this CPU (AVX-512 BF16) ~0.76x the
     # time of fp32, images within a grey level or two (bench/bench_speed.py); training under bf16 is slower.
-    sampling_precision: Literal["no", "bf16"] = "no"
+    sampling_precision: SamplingPrecision = "no"
 
     @field_validator("pretrained_model")
     @classmethod
