@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from busynth.generators.diffusion.sd_lora import SDLoraConfig
 from busynth.generators.diffusion.train import StageConfig, train_stage
 from busynth.io import write_json
 
-from bench_diffusion import interleaved_comparison  # bench/ is on sys.path when run as a script
+from bench_diffusion import device_info, interleaved_comparison, load_avg  # bench/ is on sys.path when run as a script
 
 logger = logging.getLogger("bench_controlnet")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -120,10 +119,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SDLoraConfig()  # the cpu preset's tiny sizes
-    result = {"device": f"{platform.machine()}, torch threads={torch.get_num_threads()}, cores={os.cpu_count()}",
-              "load_before": [round(x, 2) for x in os.getloadavg()]}
+    result = {"device": device_info(), "load_before": load_avg()}
     result["training_step"] = loop_overhead(cfg, args.reps, args.steps, args.batch)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["load_after"] = load_avg()
     step = result["training_step"]
     print(f"controlnet training step (batch {step['batch_size']}, {cfg.image_size} px): ours "
           f"{step['ours_median_s'] * 1e3:.1f} ms, hand-written {step['reference_median_s'] * 1e3:.1f} ms, "

@@ -49,8 +49,14 @@ BUSI = REPO.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
 RESULTS = REPO / "bench" / "results"
 
 
-def _load_avg() -> list[float]:
+def load_avg() -> list[float]:
+    """The 1/5/15-minute load averages, rounded: every benchmark records them before and after."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def device_info() -> str:
+    """Machine, torch threads and cores, as every benchmark's JSON records them."""
+    return f"{platform.machine()}, torch threads={torch.get_num_threads()}, cores={os.cpu_count()}"
 
 
 def _tiny_setup(cfg: SDLoraConfig, n: int, seed: int = 0):
@@ -214,13 +220,12 @@ def main() -> None:
             node = node.setdefault(part, {})
         node[key.split(".")[-1]] = value
     cfg = SDLoraConfig.model_validate(raw)
-    result = {"device": f"{platform.machine()}, torch threads={torch.get_num_threads()}, cores={os.cpu_count()}",
-              "load_before": _load_avg(), "config": yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))}
+    result = {"device": device_info(), "load_before": load_avg(), "config": yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))}
     result["training_step"] = loop_overhead(cfg, args.reps, args.steps, args.batch)
     result["sampling_images_per_second"] = round(sampling_speed(cfg, 64), 2)
     if args.fit:
         result["fit"] = fit_on_busi(cfg, args.out_dir, args.seed)
-    result["load_after"] = _load_avg()
+    result["load_after"] = load_avg()
     step = result["training_step"]
     print(f"training step (batch {step['batch_size']}): ours {step['ours_median_s'] * 1e3:.1f} ms, "
           f"hand-written {step['reference_median_s'] * 1e3:.1f} ms, ratio {step['ratio']:.3f} (target <= 1.05)")

@@ -29,8 +29,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import _tiny_setup, interleaved_comparison  # sets HF_HUB_OFFLINE
+from bench_diffusion import _tiny_setup, device_info, interleaved_comparison, load_avg  # sets HF_HUB_OFFLINE
 
 from busynth.classify.models import build_classifier
 from busynth.classify.train import _param_groups, class_weight_vector, fit_classifier
@@ -411,7 +409,7 @@ def main() -> None:
     preset = load_config("cpu")
     cfg = preset.classifier
     sd = SDLoraConfig.model_validate(preset.generators["sd-lora"])
-    started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    started, load_before = time.perf_counter(), load_avg()
     print(f"threads {torch.get_num_threads()}, load {load_before}", flush=True)
     rows = classifier_rows(cfg, args.reps, args.steps, args.warmup)
     rows += unet_rows(sd, args.reps, args.steps, args.warmup)
@@ -420,9 +418,9 @@ def main() -> None:
     rows += config_rows(cfg, args.epoch_reps, args.epoch_images)
     trained = trained_sampling_sanity(args.artifact) if args.artifact else None
     seconds = time.perf_counter() - started
-    result = {"device": f"{platform.machine()}, cores={os.cpu_count()}", "torch": torch.__version__,
+    result = {"device": device_info(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "args": vars(args), "load_before": load_before,
-              "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": round(seconds, 1),
+              "load_after": load_avg(), "seconds": round(seconds, 1),
               "classifier": {"image_size": cfg.image_size, "batch_size": cfg.batch_size, "width": cfg.width},
               "unet": {"image_size": sd.image_size, "batch_size": sd.base_training.batch_size,
                        "sampling_steps": sd.sampling_steps, "guidance_scale": sd.guidance_scale},

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
-
-import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from typing import TYPE_CHECKING, TypeVar
 
 from busynth.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+# torch and accelerate are imported inside the functions that use them: busynth.io (and so every
+# command, `--help` included) imports this module, and a single-process run never needs them here.
 
 T = TypeVar("T")
 
@@ -38,6 +42,9 @@ def process_state() -> PartialState | None:
     if not launched_distributed():
         return None
     # `accelerate launch --multi_gpu` (torchrun) on a machine without GPUs: CPU processes over gloo.
+    import torch
+    from accelerate.state import PartialState
+
     state = PartialState(cpu=not torch.cuda.is_available())
     return state if state.num_processes > 1 else None
 
@@ -66,6 +73,8 @@ _file_group: list = []
 def _file_barrier() -> None:
     """A barrier on a process group of its own (gloo), so that the file protocol never shares a
     sequence of collectives with training (DDP's gradient reductions run on the default group)."""
+    import torch
+
     if not _file_group:
         _file_group.append(torch.distributed.new_group(backend="gloo"))
     torch.distributed.barrier(group=_file_group[0])
@@ -100,6 +109,8 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     """
     if process_state() is None:
         return
+    import torch
+
     with torch.no_grad():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
@@ -123,6 +134,10 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool
     classifier) can follow each other. fp16 on a CPU is refused naming ``field``; on CUDA cuDNN is switched to
     deterministic kernels (a process-wide setting; CPU kernels are deterministic already).
     """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     distributed = process_state() is not None  # first, so a CPU-only multi-process launch gets gloo
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=not distributed)
