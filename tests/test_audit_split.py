@@ -209,8 +209,8 @@ def test_kfold_split_keeps_groups_together_and_partitions_test_parts(planted, se
     split = make_split(records, audit, SplitConfig(folds=folds, seed=seed))
     check_split(split, records, audit, folds, excluded=set(planted["cross"]))
     assert len(split.notes) == 1 and "excluded 2 images" in split.notes[0]
-    for cid in planted["cross"]:
-        assert cid in split.notes[0]
+    for cid in planted["cross"]:  # a count in the note; the ids stay in split.csv (part excluded)
+        assert cid not in split.notes[0] and all(cid in split.ids(f, "excluded") for f in split.folds)
 
 
 def test_different_seeds_give_different_splits(planted) -> None:
@@ -364,7 +364,7 @@ def test_missing_split_file_is_refused(phantom_records, tmp_path: Path) -> None:
         read_split(tmp_path / "none.csv", phantom_records)
 
 
-def test_user_split_that_separates_a_twin_from_its_source_is_kept_with_a_leak_note(
+def test_user_split_that_separates_a_twin_from_its_source_is_kept_with_a_leak_note_under_keep(
     phantom_records, phantom_audit, tmp_path: Path
 ) -> None:
     twin, source = twins(phantom_records)[0]
@@ -372,11 +372,13 @@ def test_user_split_that_separates_a_twin_from_its_source_is_kept_with_a_leak_no
     part_of[twin], part_of[source] = "test", "train"
     part_of[phantom_records[-1].id] = "val"
     path = write_csv(tmp_path / "leaky.csv", ["id", "split"], list(part_of.items()))
-    split = read_split(path, phantom_records, phantom_audit)
+    split = read_split(path, phantom_records, phantom_audit, SplitConfig(on_leak="keep"))
     group = phantom_audit.group_of[twin]
     assert leaking_groups(split) == [(0, group, ["test", "train"])]
-    assert split.notes == [f"fold 0: duplicate group {group} is in parts ['test', 'train'] (leak in the given split)"]
+    assert split.notes == ["fold 0: 1 duplicate groups straddle test and train/val, kept as given "
+                           "(split.on_leak=keep): results are marked 'leaky split'"]
     assert {r["id"]: r["part"] for r in split.rows}[twin] == "test"  # kept as given
+    assert split.leaky
 
 
 # --- the real data set -------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.fidelity import (
+    FidelitySettings,
+    compare_feature_sets,
     diversity,
     fid,
     kid,
@@ -55,14 +57,15 @@ def test_fid_matches_scipy_sqrtm():
 def test_kid_matches_unbiased_mmd_and_adapts_subset_size():
     rng = np.random.default_rng(1)
     real, fake = rng.normal(size=(30, 5)), rng.normal(loc=0.5, size=(30, 5))
-    # subset size = the whole (equal-sized) sets: every subset is the full set, std 0
-    mean, std, size = kid(real, fake, subsets=5, max_subset=1000)
-    assert size == 30
-    assert mean == pytest.approx(_kid_numpy(real, fake), rel=1e-9)
-    assert std == pytest.approx(0.0, abs=1e-12)
-    # a small class: the subset size follows the smaller set instead of failing
+    # proper subsets (half the smaller set), so the std is the spread over subsets, never trivially 0
+    mean, std, size = kid(real, fake, subsets=200, max_subset=1000)
+    assert size == 15 and std > 0
+    full = _kid_numpy(real, fake)  # the unbiased MMD^2 of the whole sets: the subsets average near it
+    assert abs(mean - full) < 3 * std / np.sqrt(200) + 0.1 * abs(full)
+    # max_subset caps the size; a small class: the size follows the smaller set instead of failing
+    assert kid(real, fake, subsets=5, max_subset=10)[2] == 10
     mean, std, size = kid(rng.normal(size=(200, 5)), fake[:7], subsets=10, seed=3)
-    assert size == 7 and np.isfinite(mean) and std > 0
+    assert size == 3 and np.isfinite(mean) and std > 0
     assert kid(real, fake, subsets=10, max_subset=20, seed=4) == kid(real, fake, subsets=10, max_subset=20, seed=4)
 
 
@@ -151,9 +154,21 @@ def test_evaluate_cell_writes_fidelity_json_closest_pngs_and_skips_without_real(
     assert (cell / first["synthetic_png"]).is_file() and (cell / first["train_png"]).is_file()
     assert len((cell / "memorization.csv").read_text().splitlines()) == len(synthetic) + 1
 
+    # 17 synthetic images in a 64-d feature space: FID is not computed (singular covariance), KID is
+    overall = result["generator"]["overall"]
+    assert overall["fid"] is None and any("feature dimensions (64)" in n for n in overall["notes"])
     summary = summarize_fidelity(tmp_path, ["real", "gen"])
-    assert summary["methods"]["gen"]["overall"]["fid"]["mean"] == pytest.approx(result["generator"]["overall"]["fid"])
+    assert summary["methods"]["gen"]["overall"]["kid_mean"]["mean"] == pytest.approx(overall["kid_mean"])
     assert summary["real_vs_real"]["cells"] == 1
     assert (tmp_path / "results" / "fidelity.json").is_file()
     partial = aggregate_fidelity({"gen": [result, skipped]})
     assert partial["methods"]["gen"]["cells"] == 1 and len(partial["skipped"]["gen"]) == 1
+
+
+def test_fid_only_where_a_set_has_more_images_than_feature_dimensions():
+    rng = np.random.default_rng(2)
+    settings = FidelitySettings()
+    enough = compare_feature_sets(rng.normal(size=(40, 8)), rng.normal(size=(30, 8)), settings)
+    assert enough["fid"] is not None and "notes" not in enough
+    few = compare_feature_sets(rng.normal(size=(40, 8)), rng.normal(size=(8, 8)), settings)
+    assert few["fid"] is None and few["kid_mean"] is not None

@@ -168,7 +168,7 @@ def test_weighted_form_equals_sklearn_on_repeated_cases(n_classes):
         w[0] = 1  # never an empty resample
         ref = classification_metrics(np.repeat(y, w), np.repeat(p, w, axis=0), classes)
         for name in METRIC_NAMES:
-            got = m._weighted_metric(name, y, p, w[None, :].astype(float), n_classes - 1)[0]
+            got = m.weighted_metric(name, y, p, w[None, :].astype(float), n_classes - 1)[0]
             if math.isnan(ref[name]):
                 assert math.isnan(got), name
             else:
@@ -177,7 +177,7 @@ def test_weighted_form_equals_sklearn_on_repeated_cases(n_classes):
 
 def test_resample_counts_keep_stratum_sizes():
     strata = np.array([0, 0, 0, 1, 1, 2])
-    w = m._resample_counts(strata, 50, np.random.default_rng(0))
+    w = m.resample_counts(strata, 50, np.random.default_rng(0))
     assert w.shape == (50, 6)
     np.testing.assert_array_equal(w[:, :3].sum(axis=1), 3)
     np.testing.assert_array_equal(w[:, 3:5].sum(axis=1), 2)

@@ -36,7 +36,11 @@ def _write_required(run: Path) -> None:
     paired = {"cvae": {k: {"diff": 0.0, "ci_low": -0.02, "ci_high": 0.02, "p_boot": 0.9, "n": 40} for k in METRICS}}
     paired["cvae"]["balanced_accuracy"] = {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p_boot": 0.01, "n": 40}
     paired["cvae"]["malignant_auc"] = {"diff": -0.04, "ci_low": -0.07, "ci_high": -0.01, "p_boot": 0.02, "n": 40}
-    summary = {"classes": CLASSES, "metrics": METRICS, "reference": "real", "methods": stats, "paired": paired}
+    paired["cvae"].update(verdict="helps", p_holm=0.01)
+    aa = {k: {"diff": 0.003, "ci_low": -0.031, "ci_high": 0.037, "p": 0.8, "n": 30} for k in METRICS}
+    protocol = {"primary_metric": "balanced_accuracy", "interval": "bootstrap", "alpha": 0.05, "aa_seeds": [[0], [1]]}
+    summary = {"classes": CLASSES, "metrics": METRICS, "reference": "real", "methods": stats, "paired": paired,
+               "aa": aa, "protocol": protocol, "baseline": "classical", "vs_baseline": {}}
     (run / "results" / "summary.json").write_text(json.dumps(summary))
 
 
@@ -123,9 +127,15 @@ def test_report_is_self_contained_and_shows_the_numbers(full_run: Path) -> None:
         assert method in page
     assert "0.812 &#177; 0.021" in page  # mean ± sd of real's balanced accuracy, 3 decimals
     better, worse = _cells(page, "better"), _cells(page, "worse")
-    assert len(better) == 1 and "+0.050 [+0.010, +0.090]" in better[0]
-    assert len(worse) == 1 and "-0.040 [-0.070, -0.010]" in worse[0]
-    assert "+0.000 [-0.020, +0.020]" in page  # a CI containing 0: shown, not highlighted
+    # Only the primary metric is coloured, by its verdict: the verdict table (interval, verdict)
+    # and the results table's balanced accuracy cell.
+    assert len(better) == 3 and all("+0.050 [+0.010, +0.090]" in c or "helps" in c for c in better)
+    assert "+0.050 [+0.010, +0.090]" in better[-1]
+    assert worse == []
+    assert "-0.040 [-0.070, -0.010]" in page  # a secondary metric's CI excluding 0: shown, uncoloured
+    assert "+0.000 [-0.020, +0.020]" in page
+    assert "A/A: real seeds [0] vs [1]" in page and "+0.003 [-0.031, +0.037]" in page  # the noise floor
+    assert "Holm" in page and "balanced_accuracy (primary)" in page
     # Strings read from files are escaped, and the data section lists the audit findings.
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "benign (7), malignant (3)" in page and "benign (12)" in page

@@ -12,8 +12,11 @@ written by the main process is there for all of them after the write returns.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from busynth.errors import ConfigError
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 
 # torch and accelerate are imported inside the functions that use them: busynth.io (and so every
 # command, `--help` included) imports this module, and a single-process run never needs them here.
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -125,14 +130,41 @@ def local_rows(n: int) -> slice:
     return slice(bounds[rank], bounds[rank + 1])
 
 
+# CPU features (torch.cpu.get_capabilities() keys, /proc/cpuinfo flags) of native bf16 arithmetic:
+# x86 AVX512-BF16 or AMX-BF16, Arm BF16 / SVE-BF16. Without one, bf16 is emulated (slower than fp32).
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+_bf16_fallback_said: set[str] = set()
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (NATIVE_BF16_FEATURES): from
+    ``torch.cpu.get_capabilities()`` where torch has it, else the flags in CPUINFO (Linux);
+    False when neither tells. Cached: call ``cpu_supports_bf16.cache_clear()`` to look again."""
+    import torch
+
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        return any(bool(capabilities.get(name)) for name in NATIVE_BF16_FEATURES)
+    try:
+        words = set(CPUINFO.read_text().split())
+    except OSError:
+        return False
+    return any(name in words for name in NATIVE_BF16_FEATURES)
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False,
                      field: str = "mixed_precision") -> Accelerator:
     """An Accelerator for one fit.
 
     accelerate's shared state is reset first (keeping the process group of a multi-process
     run), so that fits with different precision settings (a bf16 generator, then an fp32
-    classifier) can follow each other. fp16 on a CPU is refused naming ``field``; on CUDA cuDNN is switched to
-    deterministic kernels (a process-wide setting; CPU kernels are deterministic already).
+    classifier) can follow each other. fp16 on a CPU is refused naming ``field``; bf16 on a CPU
+    without native bf16 (:func:`cpu_supports_bf16`) trains in fp32 instead, said once per ``field``;
+    on CUDA cuDNN is switched to deterministic kernels (a process-wide setting; CPU kernels are
+    deterministic already).
     """
     import torch
     from accelerate import Accelerator
@@ -144,6 +176,13 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
     if accelerator.device.type == "cpu" and mixed_precision == "fp16":
         raise ConfigError(f"{field}=fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
+    if accelerator.device.type == "cpu" and mixed_precision == "bf16" and not cpu_supports_bf16():
+        if field not in _bf16_fallback_said:
+            _bf16_fallback_said.add(field)
+            log.warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16, AMX-BF16 or Arm BF16), where "
+                        "bf16 is slower than fp32 and changes the numbers; training in fp32", field)
+        AcceleratorState._reset_state(reset_partial_state=not distributed)
+        accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=grad_accum, cpu=cpu)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return accelerator

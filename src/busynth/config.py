@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,8 @@ from pydantic import (
 )
 
 from busynth.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = ("normal", "benign", "malignant")
 
@@ -122,6 +125,8 @@ class SplitConfig(_Strict):
 
     mode: Literal["kfold", "holdout"] = "kfold"
     folds: int = Field(default=3, ge=2)
+    # Repeated cross-validation: this many fold assignments, each with its own seed (split.seed + r).
+    repeats: int = Field(default=1, ge=1)
     # Holdout: share of the data in the test part.
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # Share of each training part moved to validation (grouped, stratified).
@@ -129,6 +134,10 @@ class SplitConfig(_Strict):
     seed: int = 0
     # Cross-class duplicates (same image under two labels) are excluded unless this is false.
     exclude_cross_class: bool = True
+    # A split file (--split-file) whose duplicate groups straddle test and train/val: "refuse" stops
+    # before any training naming the groups; "purge" drops their train/val members (the test part
+    # stays as given); "keep" runs it as given and marks the results "leaky split".
+    on_leak: Literal["refuse", "purge", "keep"] = "refuse"
 
 
 class ClassifierConfig(_Strict):
@@ -152,8 +161,21 @@ class ClassifierConfig(_Strict):
     augment: Literal["none", "flip", "light"] = "light"
     # Test-time augmentation: average the predictions for each image and its mirror.
     tta: bool = True
-    select_metric: Literal["balanced_accuracy", "macro_auc"] = "macro_auc"
+    # Model selection: "best" keeps the epoch with the best select_metric on the real validation
+    # part (early stopping after `patience` epochs without improvement); "last" trains the whole
+    # budget and keeps the final weights (with ema_epochs > 0: their moving average).
+    select: Literal["best", "last"] = "best"
+    select_metric: Literal["balanced_accuracy", "macro_auc", "loss"] = "macro_auc"
     patience: int = Field(default=6, ge=1)
+    # Exponential moving average of the weights over about this many epochs (0: off); the average
+    # is what validation scores and what is kept (torch.optim.swa_utils.AveragedModel).
+    ema_epochs: float = Field(default=0.0, ge=0.0)
+    # Mixup (Zhang et al. 2018) with Beta(alpha, alpha) weights; 0: off.
+    mixup_alpha: float = Field(default=0.0, ge=0.0)
+    # The training budget is counted on the real training images (an epoch = one pass over them),
+    # for every method alike. Batches are drawn from real + synthetic images: uniformly from their
+    # union (null), or with this share of every batch synthetic.
+    synthetic_share: float | None = Field(default=None, ge=0.0, lt=1.0)
     grad_accum: int = Field(default=1, ge=1)
     # bf16 autocast (accelerate): on a CPU with AVX-512 BF16 a training step takes ~0.5-0.6x the
     # time of fp32 at 96 px (bench/bench_speed.py; measured only on this CPU). Changes the numbers.
@@ -203,9 +225,24 @@ class RunConfig(_Strict):
     """The study: which methods, how many seeds, where results go."""
 
     methods: list[str] = Field(default_factory=lambda: ["real", "classical"])
+    # Classifier training seeds per fold, shared by all methods (paired by seed).
     seeds: int = Field(default=1, ge=1)
+    # Generator fits per fold and method; each synthetic set is reused by the classifier seeds
+    # i with i mod generator_seeds equal to its index (at most `seeds`).
+    generator_seeds: int = Field(default=1, ge=1)
     base_seed: int = 0
     bootstrap: int = Field(default=2000, ge=100)
+    # The metric verdicts are decided on (Holm-adjusted across the methods compared).
+    primary_metric: Literal[
+        "accuracy", "balanced_accuracy", "macro_f1", "macro_auc",
+        "malignant_sensitivity", "malignant_specificity", "malignant_auc",
+    ] = "balanced_accuracy"
+    # Paired interval of method - reference: "bootstrap" resamples classifier seeds within each fold
+    # and test images (drawn once, shared by seeds and methods); "corrected_t" is the corrected
+    # resampled t-test (Nadeau & Bengio 2003) over the fold x seed differences. See README.
+    interval: Literal["bootstrap", "corrected_t"] = "bootstrap"
+    # Family-wise error rate of the verdicts (and 1 - coverage of the intervals).
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
 
     @field_validator("methods")
@@ -216,13 +253,26 @@ class RunConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"methods repeat: {v}")
         # The method registry (busynth.generators imports no model code until a method is used).
-        from busynth.generators import available_methods
+        from busynth.generators import available_methods, order_methods
 
         known = available_methods()
         unknown = [m for m in v if m not in known]
         if unknown:
             raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
-        return v
+        # A method runs after those it builds on (controlnet after sd-lora), else in the order given.
+        ordered = order_methods(v)
+        if ordered != v:
+            log.info("run.methods reordered so that each method runs after those it builds on: %s",
+                     ", ".join(ordered))
+        return ordered
+
+
+    @model_validator(mode="after")
+    def _generator_seeds_fit(self) -> "RunConfig":
+        if self.generator_seeds > self.seeds:
+            raise ValueError(f"generator_seeds ({self.generator_seeds}) cannot exceed seeds ({self.seeds}): "
+                             "every generator fit needs a classifier seed")
+        return self
 
 
 class StudyConfig(_Strict):

@@ -16,6 +16,11 @@ class ConfigError(BusynthError):
     """A config value or CLI option is invalid; the message names the field."""
 
 
+class LeakError(BusynthError):
+    """A split would let test images, or their duplicates, into training, validation or a generator
+    fit; the message names the groups and files (``split.on_leak`` says what to do instead)."""
+
+
 class RunStateError(BusynthError):
     """A run folder is inconsistent with the command (e.g. config changed since it started)."""
 

@@ -18,8 +18,6 @@ anything but the ``run`` section (methods, seeds, tracker) refuses to mix result
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,15 +32,17 @@ from PIL import Image
 from busynth import __version__
 from busynth.accel import is_main_process
 from busynth.classify.metrics import classification_metrics
+from busynth.classify.predictions import predictions_csv
 from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import StudyConfig, dump_config
 from busynth.data.audit import AuditReport, audit_records
 from busynth.data.busi import load_dataset
+from busynth.data.leaks import accepted_groups, leak_report
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.data.transforms import label_indices, stack_images
-from busynth.errors import ConfigError, DataError, RunStateError
+from busynth.errors import ConfigError, DataError, LeakError, RunStateError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.summary import summarize_fidelity
@@ -55,7 +55,8 @@ from busynth.generators.base import (
     write_samples,
 )
 from busynth.io import read_json, remove_tree, write_json, write_text
-from busynth.results import summarize_run
+from busynth.progress import format_duration
+from busynth.results import Protocol, aa_seed_halves, summarize_run
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +77,29 @@ class StudyData:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of the study: a method on one fold with one seed."""
+    """One unit of the study: a method on one fold with one classifier seed, using the
+    synthetic set of generator seed ``generator_seed`` (shared by several classifier seeds)."""
 
     method: str
     fold: int
     seed: int
+    generator_seed: int = 0
 
     @property
     def key(self) -> str:
         """Folder name of this cell under its method."""
         return f"fold{self.fold}_seed{self.seed}"
+
+    @property
+    def generator_key(self) -> str:
+        """Folder name of this cell's generator fit and synthetic set under their method."""
+        return f"fold{self.fold}_seed{self.generator_seed}"
+
+    @property
+    def scores_synthetic_set(self) -> bool:
+        """True for the one cell per generator fit that scores its synthetic set (fidelity,
+        adherence): the cell whose classifier seed equals the generator seed."""
+        return self.seed == self.generator_seed
 
 
 # --- data stages ------------------------------------------------------------------------------
@@ -113,10 +127,12 @@ def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_fi
     if stored.exists():
         split = read_split(stored, records, audit, config.split)
     elif split_file is not None:
-        split = read_split(split_file, records, audit, config.split)
+        split = read_split(split_file, records, audit, config.split)  # refuses a leaky file by default
+        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, Path(split_file).name))
         split.write(stored)
     else:
         split = make_split(records, audit, config.split)
+        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, "generated"))
         split.write(stored)
     for note in split.notes:
         log.warning("split: %s", note)
@@ -197,15 +213,17 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_no_leak(split: Split, fold: int, used: dict[str, Sequence[str]], group_of: dict[str, int]) -> None:
-    """Raise if any test image, or any member of its duplicate group, is among the ids used
-    for training, validation or generator fitting (synthetic ids are ``method:...``)."""
+    """Raise LeakError if any test image, or any member of its duplicate group, is among the ids
+    used for training, validation or generator fitting (synthetic ids are ``method:...``); groups a
+    split file leaks and the user accepted with ``split.on_leak=keep`` pass."""
     test_ids = set(split.ids(fold, "test"))
-    test_groups = {group_of[i] for i in test_ids if i in group_of}
+    test_groups = {group_of[i] for i in test_ids if i in group_of} - accepted_groups(split, fold)
     for role, ids in used.items():
         real = [i for i in ids if ":" not in i]
         bad = [i for i in real if i in test_ids or group_of.get(i) in test_groups]
         if bad:
-            raise AssertionError(f"fold {fold}: {role} uses test images or their duplicates: {bad[:5]}")
+            raise LeakError(f"fold {fold}: {role} would use {len(bad)} test images or their duplicates "
+                            f"(e.g. {', '.join(bad[:5])}); see data/split.csv")
 
 
 def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record], gen_dir: Path, seed: int) -> Generator:
@@ -276,12 +294,12 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     synthetic: list[Record] = []
     generator_ids: list[str] = []
     if cell.method != REFERENCE:
-        gen_dir = run_dir / "generators" / cell.method / cell.key
+        gen_dir = run_dir / "generators" / cell.method / cell.generator_key
         check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
-        generator = fit_or_load_generator(cell.method, config, train, gen_dir, cell.seed)
+        generator = fit_or_load_generator(cell.method, config, train, gen_dir, cell.generator_seed)
         generator_ids = list(generator.train_ids)
-        synthetic = synthesize(generator, cell.method, train, config, run_dir / "synthetic" / cell.method / cell.key,
-                               gen_dir, cell.seed)
+        synthetic = synthesize(generator, cell.method, train, config,
+                               run_dir / "synthetic" / cell.method / cell.generator_key, gen_dir, cell.generator_seed)
     fit_set = train + synthetic
     used = {"classifier_train": [r.id for r in fit_set], "val": [r.id for r in val],
             "generator_train": generator_ids, "test": [r.id for r in test]}
@@ -292,15 +310,16 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         stack_images(fit_set, size), label_indices(fit_set, classes),
         stack_images(val, size), label_indices(val, classes),
         config.classifier, len(classes), cell_dir / "classifier", seed=cell.seed,
-        tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"),
+        tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"), n_real=len(train),
     )
     proba = predict_proba(result.model, stack_images(test, size), tta=config.classifier.tta)
     y_true = label_indices(test, classes)
     write_text(cell_dir / "predictions.csv", predictions_csv(test, y_true, proba, classes))
     row = {
-        "method": cell.method, "fold": cell.fold, "seed": cell.seed,
+        "method": cell.method, "fold": cell.fold, "seed": cell.seed, "generator_seed": cell.generator_seed,
         "n_train_real": len(train), "n_synthetic": len(synthetic), "n_val": len(val), "n_test": len(test),
-        "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 2),
+        "train_steps": result.steps, "best_epoch": result.best_epoch,
+        "seconds": round(time.perf_counter() - start, 2),
         **classification_metrics(y_true, proba, classes),
     }
     write_json(cell_dir / "metrics.json", row)
@@ -314,7 +333,7 @@ def score_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: P
     split = study.split
     return evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config,
                          split.select(study.records, cell.fold, "train"), split.select(study.records, cell.fold, "test"),
-                         read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method))
+                         read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
 
 
 def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyConfig) -> dict | None:
@@ -322,7 +341,7 @@ def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyCo
     much darker the lesion is than a ring around it, next to the real training pairs."""
     return evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes,
                               study.split.select(study.records, cell.fold, "train"),
-                              read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method))
+                              read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
 
 
 def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:
@@ -331,33 +350,22 @@ def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callab
     return lambda values, step: log_fn({f"{prefix}/{k}": v for k, v in values.items()}, step)
 
 
-def predictions_csv(test: Sequence[Record], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> str:
-    """CSV text: id, label, y_true and one probability column per class."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "label", "y_true", *[f"p_{c}" for c in classes]])
-    for r, y, p in zip(test, y_true, proba, strict=True):
-        writer.writerow([r.id, r.label, int(y), *[f"{v:.6f}" for v in p]])
-    return buf.getvalue()
-
-
-def read_predictions(path: Path, classes: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """ids, y_true and (N, C) probabilities from a predictions.csv."""
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    ids = [r["id"] for r in rows]
-    y = np.array([int(r["y_true"]) for r in rows], dtype=np.int64)
-    p = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
-    return ids, y, p
-
-
 # --- the whole study ------------------------------------------------------------------------
 
 
 def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
-    """Cells in run order: fold, then seed, then method (so a fold's methods finish together)."""
-    seeds = [config.run.base_seed + s for s in range(config.run.seeds)]
-    return [Cell(m, f, s) for f in folds for s in seeds for m in config.run.methods]
+    """Cells in run order: fold, then seed, then method (so a fold's methods finish together).
+
+    Classifier seed number ``i`` uses generator seed ``i mod run.generator_seeds``: a fold's
+    generator is fitted ``generator_seeds`` times and each synthetic set is shared by the
+    classifier seeds that map to it."""
+    base, n_gen = config.run.base_seed, config.run.generator_seeds
+    cells = []
+    for f in folds:
+        cells += [Cell(m, f, base + i, base + i % n_gen) for i in range(config.run.seeds) for m in config.run.methods]
+        if config.run.seeds == 1 and REFERENCE in config.run.methods:  # the A/A row's second seed
+            cells.append(Cell(REFERENCE, f, aa_seed_halves([base])[1][0], base))
+    return cells
 
 
 def validate_methods(config: StudyConfig) -> None:
@@ -367,6 +375,34 @@ def validate_methods(config: StudyConfig) -> None:
             generator_class(method)
     for method, section in config.generators.items():
         generator_class(method).parse_config(section)
+
+
+def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> list[tuple[str, bool]]:
+    """(method, fits a generator) per cell: the first cell to be run of each unfitted generator fit
+    also pays for the fit, the other cells of that fit only for a classifier."""
+    pending: set[tuple[str, str]] = set()
+    kinds = []
+    for cell, needed in zip(cells, todo, strict=True):
+        fit = (cell.method, cell.generator_key)
+        fits = (needed and cell.method != REFERENCE and fit not in pending
+                and not (run_dir / "generators" / cell.method / cell.generator_key / "generator.json").exists())
+        if fits:
+            pending.add(fit)
+        kinds.append((cell.method, fits))
+    return kinds
+
+
+def remaining_seconds(kinds: Sequence[tuple[str, bool]], seconds: dict[tuple[str, bool], list[float]]) -> float:
+    """Estimated seconds for cells of ``kinds``: the mean time of finished cells of the same kind, else
+    of cells that also fit (or do not fit) a generator, else of all finished cells."""
+    every = [t for ts in seconds.values() for t in ts]
+    by_fit = {f: [t for (m, g), ts in seconds.items() if g == f for t in ts] for f in (True, False)}
+
+    def estimate(kind: tuple[str, bool]) -> float:
+        pool = seconds.get(kind) or by_fit[kind[1]] or every
+        return float(np.mean(pool))
+
+    return sum(estimate(k) for k in kinds) if every else 0.0
 
 
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
@@ -381,23 +417,34 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     study = prepare_data(config, data, run_dir, split_file)
     log.info("split:\n%s", study.split.format(config.data.classes))
     cells = study_cells(config, study.split.folds)
+    if config.run.seeds < 3:
+        log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
+                    "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
     tracker = open_tracker(config, run_dir) if is_main_process() else None
+    todo = [not (run_dir / "cells" / c.method / c.key / "metrics.json").exists() for c in cells]
+    kinds = cell_kinds(cells, todo, run_dir)
+    seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
     try:
         for i, cell in enumerate(cells, start=1):
-            done = (run_dir / "cells" / cell.method / cell.key / "metrics.json").exists()
-            log.info("[%d/%d] %s %s%s", i, len(cells), cell.method, cell.key, " (done)" if done else "")
+            left = [kinds[j] for j in range(i - 1, len(cells)) if todo[j]]
+            eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and todo[i - 1] else ""
+            log.info("cell %d/%d: %s %s%s%s", i, len(cells), cell.method, cell.key,
+                     "" if todo[i - 1] else " (done)", eta)
+            started = time.perf_counter()
             row = run_cell(cell, config, study, run_dir, tracker.log if tracker else None)
+            if todo[i - 1]:
+                seconds.setdefault(kinds[i - 1], []).append(time.perf_counter() - started)
             log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
                      row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
     finally:
         if tracker:
             tracker.finish()
     for cell in cells:
-        if cell.method != REFERENCE:
+        if cell.method != REFERENCE and cell.scores_synthetic_set:
             score_fidelity(cell, config, study, run_dir)
             score_adherence(cell, study, run_dir, config)
     summarize_fidelity(run_dir, config.run.methods)
-    summary = summarize_run(run_dir, config.run.methods, config.data.classes, n_boot=config.run.bootstrap)
+    summary = summarize_run(run_dir, config.run.methods, config.data.classes, Protocol.from_config(config.run))
     if build_html:
         from busynth.report import build_report
 

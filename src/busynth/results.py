@@ -1,7 +1,16 @@
-"""Study results: per-cell table, mean ± sd per method, paired differences to ``real``.
+"""Study results: per-cell table, mean ± sd per method, paired comparisons, A/A row, verdicts.
 
 Everything here is computed from the files of the run folder (``cells/*/*/metrics.json``
 and ``predictions.csv``), so it can be recomputed without training anything.
+
+Comparisons (``busynth.evaluate.intervals``): every method against the reference ``real``,
+and every generator against ``classical`` when it was run, on every metric, paired by fold
+and classifier seed, with an interval that resamples seeds as well as test images (or the
+corrected resampled t-test, ``run.interval``). Only the primary metric (``run.primary_metric``)
+gets a verdict, Holm-adjusted across the methods of one comparison. The A/A row compares the
+reference with itself under other seeds through the same procedure: seeds ``0..k-1`` against
+``k..2k-1`` with ``k = seeds // 2`` (with one seed, the study trains one extra reference seed
+per fold for it), so it shows how large a difference pure training randomness produces.
 """
 
 from __future__ import annotations
@@ -9,27 +18,68 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from busynth.classify.metrics import METRIC_NAMES, format_mean_sd, paired_difference, summarize
+from busynth.classify.metrics import METRIC_NAMES, format_mean_sd, positive_index, summarize
+from busynth.classify.predictions import read_predictions
+from busynth.errors import RunStateError
+from busynth.evaluate.intervals import FoldScores, compare, holm, verdict
 from busynth.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 METRICS = METRIC_NAMES
 HEADLINE = ("balanced_accuracy", "macro_auc", "malignant_auc")
-CELL_COLUMNS = ("method", "fold", "seed", "n_train_real", "n_synthetic", "n_val", "n_test", "best_epoch", "seconds")
+BASELINE = "classical"
+CELL_COLUMNS = ("method", "fold", "seed", "generator_seed", "n_train_real", "n_synthetic", "n_val", "n_test",
+                "train_steps", "best_epoch", "seconds")
 
 
-def read_cells(run_dir: Path, methods: Sequence[str]) -> list[dict]:
-    """Metric rows of every finished cell of ``methods``, in method order then fold, seed."""
+@dataclass
+class Protocol:
+    """How methods are compared (the ``run`` settings that decide the statistics)."""
+
+    reference: str = "real"
+    primary_metric: str = "balanced_accuracy"
+    interval: str = "bootstrap"
+    alpha: float = 0.05
+    n_boot: int = 2000
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # The seeds of the reference the A/A row compares: (first half, second half).
+    aa_seeds: tuple[list[int], list[int]] = ((), ())  # type: ignore[assignment]
+
+    @classmethod
+    def from_config(cls, run) -> "Protocol":
+        """The protocol of a ``RunConfig``."""
+        seeds = [run.base_seed + i for i in range(run.seeds)]
+        return cls(primary_metric=run.primary_metric, interval=run.interval, alpha=run.alpha,
+                   n_boot=run.bootstrap, seeds=seeds, aa_seeds=aa_seed_halves(seeds))
+
+
+def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The two disjoint seed sets of the A/A comparison: halves of ``seeds``, or, with one
+    seed, that seed against the next one (a reference cell trained for the A/A row only)."""
+    seeds = list(seeds)
+    if len(seeds) == 1:
+        return [seeds[0]], [seeds[0] + 1]
+    k = len(seeds) // 2
+    return seeds[:k], seeds[k : 2 * k]
+
+
+def read_cells(run_dir: Path, methods: Sequence[str], seeds: Sequence[int] | None = None) -> list[dict]:
+    """Metric rows of every finished cell of ``methods`` (only ``seeds`` when given), in
+    method order then fold, seed."""
     rows = []
     for method in methods:
         for path in sorted((run_dir / "cells" / method).glob("*/metrics.json")):
-            rows.append(read_json(path))
+            row = read_json(path)
+            if seeds is None or row["seed"] in seeds:
+                rows.append(row)
     return rows
 
 
@@ -42,73 +92,172 @@ def cells_csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _pooled_predictions(run_dir: Path, method: str, keys: Sequence[str], classes: Sequence[str]):
-    from busynth.experiment import read_predictions  # local: experiment imports this module's users
-
-    ids, ys, ps, groups = [], [], [], []
-    for g, key in enumerate(keys):
-        cid, y, p = read_predictions(run_dir / "cells" / method / key / "predictions.csv", classes)
-        ids.extend(cid)
-        ys.append(y)
-        ps.append(p)
-        groups.append(np.full(len(y), g))
-    return ids, np.concatenate(ys), np.concatenate(ps), np.concatenate(groups)
+def within_fold_sd(rows: Sequence[dict], metric: str) -> float | None:
+    """Mean over folds of the sd (ddof=1) of ``metric`` across that fold's seeds: the seed-to-seed
+    spread of one method on fixed data (None with one seed per fold)."""
+    by_fold: dict[int, list[float]] = {}
+    for r in rows:
+        if isinstance(r.get(metric), int | float) and math.isfinite(r[metric]):
+            by_fold.setdefault(r["fold"], []).append(r[metric])
+    sds = [float(np.std(v, ddof=1)) for v in by_fold.values() if len(v) > 1]
+    return float(np.mean(sds)) if sds else None
 
 
-def paired_vs_reference(run_dir: Path, method: str, reference: str, classes: Sequence[str],
-                        metrics: Sequence[str], n_boot: int, seed: int = 0) -> dict:
-    """method − reference per metric on the same test images, pooled over the cells both have,
-    with a paired stratified bootstrap CI (resampling test images within each cell)."""
-    keys_a = {p.parent.name for p in (run_dir / "cells" / method).glob("*/metrics.json")}
-    keys_b = {p.parent.name for p in (run_dir / "cells" / reference).glob("*/metrics.json")}
-    keys = sorted(keys_a & keys_b)
-    if not keys:
+class PredictionStore:
+    """Test predictions of a run folder's cells, read once: ``get(method, fold, seed)``."""
+
+    def __init__(self, run_dir: Path, classes: Sequence[str], rows: Sequence[dict]) -> None:
+        self.run_dir, self.classes = Path(run_dir), list(classes)
+        self.n_train = {(r["method"], r["fold"]): r["n_train_real"] for r in rows}
+        self._cache: dict[tuple[str, int, int], tuple[list[str], np.ndarray, np.ndarray]] = {}
+
+    def has(self, method: str, fold: int, seed: int) -> bool:
+        """True when the cell finished (its metrics.json exists)."""
+        return (self.run_dir / "cells" / method / f"fold{fold}_seed{seed}" / "metrics.json").is_file()
+
+    def get(self, method: str, fold: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """ids, y_true and probabilities of one cell's predictions.csv."""
+        key = (method, fold, seed)
+        if key not in self._cache:
+            path = self.run_dir / "cells" / method / f"fold{fold}_seed{seed}" / "predictions.csv"
+            self._cache[key] = read_predictions(path, self.classes)
+        return self._cache[key]
+
+
+def paired_folds(store: PredictionStore, a: tuple[str, Sequence[int]], b: tuple[str, Sequence[int]],
+                 folds: Sequence[int]) -> list[FoldScores]:
+    """Per fold, the predictions of (method, seeds) ``a`` and ``b``, seed i of ``a`` paired with
+    seed i of ``b``; only pairs where both cells finished. Raises RunStateError when the two were
+    scored on different test images."""
+    out = []
+    for fold in folds:
+        pairs = [(sa, sb) for sa, sb in zip(a[1], b[1], strict=False)
+                 if store.has(a[0], fold, sa) and store.has(b[0], fold, sb)]
+        if not pairs:
+            continue
+        ids, y, _ = store.get(a[0], fold, pairs[0][0])
+        pa, pb = [], []
+        for sa, sb in pairs:
+            for method, seed, dest in ((a[0], sa, pa), (b[0], sb, pb)):
+                cid, cy, p = store.get(method, fold, seed)
+                if cid != ids or not np.array_equal(cy, y):
+                    raise RunStateError(f"{store.run_dir}: cells {a[0]} and {method} of fold {fold} were not "
+                                        "scored on the same test images; the run folder is inconsistent")
+                dest.append(p)
+        out.append(FoldScores(ids, y, np.stack(pa), np.stack(pb), store.n_train.get((a[0], fold), 0)))
+    return out
+
+
+def compare_methods(store: PredictionStore, a: tuple[str, Sequence[int]], b: tuple[str, Sequence[int]],
+                    folds: Sequence[int], metrics: Sequence[str], protocol: Protocol) -> dict:
+    """Per metric, the paired interval of ``a`` - ``b`` (empty when they share no cell)."""
+    fold_scores = paired_folds(store, a, b, folds)
+    if not fold_scores:
         return {}
-    ids_a, y, pa, groups = _pooled_predictions(run_dir, method, keys, classes)
-    ids_b, y_b, pb, _ = _pooled_predictions(run_dir, reference, keys, classes)
-    if ids_a != ids_b or not np.array_equal(y, y_b):
-        raise AssertionError(f"{method} and {reference} were not scored on the same test images")
-    return {
-        m: paired_difference(y, pa, pb, m, classes, groups=groups, n_boot=n_boot, seed=seed)
-        for m in metrics
-    }
+    pos = positive_index(store.classes, "malignant")
+    out = {}
+    for m in metrics:
+        if m.startswith("malignant_") and pos is None:
+            continue
+        out[m] = compare(m, fold_scores, protocol.interval, pos, n_boot=protocol.n_boot, alpha=protocol.alpha)
+    return out
+
+
+def add_verdicts(comparisons: dict[str, dict], protocol: Protocol) -> None:
+    """Holm-adjust the primary metric's p-values across the methods of one comparison and add
+    ``p_holm`` and ``verdict`` to each method's entry."""
+    names = [m for m, c in comparisons.items() if protocol.primary_metric in c]
+    adjusted = holm([comparisons[m][protocol.primary_metric]["p"] for m in names])
+    for name, p_adj in zip(names, adjusted, strict=True):
+        primary = comparisons[name][protocol.primary_metric]
+        comparisons[name]["p_holm"] = p_adj
+        comparisons[name]["verdict"] = verdict(primary["diff"], p_adj, protocol.alpha)
 
 
 def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
-                  n_boot: int = 2000, reference: str = "real") -> dict:
+                  protocol: Protocol | None = None) -> dict:
     """Write results/cells.csv and results/summary.json; returns the summary dict."""
-    rows = read_cells(run_dir, methods)
+    protocol = protocol or Protocol()
+    run_dir = Path(run_dir)
+    ref = protocol.reference
+    rows = read_cells(run_dir, methods, protocol.seeds)
     metrics = [m for m in METRICS if any(m in r for r in rows)]
-    summary: dict = {"classes": list(classes), "metrics": metrics, "reference": reference,
-                     "methods": {}, "paired": {}, "cells": len(rows)}
+    folds = sorted({r["fold"] for r in rows})
+    summary: dict = {
+        "classes": list(classes), "metrics": metrics, "reference": ref, "baseline": BASELINE,
+        "protocol": {"primary_metric": protocol.primary_metric, "interval": protocol.interval,
+                     "alpha": protocol.alpha, "bootstrap": protocol.n_boot, "seeds": protocol.seeds,
+                     "folds": folds, "aa_seeds": [list(s) for s in protocol.aa_seeds]},
+        "methods": {}, "paired": {}, "vs_baseline": {}, "aa": {}, "cells": len(rows),
+    }
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         if mine:
-            summary["methods"][method] = {m: summarize([r[m] for r in mine]) for m in metrics}
-    if reference in summary["methods"]:
+            summary["methods"][method] = {
+                m: {**summarize([r[m] for r in mine]), "within_fold_sd": within_fold_sd(mine, m)} for m in metrics
+            }
+            summary["methods"][method]["train_steps"] = sorted({r.get("train_steps") for r in mine} - {None})
+    store = PredictionStore(run_dir, classes, read_cells(run_dir, methods))
+    seeds = protocol.seeds
+    if ref in summary["methods"]:
         for method in summary["methods"]:
-            if method != reference:
-                summary["paired"][method] = paired_vs_reference(run_dir, method, reference, classes, metrics, n_boot)
-    write_text(run_dir / "results" / "cells.csv", cells_csv(rows, metrics))
+            if method != ref:
+                summary["paired"][method] = compare_methods(store, (method, seeds), (ref, seeds), folds, metrics, protocol)
+        add_verdicts(summary["paired"], protocol)
+        summary["aa"] = compare_methods(store, (ref, protocol.aa_seeds[0]), (ref, protocol.aa_seeds[1]),
+                                        folds, metrics, protocol)
+        if not summary["aa"]:
+            summary["aa"] = {"note": f"no finished {ref} cells with seeds {protocol.aa_seeds[1]}"}
+    if BASELINE in summary["methods"]:
+        for method in summary["methods"]:
+            if method not in (ref, BASELINE):
+                summary["vs_baseline"][method] = compare_methods(store, (method, seeds), (BASELINE, seeds), folds,
+                                                                 metrics, protocol)
+        add_verdicts(summary["vs_baseline"], protocol)
+    write_text(run_dir / "results" / "cells.csv", cells_csv(read_cells(run_dir, methods), metrics))
     write_json(run_dir / "results" / "summary.json", summary)
     return summary
 
 
+def _interval(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
 def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
-    """A plain-text table: mean ± sd per method and metric, then paired differences with CIs."""
+    """A plain-text table: mean ± sd per method and metric, the A/A row, then the paired
+    differences with intervals and the verdicts on the primary metric."""
+    proto = summary.get("protocol", {})
+    primary = proto.get("primary_metric", "balanced_accuracy")
+    metrics = [primary, *[m for m in metrics if m != primary]]
     metrics = [m for m in metrics if m in summary["metrics"]]
-    width = 24
+    width = 26
     lines = ["method".ljust(14) + "".join(m.ljust(width) for m in metrics)]
     for method, stats in summary["methods"].items():
         cells = "".join(format_mean_sd(stats[m]["mean"], stats[m]["sd"]).ljust(width) for m in metrics)
-        lines.append(method.ljust(14) + cells + f"(n={stats[metrics[0]]['n']})")
+        lines.append(method.ljust(14) + cells + f"(cells={stats[metrics[0]]['n']})")
+    ref = summary["reference"]
+    how = "two-level bootstrap" if proto.get("interval") == "bootstrap" else "corrected resampled t"
+    level = round(100 * (1 - proto.get("alpha", 0.05)))
+    if summary.get("aa") or summary["paired"]:
+        lines += ["", f"paired difference, {level}% interval ({how}; seeds and test images resampled):"]
+    aa = summary.get("aa", {})
+    if aa and "note" not in aa:
+        a, b = proto.get("aa_seeds", [[], []])
+        lines.append(f"A/A {ref}".ljust(14) + "".join(_interval(aa.get(m)).ljust(width) for m in metrics)
+                     + f"(seeds {a} vs {b}: the noise floor)")
+    elif aa:
+        lines.append(f"A/A {ref}".ljust(14) + aa["note"])
+    for title, block in ((f"vs {ref}", summary["paired"]), (f"vs {summary.get('baseline', BASELINE)}",
+                                                           summary.get("vs_baseline", {}))):
+        for method, diffs in block.items():
+            if not diffs:
+                continue
+            cells = "".join(_interval(diffs.get(m)).ljust(width) for m in metrics)
+            lines.append(f"{method} {title}".ljust(14) + cells
+                         + f"{diffs.get('verdict', '')} (Holm p={diffs.get('p_holm', float('nan')):.3f})")
     if summary["paired"]:
-        lines.append("")
-        lines.append(f"paired difference vs {summary['reference']} (95% bootstrap CI):")
-        for method, diffs in summary["paired"].items():
-            cells = "".join(
-                f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]".ljust(width)
-                for m in metrics if (d := diffs.get(m))
-            )
-            lines.append(method.ljust(14) + cells)
+        lines.append(f"verdicts on {primary} only (Holm-adjusted, alpha={proto.get('alpha', 0.05)}); "
+                     "other metrics are descriptive")
     return "\n".join(lines)

@@ -51,7 +51,7 @@ _CHUNK = 256  # resamples scored at once; bounds memory at O(_CHUNK x rows)
 # --------------------------------------------------------------------------- checks
 
 
-def _check_inputs(
+def check_inputs(
     y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (y_true as int64 1-d, proba as float64 2-d) after validating shapes/values."""
@@ -75,12 +75,12 @@ def _check_inputs(
     return y.astype(np.int64), p
 
 
-def _positive_index(classes: Sequence[str], positive: str) -> int | None:
+def positive_index(classes: Sequence[str], positive: str) -> int | None:
     """Return the index of ``positive`` in ``classes``, or None if it is absent."""
     return list(classes).index(positive) if positive in classes else None
 
 
-def _check_metric(metric: str, classes: Sequence[str], positive: str) -> None:
+def check_metric(metric: str, classes: Sequence[str], positive: str) -> None:
     if metric not in METRIC_NAMES:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRIC_NAMES}")
     if metric in POSITIVE_METRICS and positive not in classes:
@@ -120,7 +120,7 @@ def classification_metrics(
     ``proba[:, positive]``). An AUC that is undefined (one class absent from ``y_true``)
     and a sensitivity/specificity with an empty denominator are NaN.
     """
-    y, p = _check_inputs(y_true, proba, classes)
+    y, p = check_inputs(y_true, proba, classes)
     n_classes = len(classes)
     pred = p.argmax(axis=1)
     with warnings.catch_warnings():
@@ -138,7 +138,7 @@ def classification_metrics(
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         "macro_auc": macro_auc,
     }
-    k = _positive_index(classes, positive)
+    k = positive_index(classes, positive)
     if k is not None:
         is_pos, pred_pos = y == k, pred == k
         tp, fn = np.sum(is_pos & pred_pos), np.sum(is_pos & ~pred_pos)
@@ -197,7 +197,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _weighted_metric(
+def weighted_metric(
     metric: str, y: np.ndarray, p: np.ndarray, w: np.ndarray, pos: int | None
 ) -> np.ndarray:
     """Metric ``metric`` for each row of case weights ``w`` (B, n); returns (B,).
@@ -243,7 +243,7 @@ def _weighted_metric(
 # ------------------------------------------------------------------------ resampling
 
 
-def _resample_counts(
+def resample_counts(
     strata: np.ndarray, n_boot: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Return (n_boot, n) multiplicities: each stratum's rows drawn with replacement,
@@ -273,7 +273,7 @@ def _metric_over_cells(
     cells = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     return [
         np.mean(
-            [_weighted_metric(metric, y[c], p[c], w[:, c], pos) for c in cells], axis=0
+            [weighted_metric(metric, y[c], p[c], w[:, c], pos) for c in cells], axis=0
         )
         for p in probas
     ]
@@ -300,13 +300,13 @@ def _bootstrap(
     rng = np.random.default_rng(seed)
     chunks: list[list[np.ndarray]] = [[] for _ in probas]
     for start in range(0, n_boot, _CHUNK):
-        w = _resample_counts(g, min(_CHUNK, n_boot - start), rng)
+        w = resample_counts(g, min(_CHUNK, n_boot - start), rng)
         for out, vals in zip(chunks, _metric_over_cells(metric, y, probas, g, w, pos)):
             out.append(vals)
     return points, [np.concatenate(c) for c in chunks]
 
 
-def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
+def percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
     """Return the (alpha/2, 1 - alpha/2) percentiles of ``values`` (NaN if empty)."""
     if values.size == 0:
         return float("nan"), float("nan")
@@ -343,13 +343,13 @@ def bootstrap_ci(
     Returns (point estimate on all cases, CI low, CI high); the bounds are NaN when no
     resample gives a defined value.
     """
-    _check_metric(metric, classes, positive)
-    y, p = _check_inputs(y_true, proba, classes)
-    pos = _positive_index(classes, positive)
+    check_metric(metric, classes, positive)
+    y, p = check_inputs(y_true, proba, classes)
+    pos = positive_index(classes, positive)
     (point,), (vals,) = _bootstrap(metric, y, [p], groups, n_boot, seed, pos)
     vals = vals[np.isfinite(vals)]
     _log_skipped(metric, vals.size, n_boot)
-    return (point, *_percentile_ci(vals, alpha))
+    return (point, *percentile_ci(vals, alpha))
 
 
 def paired_difference(
@@ -384,15 +384,15 @@ def paired_difference(
     2 min(P(d <= 0), P(d >= 0)) over kept resamples, at most 1; NaN if none kept), ``n``
     (number of rows).
     """
-    _check_metric(metric, classes, positive)
-    y, pa = _check_inputs(y_true, proba_a, classes)
-    _, pb = _check_inputs(y_true, proba_b, classes)
-    pos = _positive_index(classes, positive)
+    check_metric(metric, classes, positive)
+    y, pa = check_inputs(y_true, proba_a, classes)
+    _, pb = check_inputs(y_true, proba_b, classes)
+    pos = positive_index(classes, positive)
     (point_a, point_b), (va, vb) = _bootstrap(metric, y, [pa, pb], groups, n_boot, seed, pos)
     d = va - vb
     d = d[np.isfinite(d)]
     _log_skipped(metric, d.size, n_boot)
-    low, high = _percentile_ci(d, alpha)
+    low, high = percentile_ci(d, alpha)
     if d.size:
         p_boot = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
     else:

@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
-from tqdm.auto import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from busynth.accel import broadcast_buffers, local_rows, make_accelerator, rank_and_world
+from busynth.accel import broadcast_buffers, local_rows, make_accelerator
 from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors, read_safetensors
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
@@ -38,12 +38,13 @@ from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
 from busynth.errors import DataError, RunStateError
 from busynth.io import atomic_path, derived_seed, read_json, write_json, write_rows_csv
+from busynth.progress import Progress, log_fit, progress
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: fixed budget on the real images, EMA, steps
 # Independent random streams derived from (seed, epoch).
-_STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT = 0, 1, 2
+_STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT, _STREAM_SYNTHETIC, _STREAM_MIX = 0, 1, 2, 3, 4
 # Config fields that do not change results, so they may differ when a run resumes.
 _RESUME_FREE_FIELDS = {"num_workers"}
 
@@ -56,25 +57,72 @@ class FitResult:
     best_epoch: int
     best_score: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    out_dir: Path = Path(".")
+    steps: int = 0  # optimizer steps taken (the training budget actually spent)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffles indices with a permutation derived from (seed, epoch); call ``set_epoch`` first."""
+def cyclic_indices(n: int, seed: int, stream: int, start: int, count: int) -> np.ndarray:
+    """Positions ``[start, start + count)`` of an endless stream of indices ``0..n-1``: the
+    concatenation of permutations ``perm_0, perm_1, ...``, permutation ``j`` drawn from
+    ``(seed, j, stream)`` alone, so any stretch of the stream is reproducible on its own."""
+    if n <= 0 or count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    first, last = start // n, (start + count - 1) // n
+    perms = [
+        torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, j, stream))).numpy()
+        for j in range(first, last + 1)
+    ]
+    flat = np.concatenate(perms)
+    offset = start - first * n
+    return flat[offset : offset + count].astype(np.int64)
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+
+def steps_per_epoch(n_real: int, batch_size: int) -> int:
+    """Optimizer batches in one epoch of the training budget: one pass over the *real*
+    training images (the last batch is filled from the next pass), whatever synthetic
+    images are added, so every method trains the same number of steps."""
+    return max(1, math.ceil(n_real / batch_size))
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """``steps`` batches of ``batch_size`` indices per epoch, drawn from real rows ``0..n_real-1``
+    and synthetic rows ``n_real..n_real+n_synthetic-1``; call ``set_epoch`` first.
+
+    ``synthetic_share`` None draws every batch from one shuffled stream over all rows (each
+    image equally often); a number puts ``round(share * batch_size)`` synthetic rows in every
+    batch (the rest real), each pool cycling through its own permutations. Batch ``i`` of epoch
+    ``e`` depends on ``(seed, e, i)`` only, so a resumed run draws exactly the same batches.
+    """
+
+    def __init__(self, n_real: int, n_synthetic: int, batch_size: int, steps: int, seed: int,
+                 synthetic_share: float | None = None) -> None:
+        self.n_real, self.n_synthetic, self.batch_size = n_real, n_synthetic, batch_size
+        self.steps, self.seed, self.epoch = steps, seed, 0
+        if synthetic_share is None or n_synthetic == 0:
+            self.k_synthetic = None
+        else:
+            self.k_synthetic = min(batch_size - 1, max(1 if synthetic_share > 0 else 0,
+                                                       round(synthetic_share * batch_size)))
 
     def __len__(self) -> int:
-        return self.n
+        return self.steps
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation ``__iter__`` yields."""
+        """Choose the epoch whose batches ``__iter__`` yields."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        rng = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, _STREAM_ORDER))
-        return iter(torch.randperm(self.n, generator=rng).tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        b, steps = self.batch_size, self.steps
+        if self.k_synthetic is None:
+            flat = cyclic_indices(self.n_real + self.n_synthetic, self.seed, _STREAM_ORDER,
+                                  self.epoch * steps * b, steps * b)
+            batches = flat.reshape(steps, b)
+        else:
+            k_syn, k_real = self.k_synthetic, b - self.k_synthetic
+            real = cyclic_indices(self.n_real, self.seed, _STREAM_ORDER, self.epoch * steps * k_real, steps * k_real)
+            syn = self.n_real + cyclic_indices(self.n_synthetic, self.seed, _STREAM_SYNTHETIC,
+                                               self.epoch * steps * k_syn, steps * k_syn)
+            batches = np.concatenate([real.reshape(steps, k_real), syn.reshape(steps, k_syn)], axis=1)
+        return iter(batches.tolist())
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -188,16 +236,21 @@ def _read_safetensors(path: Path, load_tensors: bool = True) -> tuple[dict[str, 
     return tensors, {k: json.loads(v) for k, v in meta.items()}
 
 
-def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Model and optimizer tensors under flat keys (``model.*``, ``optim.<param>.<name>``)."""
+def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+               ema: AveragedModel | None = None) -> None:
+    """Model, EMA and optimizer tensors under flat keys (``model.*``, ``ema.*``, ``optim.<param>.<name>``)."""
     optim, groups = optimizer_tensors(optimizer, prefix="optim.")
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optim}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     _save_safetensors(path, tensors, {"state": state, "optim_param_groups": json.loads(groups)})
 
 
-def _load_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _load_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None = None) -> None:
     tensors, meta = _read_safetensors(path)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
     load_optimizer_tensors(optimizer, tensors, json.dumps(meta["optim_param_groups"]), prefix="optim.")
 
 
@@ -216,7 +269,7 @@ def _load_resume_state(out_dir: Path) -> dict[str, Any] | None:
 def _check_same_run(state: dict[str, Any], run: dict[str, Any], out_dir: Path) -> None:
     if state.get("version") != STATE_VERSION:
         raise RunStateError(f"{out_dir}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
-    changed = [k for k in ("seed", "n_classes", "data_hash") if state["run"].get(k) != run[k]]
+    changed = [k for k in ("seed", "n_classes", "data_hash", "n_real") if state["run"].get(k) != run[k]]
     old_cfg, new_cfg = state["run"]["config"], run["config"]
     defaults = ClassifierConfig().model_dump(mode="json")  # a field added since counts as its default
     changed += [
@@ -250,26 +303,36 @@ def load_classifier(out_dir: Path, cfg: ClassifierConfig, n_classes: int) -> nn.
     return load_best_weights(model, Path(out_dir))
 
 
+def _mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018, arXiv:1710.09412): a convex combination of the batch with a
+    permutation of itself; returns (mixed images, labels, permuted labels, weight of the first)."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(labels)))
+    return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
+
+
 def _train_one_epoch(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    loss_fn: nn.Module, cfg: ClassifierConfig, seed: int, epoch: int,
-) -> tuple[float, float]:
-    """One pass over the training data; returns (mean training loss, last learning rate).
+    loss_fn: nn.Module, cfg: ClassifierConfig, seed: int, epoch: int, ema: AveragedModel | None = None,
+    bar: Progress | None = None,
+) -> tuple[float, float, int]:
+    """One epoch of the budget (``len(loader)`` batches); returns (mean training loss, last
+    learning rate, optimizer steps taken).
 
     Every process reads and augments the same global batch and computes its own share of
     rows (``local_rows``); DDP averages the gradients, so N processes take the steps of one.
     """
     model.train()
-    loader.batch_sampler.sampler.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch)
     torch.manual_seed(derived_seed(seed, epoch, _STREAM_DROPOUT))
     flips = torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_FLIP))
+    mixing = np.random.default_rng(derived_seed(seed, epoch, _STREAM_MIX))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    loss_sum, n_seen, lr = 0.0, 0, cfg.lr
-    bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=None if accelerator.is_local_main_process else True)
-    for i, (images, labels) in enumerate(bar):
+    loss_sum, n_seen, lr, steps = 0.0, 0, cfg.lr, 0
+    for i, (images, labels) in enumerate(loader):
         lr = cfg.lr * lr_factor(epoch * steps_per_epoch + i // cfg.grad_accum, total_steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -278,16 +341,44 @@ def _train_one_epoch(
             x = random_hflip(x, flips)
         elif cfg.augment == "light":
             x, _ = augment_batch(x, LIGHT, flips)
+        if cfg.mixup_alpha > 0:
+            x, y_a, y_b, lam = _mixup(x, labels, cfg.mixup_alpha, mixing)
+        else:
+            y_a, y_b, lam = labels, labels, 1.0
         rows = local_rows(len(labels))
         with accelerator.accumulate(model):
-            loss = loss_fn(model(x[rows].to(accelerator.device)), labels[rows].to(accelerator.device))
+            logits = model(x[rows].to(accelerator.device))
+            loss = lam * loss_fn(logits, y_a[rows].to(accelerator.device))
+            if lam < 1.0:
+                loss = loss + (1 - lam) * loss_fn(logits, y_b[rows].to(accelerator.device))
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            steps += 1
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
         loss_sum += float(accelerator.reduce(loss.detach(), "mean")) * len(labels)
         n_seen += len(labels)
-        bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
-    return loss_sum / max(n_seen, 1), lr
+        if bar is not None:
+            bar.update(1, epoch=epoch + 1, loss=loss_sum / n_seen)
+    return loss_sum / max(n_seen, 1), lr, steps
+
+
+def ema_decay(ema_epochs: float, batches_per_epoch: int) -> float:
+    """Per-step decay of an exponential moving average whose horizon (1 / (1 - decay)
+    steps) spans ``ema_epochs`` epochs of ``batches_per_epoch`` steps."""
+    return 1.0 - 1.0 / max(1.0, ema_epochs * batches_per_epoch)
+
+
+def _is_better(score: float, state: dict[str, Any], metric: str) -> bool:
+    """True when ``score`` beats the best so far (lower is better for the loss); the first
+    finite score always does."""
+    if not math.isfinite(score):
+        return state["best_epoch"] < 0
+    if state["best_score"] is None:
+        return True
+    return score < state["best_score"] if metric == "loss" else score > state["best_score"]
 
 
 def fit_classifier(
@@ -301,11 +392,20 @@ def fit_classifier(
     seed: int = 0,
     tracker_log: Callable[[dict[str, Any], int], None] | None = None,
     cpu: bool = False,
+    n_real: int | None = None,
 ) -> FitResult:
-    """Train a classifier, choose the epoch with the best ``cfg.select_metric`` on the
-    validation images, and return it (best weights loaded, eval mode).
+    """Train a classifier for a fixed budget and return it (chosen weights loaded, eval mode).
 
-    Images are uint8 (N, S, S) at ``cfg.image_size``; labels int64 class indices.
+    Images are uint8 (N, S, S) at ``cfg.image_size``; labels int64 class indices. The first
+    ``n_real`` rows (default: all) are the real training images, the rest synthetic. The
+    budget is defined on the real rows alone: an epoch is ``ceil(n_real / batch_size)``
+    batches, drawn from real + synthetic rows as ``cfg.synthetic_share`` says, so adding
+    synthetic images never adds optimizer steps. With ``cfg.ema_epochs`` > 0 the weights
+    evaluated and kept are an exponential moving average of the trained ones.
+    ``cfg.select`` = "best" keeps the epoch with the best ``cfg.select_metric`` on the
+    validation images (stopping after ``cfg.patience`` epochs without improvement); "last"
+    trains all ``cfg.epochs`` and keeps the final weights.
+
     A folder with a ``state.json`` from an unfinished run of the same config and data
     is resumed at the next epoch; a finished one is just loaded. ``tracker_log(row,
     epoch)`` is called after each epoch's checkpoint is written; ``cpu`` forces the
@@ -317,19 +417,22 @@ def fit_classifier(
     val_labels = np.asarray(val_labels, dtype=np.int64)
     _check_arrays(train_images, train_labels, cfg, n_classes, "training")
     _check_arrays(val_images, val_labels, cfg, n_classes, "validation")
+    n_real = len(train_images) if n_real is None else int(n_real)
+    if not 0 < n_real <= len(train_images):
+        raise DataError(f"training: n_real={n_real} must lie in 1..{len(train_images)} (the real rows come first)")
     run = {
-        "seed": seed, "n_classes": n_classes, "config": cfg.model_dump(mode="json"),
+        "seed": seed, "n_classes": n_classes, "config": cfg.model_dump(mode="json"), "n_real": n_real,
         "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
     }
     state = _load_resume_state(out_dir)
     if state is not None:
         _check_same_run(state, run, out_dir)
         if state["done"]:
-            logger.info("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
+            logger.debug("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
             if _records_behind(out_dir, state):  # killed after the last epoch's commit point
                 _write_epoch_records(out_dir, state)
             model = load_classifier(out_dir, cfg, n_classes)
-            return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
+            return FitResult(model, state["best_epoch"], _score(state), state["history"], state["steps"])
 
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu, field="classifier.mixed_precision")
     torch.manual_seed(seed)
@@ -337,34 +440,42 @@ def fit_classifier(
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    n_train = len(train_images)
-    world = rank_and_world()[1]
-    # A last batch too small to give every process two rows would make a batch-norm batch of one.
-    batches = BatchSampler(EpochShuffleSampler(n_train, seed), cfg.batch_size,
-                           drop_last=0 < n_train % cfg.batch_size < 2 * world and n_train > cfg.batch_size)
+    batches_per_epoch = steps_per_epoch(n_real, cfg.batch_size)
+    batches = MixedBatchSampler(n_real, len(train_images) - n_real, cfg.batch_size, batches_per_epoch, seed,
+                                cfg.synthetic_share)
     dataset = TensorDataset(torch.from_numpy(train_images).unsqueeze(1), torch.from_numpy(train_labels))
     # Not prepared by accelerate: every process iterates the same global batches (see _train_one_epoch).
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+    ema = None
+    if cfg.ema_epochs > 0:  # torch's own EMA wrapper; batch-norm statistics are averaged too
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay(cfg.ema_epochs, batches_per_epoch)),
+                            use_buffers=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     weights = class_weight_vector(train_labels, n_classes, cfg.class_weights).to(accelerator.device)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
     if state is None:
         state = {"version": STATE_VERSION, "run": run, "epoch": -1, "best_epoch": -1, "best_score": None,
-                 "bad_epochs": 0, "done": False, "history": [],
+                 "bad_epochs": 0, "done": False, "history": [], "steps": 0,
                  "rng": "epoch e draws order, flips and dropout from SeedSequence([seed, e, stream])"}
     else:
-        _load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer)
+        _load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer, ema)
         logger.info("resuming classifier in %s after epoch %d", out_dir, state["epoch"] + 1)
 
+    started_fit, first_epoch = time.perf_counter(), state["epoch"] + 1
+    bar = progress(cfg.epochs * batches_per_epoch, "classifier", initial=(state["epoch"] + 1) * batches_per_epoch,
+                   enabled=accelerator.is_local_main_process, log=logger)
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         started = time.perf_counter()
-        train_loss, lr = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch)
+        train_loss, lr, steps = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch, ema,
+                                                 bar)
         unwrapped = accelerator.unwrap_model(model)
         broadcast_buffers(unwrapped)
-        metrics = validation_metrics(val_labels, predict_proba(unwrapped, val_images, tta=cfg.tta))
+        kept = unwrapped if ema is None else ema.module
+        metrics = validation_metrics(val_labels, predict_proba(kept, val_images, tta=cfg.tta))
         score = metrics[f"val_{cfg.select_metric}"]
-        improved = state["best_epoch"] < 0 or (math.isfinite(score) and score > _score(state))
+        last_epoch = epoch + 1 >= cfg.epochs
+        improved = last_epoch if cfg.select == "last" else _is_better(score, state, cfg.select_metric)
         if improved:
             state.update(best_epoch=epoch, best_score=_finite_or_none(score), bad_epochs=0)
         else:
@@ -372,31 +483,37 @@ def fit_classifier(
         row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
                "seconds": round(time.perf_counter() - started, 3)}
         state["history"].append(row)
-        state.update(epoch=epoch, done=epoch + 1 >= cfg.epochs or state["bad_epochs"] >= cfg.patience)
-        _save_epoch(out_dir, unwrapped, optimizer, state, improved, epoch, score)  # the main process commits
-        logger.info("classifier epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, train_loss,
-                    cfg.select_metric, score, " (best)" if improved else "")
+        state["steps"] += steps
+        stop = cfg.select == "best" and state["bad_epochs"] >= cfg.patience
+        state.update(epoch=epoch, done=last_epoch or stop)
+        _save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema)  # main process commits
+        logger.debug("classifier epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, train_loss,
+                     cfg.select_metric, score, " (best)" if improved else "")
         if tracker_log is not None:
             tracker_log(row, epoch)
         if state["done"]:
             break
-
+    bar.close()
+    log_fit("classifier", state["epoch"] + 1 - first_epoch, time.perf_counter() - started_fit, unit="epoch", log=logger,
+            steps=state["steps"], kept_epoch=state["best_epoch"] + 1, **{f"val_{cfg.select_metric}": _score(state)})
     model = load_best_weights(accelerator.unwrap_model(model), out_dir)
-    return FitResult(model, state["best_epoch"], _score(state), state["history"], out_dir)
+    return FitResult(model, state["best_epoch"], _score(state), state["history"], state["steps"])
 
 
 def _score(state: dict[str, Any]) -> float:
     return float("-inf") if state["best_score"] is None else float(state["best_score"])
 
 
-def _save_epoch(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                improved: bool, epoch: int, score: float) -> None:
-    """Write best (if improved), then last (the commit point), then history.csv and state.json."""
+def _save_epoch(out_dir: Path, kept: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                state: dict[str, Any], improved: bool, epoch: int, score: float,
+                ema: AveragedModel | None = None) -> None:
+    """Write best (the ``kept`` weights, if improved), then last (the commit point), then
+    history.csv and state.json."""
     if improved:
         meta = {"config": state["run"]["config"], "n_classes": state["run"]["n_classes"],
                 "epoch": epoch, "score": _finite_or_none(score)}
-        _save_safetensors(out_dir / "best.safetensors", model.state_dict(), meta)
-    _save_last(out_dir / "last.safetensors", model, optimizer, state)
+        _save_safetensors(out_dir / "best.safetensors", kept.state_dict(), meta)
+    _save_last(out_dir / "last.safetensors", model, optimizer, state, ema)
     _write_epoch_records(out_dir, state)
 
 

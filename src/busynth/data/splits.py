@@ -2,8 +2,10 @@
 
 Groups are the audit's near-duplicate groups, so no member of a group ever sits in two
 parts of one fold. scikit-learn's ``StratifiedGroupKFold`` does the assignment. A split is
-stored as a long CSV (``fold,id,path,label,group,part``; part is train, val, test or
-excluded) that can be read back, and users may bring their own split file instead.
+stored as a long CSV (``fold,id,path,label,group,part``; part is train, val, test, excluded or
+purged) that can be read back, and users may bring their own split file instead; what happens
+when such a file lets a duplicate group straddle test and train/val is ``split.on_leak``
+(``busynth.data.leaks``).
 """
 
 from __future__ import annotations
@@ -21,22 +23,32 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from busynth.config import SplitConfig
 from busynth.data.audit import AuditReport
+from busynth.data.leaks import apply_leak_policy
 from busynth.data.records import Record, check_relative
-from busynth.errors import DataError
+from busynth.errors import DataError, LeakError
 from busynth.io import write_text
 
 log = logging.getLogger(__name__)
 
-PARTS = ("train", "val", "test", "excluded")
+# "purged": train/val images dropped because their duplicate group has a test image (split.on_leak=purge).
+PARTS = ("train", "val", "test", "excluded", "purged")
 COLUMNS = ("fold", "id", "path", "label", "group", "part")
 
 
 @dataclass
 class Split:
-    """Per fold, which part every record belongs to. ``rows`` are dicts with COLUMNS."""
+    """Per fold, which part every record belongs to. ``rows`` are dicts with COLUMNS.
+
+    For a split file (``busynth.data.leaks``): ``leaks`` are the duplicate groups it lets straddle
+    test and train/val, ``purged`` the ids per fold moved to part ``purged`` (on_leak=purge), and
+    ``leaky`` is True when such groups were kept as given (on_leak=keep).
+    """
 
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
+    leaks: list[dict] = field(default_factory=list)
+    purged: dict[int, list[str]] = field(default_factory=dict)
+    leaky: bool = False
 
     @property
     def folds(self) -> list[int]:
@@ -86,10 +98,10 @@ class Split:
 
 
 def leaking_groups(split: Split) -> list[tuple[int, int, list[str]]]:
-    """(fold, group, parts) for every duplicate group found in more than one non-excluded part."""
+    """(fold, group, parts) for every duplicate group found in more than one of train, val, test."""
     seen: dict[tuple[int, int], set[str]] = {}
     for r in split.rows:
-        if r["part"] != "excluded" and r["group"] != "":
+        if r["part"] not in ("excluded", "purged") and r["group"] != "":
             seen.setdefault((int(r["fold"]), int(r["group"])), set()).add(r["part"])
     return [(f, g, sorted(p)) for (f, g), p in sorted(seen.items()) if len(p) > 1]
 
@@ -118,11 +130,15 @@ def make_split(records: Sequence[Record], audit: AuditReport, config: SplitConfi
         raise DataError("no records left to split")
     labels = np.array([r.label for r in kept])
     groups = np.array([audit.group_of[r.id] for r in kept])
-    if config.mode == "kfold":
-        test_parts = _grouped_kfold(labels, groups, config.folds, config.seed)
-    else:
-        n_splits = max(2, round(1 / config.test_fraction))
-        test_parts = _grouped_kfold(labels, groups, n_splits, config.seed)[:1]
+    # Repeated cross-validation: repeat r is a fresh fold assignment with seed `seed + r`; its
+    # folds are numbered r * folds, ..., r * folds + folds - 1.
+    test_parts: list[np.ndarray] = []
+    for repeat in range(config.repeats):
+        if config.mode == "kfold":
+            test_parts += _grouped_kfold(labels, groups, config.folds, config.seed + repeat)
+        else:
+            n_splits = max(2, round(1 / config.test_fraction))
+            test_parts += _grouped_kfold(labels, groups, n_splits, config.seed + repeat)[:1]
     val_splits = max(2, round(1 / config.val_fraction))
     rows: list[dict] = []
     for fold, test_idx in enumerate(test_parts):
@@ -134,11 +150,13 @@ def make_split(records: Sequence[Record], audit: AuditReport, config: SplitConfi
         for r, p in zip(kept, part, strict=True):
             rows.append(_row(fold, r, audit.group_of[r.id], str(p)))
         rows.extend(_row(fold, r, audit.group_of[r.id], "excluded") for r in records if r.id in excluded)
-    notes = [f"excluded {len(excluded)} images in cross-class duplicate groups: {', '.join(sorted(excluded))}"] if excluded else []
+    notes = [f"excluded {len(excluded)} images in cross-class duplicate groups "
+             "(split.csv part=excluded; audit.json lists the groups)"] if excluded else []
     split = Split(rows=rows, notes=notes)
     leaks = leaking_groups(split)
     if leaks:  # cannot happen with StratifiedGroupKFold; kept as a hard guard
-        raise AssertionError(f"duplicate groups straddle parts: {leaks[:5]}")
+        raise LeakError(f"internal error: the split made for these data lets {len(leaks)} duplicate groups "
+                        f"straddle parts (fold, group, parts: {leaks[:5]}); please report it")
     return split
 
 
@@ -155,8 +173,10 @@ def read_split(path: str | Path, records: Sequence[Record], audit: AuditReport |
     ``fold`` only (the test fold; train/val are the other folds, val carved as in make_split
     is not applied: the file's other folds become train, and a grouped val part is carved
     from them). Unknown ids/paths raise DataError naming them; records the file does not
-    name are marked excluded and counted in the notes. Duplicate groups that straddle parts
-    are reported in the notes (the user's split is kept as given).
+    name are marked excluded and counted in the notes. Duplicate groups that straddle test and
+    train/val are refused, purged or kept as ``config.on_leak`` says (``busynth.data.leaks``:
+    LeakError, part ``purged``, or ``Split.leaky``); groups that straddle only train and val are
+    counted in the notes.
     """
     path = Path(path)
     if not path.is_file():
@@ -203,8 +223,14 @@ def read_split(path: str | Path, records: Sequence[Record], audit: AuditReport |
         if missing:
             notes.append(f"fold {fold}: {len(missing)} images not named in {path.name} are excluded")
     split = Split(rows=rows, notes=notes)
-    for fold, group, parts in leaking_groups(split):
-        split.notes.append(f"fold {fold}: duplicate group {group} is in parts {parts} (leak in the given split)")
+    config = config or SplitConfig()
+    apply_leak_policy(split, config.on_leak, str(path))
+    train_val: dict[int, int] = {}
+    for fold, _, parts in leaking_groups(split):
+        if "test" not in parts:
+            train_val[fold] = train_val.get(fold, 0) + 1
+    split.notes.extend(f"fold {fold}: {n} duplicate groups straddle train and val (validation scores may be "
+                       "optimistic)" for fold, n in sorted(train_val.items()))
     return split
 
 

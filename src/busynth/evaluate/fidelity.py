@@ -5,12 +5,14 @@ Features are the penultimate layer of the real-only classifier of the same fold 
 through :class:`PrecomputedFeatures` (an identity ``feature`` module), so the Fréchet and
 kernel maths are torchmetrics', not ours:
 
-- FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
-  Nash Equilibrium", arXiv:1706.08500) -- biased for small sets and for N < D, so compare it
-  between methods evaluated on sets of the same size, never against published Inception FIDs.
+- classifier-feature FID (the Fréchet distance of Heusel et al. 2017, "GANs Trained by a Two
+  Time-Scale Update Rule Converge to a Local Nash Equilibrium", arXiv:1706.08500, in the
+  classifier's feature space, not Inception's) -- biased for small sets and undefined in
+  practice for N <= D (reported as None then), so compare it between methods evaluated on
+  sets of the same size, never against published Inception FIDs.
 - KID (Bińkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401): unbiased MMD with
-  the cubic polynomial kernel, mean ± std over random subsets; the subset size adapts to the
-  smaller of the two sets so that small classes still get a value.
+  the cubic polynomial kernel, mean ± std over random subsets of half the smaller set (at most
+  1000), so that small classes still get a value and the std is not trivially 0.
 - Precision / recall on k-NN manifolds (Kynkäänniemi et al. 2019, "Improved Precision and
   Recall Metric for Assessing Generative Models", arXiv:1904.06991).
 - Diversity: mean pairwise MS-SSIM within a class (Wang, Simoncelli & Bovik 2003,
@@ -96,9 +98,10 @@ def fid(real: np.ndarray, fake: np.ndarray) -> float:
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, max_subset: int = 1000,
         seed: int = 0) -> tuple[float, float, int]:
     """KID (mean, std over ``subsets`` random subsets, subset size) via torchmetrics'
-    KernelInceptionDistance; the subset size is min(max_subset, len(real), len(fake)), so
-    a class with fewer images than ``max_subset`` uses all of them. Needs >= 2 per set."""
-    size = int(min(max_subset, len(real), len(fake)))
+    KernelInceptionDistance. The subset size is min(max_subset, half the smaller set, at least
+    2): proper subsets, so the std says how much KID varies with the images drawn (a subset as
+    large as the set would repeat the same value). Needs >= 2 per set."""
+    size = int(min(max_subset, max(2, min(len(real), len(fake)) // 2)))
     with warnings.catch_warnings():  # "will save all extracted features": they are ours already
         warnings.filterwarnings("ignore", message=".*save all extracted features.*")
         metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
@@ -208,12 +211,16 @@ def compare_feature_sets(real: np.ndarray, fake: np.ndarray, settings: FidelityS
     out: dict = {"n_real": int(len(real)), "n_fake": int(len(fake)), "fid": None, "kid_mean": None,
                  "kid_std": None, "kid_subset_size": None, "precision": None, "recall": None}
     notes = []
-    if min(len(real), len(fake)) >= 2:
+    dim = real.shape[1] if real.ndim == 2 else 0
+    if min(len(real), len(fake)) > dim:
         out["fid"] = _finite(fid(real, fake))
+    else:  # the covariance of fewer points than dimensions is singular: FID would mostly measure N
+        notes.append(f"FID needs more images per set than feature dimensions ({dim})")
+    if min(len(real), len(fake)) >= 2:
         out["kid_mean"], out["kid_std"], out["kid_subset_size"] = kid(
             real, fake, settings.kid_subsets, settings.kid_max_subset, settings.seed)
     else:
-        notes.append("FID/KID need at least 2 images per set")
+        notes.append("KID needs at least 2 images per set")
     if min(len(real), len(fake)) > settings.nn_k:
         out["precision"], out["recall"] = precision_recall(real, fake, settings.nn_k)
     else:

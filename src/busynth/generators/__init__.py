@@ -6,6 +6,7 @@ from busynth.generators.base import (
     available_methods,
     build_generator,
     generator_class,
+    order_methods,
     register,
 )
 
@@ -37,6 +38,8 @@ def _controlnet():
 register("classical", _classical)
 register("cvae", _cvae)
 register("sd-lora", _sd_lora)
-register("controlnet", _controlnet)
+# controlnet builds on the same fold's sd-lora fit when sd-lora is in the run: sd-lora runs first.
+register("controlnet", _controlnet, after=("sd-lora",))
 
-__all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "register"]
+__all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "order_methods",
+           "register"]

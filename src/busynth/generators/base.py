@@ -124,11 +124,35 @@ class Generator(abc.ABC):
 # --- registry -------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, Callable[[], type[Generator]]] = {}
+# method -> methods whose fit of the same fold it builds on when both run (they run first).
+_RUNS_AFTER: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, loader: Callable[[], type[Generator]]) -> None:
-    """Register a generator class under a method name; ``loader`` imports it lazily."""
+def register(name: str, loader: Callable[[], type[Generator]], after: Sequence[str] = ()) -> None:
+    """Register a generator class under a method name; ``loader`` imports it lazily. ``after``:
+    methods this one reuses when they are in the same run, so they run before it (see order_methods)."""
     _REGISTRY[name] = loader
+    _RUNS_AFTER[name] = tuple(after)
+
+
+def order_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` with every method's ``after`` dependencies (those present) moved before it;
+    otherwise in the given order. E.g. ``[controlnet, real, sd-lora]`` -> ``[sd-lora, controlnet, real]``."""
+    wanted, ordered = set(methods), []
+
+    def visit(method: str, path: tuple[str, ...]) -> None:
+        if method in ordered:
+            return
+        if method in path:
+            raise ConfigError(f"methods depend on each other in a cycle: {' -> '.join([*path, method])}")
+        for dependency in _RUNS_AFTER.get(method, ()):
+            if dependency in wanted:
+                visit(dependency, (*path, method))
+        ordered.append(method)
+
+    for method in methods:
+        visit(method, ())
+    return ordered
 
 
 def available_methods() -> list[str]:

@@ -28,7 +28,6 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator
 from busynth.checkpoint import (
@@ -54,6 +53,7 @@ from busynth.io import (
     read_json,
     write_rows_csv,
 )
+from busynth.progress import log_fit, progress
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +279,8 @@ class CVAEGenerator(Generator):
         n, bs = len(images), min(cfg.batch_size, len(images))
         per_epoch = max(1, n // bs)
         model.train()
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="cvae fit",
-                   disable=None if accelerator.is_local_main_process else True)
-        for step in bar:
+        bar = progress(cfg.steps, "cvae fit", initial=start, enabled=accelerator.is_local_main_process, log=logger)
+        for step in range(start, cfg.steps):
             # Batch order and reparameterisation noise come from (seed, step) alone: resume is exact.
             epoch, pos = divmod(step, per_epoch)
             perm_gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 0))
@@ -307,7 +306,7 @@ class CVAEGenerator(Generator):
             loss, recon, kl = (float(accelerator.reduce(t.detach(), "mean")) for t in (loss, recon, kl))
             row = {"step": step, "loss": loss, "recon": recon, "kl": kl, "kl_weight": weight, "lr": lr}
             history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.1f}", recon=f"{row['recon']:.1f}", kl=f"{row['kl']:.1f}")
+            bar.update(1, loss=round(loss, 1), recon=round(recon, 1), kl=round(kl, 1))
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 write_rows_csv(out_dir / HISTORY_FILE, history, HISTORY_FIELDS)
@@ -321,7 +320,10 @@ class CVAEGenerator(Generator):
         self.step = cfg.steps
         _save_weights(self.model, out_dir / MODEL_FILE)
         save_generator_info(out_dir, self.name, cfg, {**self._identity(seed), "step": cfg.steps})
-        logger.info("cvae: trained %d steps on %d images -> %s", cfg.steps, n, out_dir)
+        resumed = {"resumed_at_step": start} if start else {}
+        log_fit("cvae", bar.count, bar.elapsed, log=logger, **resumed, images=n,
+                last_loss=round(float(history[-1]["loss"]), 1) if history else float("nan"))
+        logger.debug("cvae: model in %s", out_dir)
         return out_dir
 
     def _load_weights(self, path: Path, step: int) -> None:

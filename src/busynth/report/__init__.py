@@ -32,6 +32,7 @@ from busynth.report.sections import (
     section_header,
     section_metric_bars,
     section_results,
+    section_verdicts,
     section_roc,
     section_samples,
     section_training,
@@ -42,11 +43,11 @@ __all__ = ["SECTIONS", "Run", "build_report", "load_run"]
 logger = logging.getLogger(__name__)
 
 SECTIONS: list[Callable[[Run], str]] = [
-    section_header, section_results, section_metric_bars, section_roc, section_confusion,
+    section_header, section_verdicts, section_results, section_metric_bars, section_roc, section_confusion,
     section_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
     section_adherence, section_data, section_config,
 ]
-_REQUIRED = {section_header, section_results, section_config}
+_REQUIRED = {section_header, section_verdicts, section_results, section_config}
 
 
 def _render(section: Callable[[Run], str], run: Run) -> str:

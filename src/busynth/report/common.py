@@ -33,7 +33,7 @@ h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin
 table{border-collapse:collapse;margin:.6em 0;font-size:.82em;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #bbb;padding:.25em .5em;text-align:right;vertical-align:top}
 th{background:#f2f2f2}td.l,th.l{text-align:left}
-td.better{background:#d7f5d7}td.worse{background:#f8d4d4}
+td.better{background:#d7f5d7}td.worse{background:#f8d4d4}p.worse{background:#f8d4d4;padding:4px}
 .diff{color:#555;font-size:.85em;white-space:nowrap}.note{color:#777;font-style:italic}
 img{max-width:100%}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 .pairs{display:flex;flex-wrap:wrap;gap:.8em}.pair{margin:0;padding:.3em;border:2px solid #ddd;font-size:.75em}

@@ -32,7 +32,7 @@ from busynth.report.common import (
 MASK_PAIRS_PER_CLASS = 4
 # (key in fidelity.json, column title, scale, decimals); arrows say which direction is better.
 COLUMNS = (
-    ("fid", "FID ↓", 1.0, 3),
+    ("fid", "classifier-feature FID ↓", 1.0, 3),
     ("kid_mean", "KID ×10³ ↓", 1e3, 2),
     ("precision", "precision ↑", 1.0, 3),
     ("recall", "recall ↑", 1.0, 3),

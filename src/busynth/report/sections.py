@@ -42,7 +42,10 @@ SAMPLES_PER_CLASS = 8
 def section_header(run: Run) -> str:
     """Title, data source, dates, methods, folds × seeds and how to read the page."""
     cfg, info = run.config, run.info
-    folds = 1 if cfg.get("split", {}).get("mode") == "holdout" else cfg.get("split", {}).get("folds", "?")
+    split_cfg = cfg.get("split", {})
+    folds = 1 if split_cfg.get("mode") == "holdout" else split_cfg.get("folds", "?")
+    if split_cfg.get("repeats", 1) > 1:
+        folds = f"{folds} folds × {split_cfg['repeats']} repeats"
     seeds = cfg.get("run", {}).get("seeds", "?")
     rows = [
         ("data", info.get("data", "unknown (no run.json)")),
@@ -57,37 +60,109 @@ def section_header(run: Run) -> str:
     return (
         f"<h1>busynth report: {esc(run.root.name)}</h1>" + kv_table(rows)
         + f"<p>Each method trains a classifier on real training images plus that method's synthetic "
-        f"images and is scored on held-out <b>real</b> test images; numbers are mean ± sd over "
-        f"folds × seeds. Below each mean is the paired difference to <b>{esc(run.reference)}</b> "
-        f"with a bootstrap 95% CI: green means the CI lies above 0 (better), red below 0 (worse).</p>"
+        f"images, for the same number of optimiser steps, and is scored on held-out <b>real</b> test "
+        f"images; numbers are mean ± sd over folds × seeds. Differences to <b>{esc(run.reference)}</b> "
+        f"are paired by fold and classifier seed, and their intervals include training randomness. "
+        f"Only the primary metric gets a verdict (Holm-adjusted across methods); the A/A row shows "
+        f"how far the reference moves against itself under other seeds: the noise floor.</p>"
     )
 
 
-def _result_cell(stats: dict[str, Any], paired: dict[str, Any] | None) -> str:
+VERDICT_CLASS = {"helps": "better", "hurts": "worse"}
+
+
+def _interval_text(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{fmt(d.get('diff'), sign=True)} [{fmt(d.get('ci_low'), sign=True)}, {fmt(d.get('ci_high'), sign=True)}]"
+
+
+def _result_cell(stats: dict[str, Any], paired: dict[str, Any] | None, verdict: str | None) -> str:
     text = f"{fmt(stats.get('mean'))} ± {fmt(stats.get('sd'))}"
     if not paired:
         return f"<td>{esc(text)}</td>"
-    lo, hi = num(paired.get("ci_low")), num(paired.get("ci_high"))
-    cls = ' class="better"' if lo > 0 else ' class="worse"' if hi < 0 else ""  # False for NaN
-    diff = f"Δ {fmt(paired.get('diff'), sign=True)} [{fmt(lo, sign=True)}, {fmt(hi, sign=True)}]"
-    title = f"p_boot={fmt(paired.get('p_boot'))}, n={paired.get('n', '?')}"
+    cls = f' class="{VERDICT_CLASS[verdict]}"' if verdict in VERDICT_CLASS else ""
+    title = f"p={fmt(paired.get('p'))}, test images n={paired.get('n', '?')}, cells={paired.get('cells', '?')}"
+    diff = "Δ " + _interval_text(paired)
     return f'<td{cls} title="{esc(title)}">{esc(text)}<br><span class="diff">{esc(diff)}</span></td>'
 
 
+def _procedure(summary: dict[str, Any]) -> tuple[str, str, float]:
+    proto = summary.get("protocol", {})
+    how = ("two-level bootstrap (classifier seeds within folds and test images resampled)"
+           if proto.get("interval", "bootstrap") == "bootstrap" else "corrected resampled t-test (Nadeau & Bengio 2003)")
+    return proto.get("primary_metric", "balanced_accuracy"), how, float(proto.get("alpha", 0.05))
+
+
+def section_verdicts(run: Run) -> str:
+    """The answer: per method, the primary metric's paired difference to the reference and to
+    the classical baseline with intervals, Holm-adjusted p-values and verdicts; the A/A row first."""
+    summary = run.summary
+    primary, how, alpha = _procedure(summary)
+    aa = summary.get("aa", {})
+    ref, base = run.reference, summary.get("baseline", "classical")
+    head = (f'<tr><th class="l">method</th><th>Δ {esc(primary)} vs {esc(ref)}</th><th>Holm p</th><th>verdict</th>'
+            f'<th>Δ vs {esc(base)}</th><th>Holm p</th><th>verdict</th></tr>')
+    seeds = summary.get("protocol", {}).get("aa_seeds", [[], []])
+    aa_primary = aa.get(primary) if isinstance(aa, dict) else None
+    aa_text = _interval_text(aa_primary) if aa_primary else esc(aa.get("note", "not available"))
+    rows = [f'<tr class="aa"><td class="l">A/A: {esc(ref)} seeds {esc(seeds[0])} vs {esc(seeds[1])}</td>'
+            f'<td>{esc(aa_text)}</td><td>p={fmt((aa_primary or {}).get("p"))}</td><td>(noise floor)</td>'
+            f'<td></td><td></td><td></td></tr>']
+    for method in run.methods:
+        vs_ref = summary.get("paired", {}).get(method)
+        if method == ref or not vs_ref:
+            continue
+        vs_base = summary.get("vs_baseline", {}).get(method, {})
+        cols = []
+        for block in (vs_ref, vs_base):
+            v = block.get("verdict")
+            cls = f' class="{VERDICT_CLASS[v]}"' if v in VERDICT_CLASS else ""
+            cols.append(f"<td{cls}>{esc(_interval_text(block.get(primary)))}</td><td>{fmt(block.get('p_holm'))}</td>"
+                        f"<td{cls}><b>{esc(v or '–')}</b></td>")
+        rows.append(f'<tr><td class="l">{esc(method)}</td>{"".join(cols)}</tr>')
+    leaky = _leaky_note(run)
+    return ("<h2>Verdicts</h2>" + leaky + "<table>" + head + "".join(rows) + "</table>" + note(
+        f"Primary metric: {primary}. Interval: {round(100 * (1 - alpha))}% {how}. Verdict: helps / hurts when "
+        f"the Holm-adjusted p-value across the methods compared is below {alpha}, else no evidence. "
+        "A difference no larger than the A/A row's is indistinguishable from re-training with another seed."
+    ))
+
+
+def _leaky_note(run: Run) -> str:
+    path = run.root / "data" / "split_leaks.json"
+    if not path.is_file():
+        return ""
+    leaks = read_json(path)
+    if not leaks.get("leaky"):
+        return ""
+    return ('<p class="worse"><b>leaky split</b>: the given split file puts near-duplicates of test images in '
+            f"training ({len(leaks.get('groups', []))} groups, kept as given with split.on_leak=keep); "
+            "every number below is optimistic.</p>")
+
+
 def section_results(run: Run) -> str:
-    """Per method: mean ± sd of every metric and the paired difference vs the reference."""
+    """Per method: mean ± sd of every metric and the paired difference vs the reference; only the
+    primary metric is coloured, by its verdict."""
     metrics = list(run.summary.get("metrics") or [])
+    primary, how, _ = _procedure(run.summary)
     stats, paired = run.summary.get("methods", {}), run.summary.get("paired", {})
-    head = '<tr><th class="l">method</th><th>n</th>' + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>"
+    head = '<tr><th class="l">method</th><th>cells</th>' + "".join(
+        f"<th>{esc(m)}{' (primary)' if m == primary else ''}</th>" for m in metrics) + "</tr>"
     rows = []
     for method in (m for m in run.methods if m in stats):
         n = next((s.get("n") for s in stats[method].values() if isinstance(s, dict)), "?")
-        cells = "".join(_result_cell(stats[method].get(m, {}), paired.get(method, {}).get(m)) for m in metrics)
+        mine = paired.get(method, {})
+        cells = "".join(
+            _result_cell(stats[method].get(m, {}), mine.get(m), mine.get("verdict") if m == primary else None)
+            for m in metrics)
         rows.append(f'<tr><td class="l">{esc(method)}</td><td>{esc(n)}</td>{cells}</tr>')
     absent = [m for m in run.methods if m not in stats]
     missing = f" No results for: {', '.join(absent)}." if absent else ""
-    return "<h2>Results</h2><table>" + head + "".join(rows) + "</table>" + note(
-        f"n = cells (folds × seeds). Hover a difference for its bootstrap p-value.{missing}"
+    return "<h2>Results</h2>" + _leaky_note(run) + "<table>" + head + "".join(rows) + "</table>" + note(
+        f"cells = folds × seeds. Δ: paired difference to {run.reference} with its interval ({how}); "
+        f"hover for p and the number of distinct test images. Only {primary} is coloured (by its verdict); "
+        f"the other metrics are descriptive.{missing}"
     )
 
 

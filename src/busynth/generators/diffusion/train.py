@@ -3,8 +3,9 @@
 A :class:`Stage` says *what* trains (``model``, ``trainable_parameters()``) and *how the loss
 is computed* (``loss(batch, generator)``); :func:`train_stage` does everything else: device
 placement and mixed precision, gradient accumulation and clipping, the learning-rate
-schedule, ``checkpoint-N/`` folders with a cap, resume from the latest one, a progress bar
-and ``history.csv``. :class:`NoisePredictionStage` is the denoising objective of DDPM (Ho et
+schedule, ``checkpoint-N/`` folders with a cap, resume from the latest one, progress
+(``busynth.progress``: a bar on a terminal, a line every ~30 s elsewhere) and ``history.csv``.
+:class:`NoisePredictionStage` is the denoising objective of DDPM (Ho et
 al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020) in the latent space of Stable
 Diffusion, with prompt dropout for classifier-free guidance (Ho & Salimans, "Classifier-Free
 Diffusion Guidance", 2022) and optional min-SNR-gamma loss weighting (Hang et al., "Efficient
@@ -35,12 +36,12 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator, rank_and_world
 from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from busynth.errors import ConfigError, RunStateError
 from busynth.io import derived_seed, read_history_csv, read_json, write_rows_csv
+from busynth.progress import log_fit, progress
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +294,8 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     data = {k: v.to(accelerator.device) for k, v in data.items()}
     history = read_history_csv(out_dir / HISTORY_FILE, start)
     stage.model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=stage.name,
-               disable=None if accelerator.is_local_main_process else True)
-    for step in bar:
+    bar = progress(cfg.steps, stage.name, initial=start, enabled=accelerator.is_local_main_process, log=logger)
+    for step in range(start, cfg.steps):
         started = time.perf_counter()
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -320,7 +320,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
             loss_sum += float(accelerator.reduce(loss.detach(), "mean")) / cfg.grad_accum
         row = {"step": step, "loss": loss_sum, **extras, "lr": lr, "seconds": round(time.perf_counter() - started, 4)}
         history.append(row)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        bar.update(1, loss=loss_sum)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the main process commits the files
             write_rows_csv(out_dir / HISTORY_FILE, history)
@@ -331,5 +331,6 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     broadcast_buffers(stage.model)
     stage.model.eval()
     if history:
-        logger.info("%s: %d steps, last loss %.4f", stage.name, cfg.steps, float(history[-1]["loss"]))
+        resumed = {"resumed_at_step": start} if start else {}
+        log_fit(stage.name, bar.count, bar.elapsed, log=logger, **resumed, last_loss=float(history[-1]["loss"]))
     return history

@@ -1,0 +1,46 @@
+"""Methods run in dependency order whatever order the user lists them (controlnet after sd-lora)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from busynth.cli import app
+from busynth.config import load_config
+from busynth.errors import ConfigError
+from busynth.experiment import study_cells
+from busynth.generators import base, order_methods
+
+
+@pytest.mark.parametrize(("given", "ordered"), [
+    (["controlnet", "sd-lora"], ["sd-lora", "controlnet"]),
+    (["controlnet", "real", "sd-lora"], ["sd-lora", "controlnet", "real"]),
+    (["cvae", "controlnet", "classical", "sd-lora"], ["cvae", "sd-lora", "controlnet", "classical"]),
+    (["real", "sd-lora", "controlnet", "cvae"], ["real", "sd-lora", "controlnet", "cvae"]),  # already fine
+    (["classical", "controlnet", "real"], ["classical", "controlnet", "real"]),  # no sd-lora: nothing to move
+])
+def test_order_methods_moves_dependencies_first_and_keeps_the_rest(given: list[str], ordered: list[str]) -> None:
+    assert order_methods(given) == ordered
+
+
+def test_the_config_orders_run_methods_and_every_fold_runs_sd_lora_before_controlnet() -> None:
+    config = load_config("smoke", ["run.methods=[controlnet,real,sd-lora]"])
+    assert config.run.methods == ["sd-lora", "controlnet", "real"]
+    cells = study_cells(config, [0, 1])
+    for fold in (0, 1):
+        methods = [c.method for c in cells if c.fold == fold]
+        assert methods.index("sd-lora") < methods.index("controlnet")
+
+
+def test_the_cli_shows_the_order_it_will_run() -> None:
+    result = CliRunner().invoke(app, ["config", "-c", "smoke", "--set", "run.methods=[controlnet,sd-lora]"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["run"]["methods"] == ["sd-lora", "controlnet"]
+
+
+def test_a_dependency_cycle_is_refused_naming_it(monkeypatch) -> None:
+    monkeypatch.setitem(base._RUNS_AFTER, "a", ("b",))
+    monkeypatch.setitem(base._RUNS_AFTER, "b", ("a",))
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        order_methods(["a", "b"])
