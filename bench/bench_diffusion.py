@@ -59,7 +59,7 @@ def device_info() -> str:
     return f"{platform.machine()}, torch threads={torch.get_num_threads()}, cores={os.cpu_count()}"
 
 
-def _tiny_setup(cfg: SDLoraConfig, n: int, seed: int = 0):
+def tiny_setup(cfg: SDLoraConfig, n: int, seed: int = 0):
     """Fresh tiny components plus random cached moments and prompt embeddings for ``n`` images."""
     parts = build_tiny_components(cfg.tiny, cfg.image_size, [cfg.generic_prompt], seed)
     side = cfg.image_size // cfg.tiny.vae_factor
@@ -71,7 +71,7 @@ def _tiny_setup(cfg: SDLoraConfig, n: int, seed: int = 0):
 
 def ours_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
     """Per-step seconds of train_stage on the base stage (history 'seconds', first step dropped)."""
-    parts, data, emb = _tiny_setup(cfg, 4 * batch)
+    parts, data, emb = tiny_setup(cfg, 4 * batch)
     stage = NoisePredictionStage("base", parts.unet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
     stage_cfg = StageConfig(steps=steps, batch_size=batch, lr=1e-4, prompt_dropout=0.0, checkpoint_every=10**6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def ours_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
 
 def reference_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
     """Per-step seconds of a plain hand-written diffusers training step on the same model and data."""
-    parts, data, emb = _tiny_setup(cfg, 4 * batch)
+    parts, data, emb = tiny_setup(cfg, 4 * batch)
     unet, sched = parts.unet.train(), parts.noise_scheduler
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
     times = []

@@ -41,10 +41,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import _tiny_setup, device_info, interleaved_comparison, load_avg  # sets HF_HUB_OFFLINE
+from bench_diffusion import device_info, interleaved_comparison, load_avg, tiny_setup  # sets HF_HUB_OFFLINE
 
 from busynth.classify.models import build_classifier
-from busynth.classify.train import _param_groups, class_weight_vector, fit_classifier
+from busynth.classify.train import class_weight_vector, fit_classifier, param_groups
 from busynth.config import ClassifierConfig, load_config
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.generators.diffusion.components import build_tiny_components
@@ -86,7 +86,7 @@ class ClassifierStepper:
         self.channels_last, self.bf16 = channels_last, bf16
         if channels_last:
             self.model.to(memory_format=CL)
-        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         labels = torch.cat([y for _, y in batches]).numpy()
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_vector(labels, 3, cfg.class_weights))
         self.batches, self.i, self.losses = batches, 0, []
@@ -287,7 +287,7 @@ def classifier_rows(cfg: ClassifierConfig, reps: int, steps: int, warmup: int) -
 def unet_rows(sd: SDLoraConfig, reps: int, steps: int, warmup: int) -> list[dict]:
     """Comparisons 2 and 4: the tiny UNet step in three layouts / precisions; cached vs encoded latents."""
     n = 4 * sd.base_training.batch_size
-    parts, data, emb = _tiny_setup(sd, n)
+    parts, data, emb = tiny_setup(sd, n)
     base = UNetStepper(sd, parts, data, emb)
     variants = {"channels_last": UNetStepper(sd, parts, data, emb, channels_last=True),
                 "bf16": UNetStepper(sd, parts, data, emb, bf16=True)}

@@ -33,7 +33,6 @@ from busynth.generators.diffusion.components import (
 )
 from busynth.generators.diffusion.controlnet import ControlNetGenerator, ControlNetStage
 from busynth.generators.diffusion.masks import (
-    IDENTITY,
     MaskTransformConfig,
     elastic_masks,
     sampling_masks,
@@ -217,6 +216,9 @@ def test_pretrained_path_on_a_saved_tiny_pipeline_and_controlnet(records, tmp_pa
 # --- sampling masks --------------------------------------------------------------------------
 
 
+IDENTITY = MaskTransformConfig(hflip=False, max_rotation=0.0, scale_range=(1.0, 1.0), elastic_alpha=0.0)
+
+
 def _lesion(size: int = 32) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
     return ((yy - 12) / 6.0) ** 2 + ((xx - 18) / 9.0) ** 2 <= 1.0
@@ -250,6 +252,17 @@ def test_normal_masks_stay_empty_and_pool_is_resized():
     assert not elastic_masks(np.zeros((1, 16, 16), bool), 0.1, 0.1, seed=0).any()
     drawn = sampling_masks([_lesion(64)], 2, 32, IDENTITY, seed=0)
     assert drawn.shape == (2, 32, 32) and all(np.array_equal(d, resize_mask(_lesion(64), 32)) for d in drawn)
+
+
+def test_sampling_masks_use_a_pool_of_n_in_order_and_seed_each_mask_alone():
+    pool = [_lesion(), np.roll(_lesion(), 8, axis=1), None]
+    as_given = sampling_masks(pool, 3, 32, IDENTITY, seed=0)
+    assert np.array_equal(as_given[0], pool[0]) and np.array_equal(as_given[1], pool[1]) and not as_given[2].any()
+    # Mask i is transformed with a seed of its own: the first two of three are the two of two.
+    cfg = MaskTransformConfig()
+    three = sampling_masks(pool, 3, 32, cfg, seed=4, stream=1)
+    assert np.array_equal(three[:2], sampling_masks(pool[:2], 2, 32, cfg, seed=4, stream=1))
+    assert not np.array_equal(three[:2], sampling_masks(pool[:2], 2, 32, cfg, seed=4, stream=2))
 
 
 # --- control adherence -----------------------------------------------------------------------

@@ -6,11 +6,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from busynth import registry
 from busynth.cli import app
 from busynth.config import load_config
 from busynth.errors import ConfigError
 from busynth.experiment import study_cells
-from busynth.generators import base, order_methods
+from busynth.generators import order_methods
 
 
 @pytest.mark.parametrize(("given", "ordered"), [
@@ -40,7 +41,7 @@ def test_the_cli_shows_the_order_it_will_run() -> None:
 
 
 def test_a_dependency_cycle_is_refused_naming_it(monkeypatch) -> None:
-    monkeypatch.setitem(base._RUNS_AFTER, "a", ("b",))
-    monkeypatch.setitem(base._RUNS_AFTER, "b", ("a",))
+    monkeypatch.setitem(registry.METHODS, "a", registry.Method("a", "nowhere:A", after=("b",)))
+    monkeypatch.setitem(registry.METHODS, "b", registry.Method("b", "nowhere:B", after=("a",)))
     with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
         order_methods(["a", "b"])

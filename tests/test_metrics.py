@@ -1,4 +1,4 @@
-"""Metrics, bootstrap CIs and paired differences: values pinned by hand, plus scikit-learn
+"""Metrics and the paired bootstrap of two methods: values pinned by hand, plus scikit-learn
 as the reference for the vectorised bootstrap form. Runs in about a second."""
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import pytest
 from busynth.classify import metrics as m
 from busynth.classify.metrics import (
     METRIC_NAMES,
-    bootstrap_ci,
     classification_metrics,
-    confusion,
     format_mean_sd,
+    macro_auc,
     paired_difference,
-    roc_points,
     summarize,
 )
 
@@ -118,6 +116,31 @@ def test_undefined_auc_is_nan_not_error():
     assert got["malignant_auc"] == pytest.approx(5 / 6)
 
 
+def test_macro_auc_skipping_absent_classes_averages_the_present_ones():
+    # Without the normal case, by hand: benign scores 0.6, 0.5, 0.3 vs 0.2, 0.2 -> 6 of 6 pairs;
+    # malignant 0.7, 0.35 vs 0.1, 0.3, 0.6 -> 5 of 6.
+    y, p = Y6[1:], P6[1:]
+    assert math.isnan(macro_auc(y, p))
+    assert macro_auc(y, p, skip_absent=True) == pytest.approx((1 + 5 / 6) / 2)
+    assert macro_auc(Y6, P6, skip_absent=True) == macro_auc(Y6, P6)  # every class present: the same
+    assert math.isnan(macro_auc(np.ones(3, int), np.full((3, 3), 1 / 3), skip_absent=True))
+
+
+@pytest.mark.parametrize("n_classes", [3, 4])
+def test_macro_auc_equals_sklearn_one_vs_rest(n_classes):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        y, p = _synthetic(40, 1.0, rng, n_classes)
+        p = np.round(p, 2)  # ties
+        p /= p.sum(axis=1, keepdims=True)
+        if len(np.unique(y)) < n_classes:
+            continue
+        ref = roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(n_classes)))
+        assert macro_auc(y, p) == ref
+
+
 @pytest.mark.parametrize(
     "y, p, classes",
     [
@@ -131,24 +154,6 @@ def test_undefined_auc_is_nan_not_error():
 def test_bad_inputs_raise(y, p, classes):
     with pytest.raises(ValueError):
         classification_metrics(y, p, classes)
-
-
-def test_confusion_rows_true_columns_predicted():
-    cm = confusion(np.array([0, 1, 1, 2]), np.array([0, 2, 1, 2]), 4)
-    expected = np.zeros((4, 4), dtype=int)
-    expected[0, 0] = expected[1, 2] = expected[1, 1] = expected[2, 2] = 1
-    np.testing.assert_array_equal(cm, expected)
-
-
-def test_roc_points_area_and_ends():
-    y = np.array([0, 0, 0, 1, 1])
-    p1 = np.array([0.1, 0.6, 0.3, 0.4, 0.8])
-    fpr, tpr = roc_points(y, np.c_[1 - p1, p1], positive_index=1)
-    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
-    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(5 / 6)
-    # Threshold 0.6 (a negative) is the first false positive: point (1/3, 1/2).
-    assert any(np.isclose(f, 1 / 3) and np.isclose(t, 1 / 2) for f, t in zip(fpr, tpr))
 
 
 # --------------------------------------------------- vectorised form vs scikit-learn
@@ -185,66 +190,14 @@ def test_resample_counts_keep_stratum_sizes():
     assert w[:, :3].std() > 0  # actually resampled, not the identity
 
 
-# ------------------------------------------------------------------------ bootstrap
-
-
-def test_bootstrap_point_equals_classification_metrics_and_ci_contains_it():
-    y, p = _synthetic(150, 1.5, np.random.default_rng(0))
-    ref = classification_metrics(y, p, CLASSES)
-    for name in METRIC_NAMES:
-        point, low, high = bootstrap_ci(y, p, name, CLASSES, n_boot=300)
-        assert point == pytest.approx(ref[name], abs=1e-12)
-        assert low < point < high, name
-
-
-def test_bootstrap_accuracy_ci_matches_normal_approximation():
-    # Accuracy is a mean of n Bernoulli outcomes: the 95% CI half-width is close to
-    # 1.96 * sqrt(acc (1 - acc) / n).
-    y, p = _synthetic(400, 1.5, np.random.default_rng(1))
-    point, low, high = bootstrap_ci(y, p, "accuracy", CLASSES, n_boot=2000)
-    half = 1.96 * math.sqrt(point * (1 - point) / 400)
-    assert (high - low) / 2 == pytest.approx(half, rel=0.15)
-
-
-def test_bootstrap_ci_narrows_with_more_data():
-    rng = np.random.default_rng(2)
-    widths = []
-    for n in (60, 600):
-        y, p = _synthetic(n, 1.5, rng)
-        _, low, high = bootstrap_ci(y, p, "macro_auc", CLASSES, n_boot=400)
-        widths.append(high - low)
-    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(10) in theory
-
-
-def test_bootstrap_is_deterministic_for_a_seed():
-    y, p = _synthetic(80, 1.0, np.random.default_rng(3))
-    a = bootstrap_ci(y, p, "macro_f1", CLASSES, n_boot=300, seed=5)
-    assert bootstrap_ci(y, p, "macro_f1", CLASSES, n_boot=300, seed=5) == a
-    assert bootstrap_ci(y, p, "macro_f1", CLASSES, n_boot=300, seed=6) != a
-
-
-def test_bootstrap_skips_resamples_with_undefined_metric():
-    # One normal case in 30: about e^-1 of the resamples miss it, so macro AUC is NaN
-    # there; those are skipped and the interval is still finite.
-    rng = np.random.default_rng(4)
-    y = np.r_[0, rng.integers(1, 3, 29)]
-    _, p = _synthetic(30, 1.0, rng)
-    point, low, high = bootstrap_ci(y, p, "macro_auc", CLASSES, n_boot=300)
-    assert all(math.isfinite(v) for v in (point, low, high))
-    # Only one class at all: nothing is ever defined.
-    point, low, high = bootstrap_ci(np.ones(5, int), np.full((5, 3), 1 / 3), "macro_auc",
-                                    CLASSES, n_boot=50)
-    assert all(math.isnan(v) for v in (point, low, high))
+# ----------------------------------------------------------------- paired difference
 
 
 def test_unknown_or_unavailable_metric_raises():
     with pytest.raises(ValueError, match="unknown metric"):
-        bootstrap_ci(Y6, P6, "auroc", CLASSES)
+        paired_difference(Y6, P6, P6, "auroc", CLASSES)
     with pytest.raises(ValueError, match="malignant"):
         paired_difference(Y6, P6, P6, "malignant_auc", ["a", "b", "c"])
-
-
-# ----------------------------------------------------------------- paired difference
 
 
 def test_paired_difference_with_itself_is_exactly_zero():
@@ -294,8 +247,9 @@ def test_paired_is_narrower_than_unpaired_for_correlated_methods():
     b = a * np.exp(0.1 * rng.normal(size=a.shape))
     b /= b.sum(axis=1, keepdims=True)
     got = paired_difference(y, a, b, "macro_auc", CLASSES, n_boot=400)
-    _, lo_a, hi_a = bootstrap_ci(y, a, "macro_auc", CLASSES, n_boot=400)
-    assert got["ci_high"] - got["ci_low"] < (hi_a - lo_a) / 3
+    # Against constant scores (macro AUC 0.5 on every resample) the interval is a's own.
+    alone = paired_difference(y, a, np.full_like(a, 1 / 3), "macro_auc", CLASSES, n_boot=400)
+    assert got["ci_high"] - got["ci_low"] < (alone["ci_high"] - alone["ci_low"]) / 3
 
 
 def test_grouped_point_estimate_is_mean_over_cells():
@@ -317,16 +271,6 @@ def test_grouped_point_estimate_is_mean_over_cells():
         assert got["diff"] != pytest.approx(pooled, abs=1e-6)  # not the pooled metric
         assert got["ci_low"] < got["diff"] < got["ci_high"]
         assert got["n"] == 150
-
-
-def test_bootstrap_ci_accepts_groups():
-    rng = np.random.default_rng(10)
-    (y1, p1), (y2, p2) = _synthetic(50, 1.0, rng), _synthetic(50, 3.0, rng)
-    point, _, _ = bootstrap_ci(np.r_[y1, y2], np.r_[p1, p2], "accuracy", CLASSES,
-                               n_boot=50, groups=np.repeat([3, 7], 50))
-    expected = (classification_metrics(y1, p1, CLASSES)["accuracy"]
-                + classification_metrics(y2, p2, CLASSES)["accuracy"]) / 2
-    assert point == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------ summaries

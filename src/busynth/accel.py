@@ -155,6 +155,20 @@ def cpu_supports_bf16() -> bool:
     return any(name in words for name in NATIVE_BF16_FEATURES)
 
 
+def reset_accelerate_state(keep_process_group: bool) -> None:
+    """Forget accelerate's process-wide state, so the next ``Accelerator(...)`` may take other settings
+    (``keep_process_group``: keep the process group of a multi-process run).
+
+    accelerate keeps one shared state per process and refuses a second Accelerator with another
+    ``mixed_precision``; it has no public way to reset it (accelerate 1.16). ``_reset_state`` is what its
+    own test utilities and transformers' TrainingArguments call for this, so it is called here and only
+    here; ``is_initialized`` is public."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=not keep_process_group)
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False,
                      field: str = "mixed_precision") -> Accelerator:
     """An Accelerator for one fit.
@@ -168,11 +182,9 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     distributed = process_state() is not None  # first, so a CPU-only multi-process launch gets gloo
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=not distributed)
+    reset_accelerate_state(keep_process_group=distributed)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
     if accelerator.device.type == "cpu" and mixed_precision == "fp16":
         raise ConfigError(f"{field}=fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
@@ -181,7 +193,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool
             _bf16_fallback_said.add(field)
             log.warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16, AMX-BF16 or Arm BF16), where "
                         "bf16 is slower than fp32 and changes the numbers; training in fp32", field)
-        AcceleratorState._reset_state(reset_partial_state=not distributed)
+        reset_accelerate_state(keep_process_group=distributed)
         accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=grad_accum, cpu=cpu)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False

@@ -28,6 +28,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Data steps: audit, split, write the built-in phantom.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
+log = logging.getLogger("busynth.cli")
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name (smoke, cpu) or a YAML file.")]
 SetOpt = Annotated[
@@ -196,7 +197,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 @friendly_errors
 def run(
     data: Annotated[str | None, typer.Option(help="BUSI-layout folder; default: built-in phantom data.")] = None,
-    config: ConfigOpt = "cpu",
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", help="Preset name (demo, smoke, cpu, sd15) or a YAML file; default: demo on the "
+        "built-in data, cpu with --data.")] = None,
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods, e.g. real,classical.")] = None,
     folds: Annotated[int | None, typer.Option(help="Number of grouped folds.")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per fold.")] = None,
@@ -210,9 +213,13 @@ def run(
     from busynth.results import format_summary
 
     method_list = None if methods is None else "[" + ",".join(m.strip() for m in methods.split(",") if m.strip()) + "]"
+    data_path = _data_path(data)
+    if config is None:
+        config = "cpu" if data_path else "demo"
+        log.info("config: %s preset (%s; choose another with --config)", config,
+                 "a BUSI-size data set" if data_path else "built-in data, a miniature of the study")
     cfg = _config(config, set_, **{"run.methods": method_list, "split.folds": folds, "run.seeds": seeds,
                                     "run.tracker": tracker})
-    data_path = _data_path(data)
     if out is None:
         out = Path("runs") / f"{Path(config).stem}-{data_path.name if data_path else 'phantom'}"
     summary = run_study(cfg, out, data_path, split_file)

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from busynth.errors import ConfigError
+from busynth.registry import available_methods, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,10 @@ class RunConfig(_Strict):
             raise ValueError("need at least one method")
         if len(set(v)) != len(v):
             raise ValueError(f"methods repeat: {v}")
-        # The method registry (busynth.generators imports no model code until a method is used).
-        from busynth.generators import available_methods, order_methods
-
-        known = available_methods()
-        unknown = [m for m in v if m not in known]
+        unknown = unknown_methods(v)
         if unknown:
-            raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
+            raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; "
+                             f"available: {', '.join(available_methods())}")
         # A method runs after those it builds on (controlnet after sd-lora), else in the order given.
         ordered = order_methods(v)
         if ordered != v:

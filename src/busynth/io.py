@@ -188,10 +188,11 @@ def read_history_csv(path: str | Path, before_step: int) -> list[dict[str, str]]
         return [row for row in csv.DictReader(fh) if int(row["step"]) < before_step]
 
 
-def derived_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed derived from (seed, step or epoch, stream) alone, independent of any running
-    RNG, so the randomness of any step is reproducible and a resumed run continues exactly."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` alone -- e.g. (step or epoch, stream) in a
+    training loop, (class stream, image index) when sampling -- independent of any running RNG, so
+    the randomness of any step or image is reproducible and a resumed run continues exactly."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:

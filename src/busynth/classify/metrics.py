@@ -1,4 +1,4 @@
-"""Test-set metrics, bootstrap confidence intervals and paired method comparisons.
+"""Test-set metrics, their vectorised bootstrap form and the paired bootstrap of two methods.
 
 Point estimates come from scikit-learn (:func:`classification_metrics`). The bootstrap
 uses an equivalent vectorised form: a resample of the test cases is a vector of
@@ -24,10 +24,8 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
-    confusion_matrix,
     f1_score,
     roc_auc_score,
-    roc_curve,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +98,22 @@ def _safe_auc(y_true: np.ndarray, score: np.ndarray, **kwargs: object) -> float:
             return float("nan")
 
 
+def macro_auc(y_true: np.ndarray, proba: np.ndarray, skip_absent: bool = False) -> float:
+    """Macro one-vs-rest ROC AUC of probabilities (N, C) for integer labels (N,): the mean over
+    classes of the AUC of ``proba[:, k]`` for class k against the rest; for two classes the usual
+    binary AUC of class 1. A class absent from ``y_true`` (or the only one present) has no AUC: the
+    result is then NaN, or, with ``skip_absent``, the mean over the classes that have one (NaN if
+    none) -- what model selection on a small validation part uses, so that one missing class does
+    not blank the score of every epoch."""
+    y, p = np.asarray(y_true), np.asarray(proba)
+    if p.shape[1] == 2:
+        return _safe_auc(y == 1, p[:, 1])
+    aucs = [_safe_auc(y == k, p[:, k]) for k in range(p.shape[1])]
+    if skip_absent:
+        aucs = [a for a in aucs if not np.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def classification_metrics(
     y_true: np.ndarray,
     proba: np.ndarray,
@@ -114,29 +128,22 @@ def classification_metrics(
     Returns a dict with ``accuracy``, ``balanced_accuracy`` (mean recall over classes
     present in ``y_true``), ``macro_f1`` (over classes present in ``y_true`` or the
     predictions, 0 for a class never predicted correctly), ``macro_auc`` (one-vs-rest,
-    macro; for two classes the usual binary AUC of class 1), and, when ``positive`` is in
+    macro, :func:`macro_auc`), and, when ``positive`` is in
     ``classes``, ``malignant_sensitivity`` / ``malignant_specificity`` (predicted
     ``positive`` vs anything else) and ``malignant_auc`` (``positive`` vs rest, scored by
     ``proba[:, positive]``). An AUC that is undefined (one class absent from ``y_true``)
     and a sensitivity/specificity with an empty denominator are NaN.
     """
     y, p = check_inputs(y_true, proba, classes)
-    n_classes = len(classes)
     pred = p.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
         balanced = float(balanced_accuracy_score(y, pred))
-    if n_classes == 2:
-        macro_auc = _safe_auc(y == 1, p[:, 1])
-    else:
-        macro_auc = _safe_auc(
-            y, p, multi_class="ovr", average="macro", labels=list(range(n_classes))
-        )
     out = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": balanced,
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-        "macro_auc": macro_auc,
+        "macro_auc": macro_auc(y, p),
     }
     k = positive_index(classes, positive)
     if k is not None:
@@ -147,27 +154,6 @@ def classification_metrics(
         out["malignant_specificity"] = float(tn / (tn + fp)) if tn + fp else float("nan")
         out["malignant_auc"] = _safe_auc(is_pos, p[:, k])
     return out
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Return the (n_classes, n_classes) confusion matrix: rows true, columns predicted."""
-    return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
-
-
-def roc_points(
-    y_true: np.ndarray, proba: np.ndarray, positive_index: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (fpr, tpr) of the one-vs-rest ROC curve of class ``positive_index``.
-
-    Scores are ``proba[:, positive_index]``; points are scikit-learn's ``roc_curve``
-    (collinear points dropped). With only one class in ``y_true`` the curve is undefined
-    and one of the arrays is NaN.
-    """
-    y = np.asarray(y_true) == positive_index
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        fpr, tpr, _ = roc_curve(y, np.asarray(proba)[:, positive_index])
-    return fpr, tpr
 
 
 # ------------------------------------------------------- weighted (bootstrap) metrics
@@ -319,37 +305,6 @@ def _log_skipped(metric: str, kept: int, n_boot: int) -> None:
         level = logging.WARNING if kept < 0.9 * n_boot else logging.DEBUG
         logger.log(level, "%s undefined on %d of %d resamples; skipped", metric,
                    n_boot - kept, n_boot)
-
-
-def bootstrap_ci(
-    y_true: np.ndarray,
-    proba: np.ndarray,
-    metric: str,
-    classes: Sequence[str],
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    positive: str = "malignant",
-    groups: np.ndarray | None = None,
-) -> tuple[float, float, float]:
-    """Percentile bootstrap confidence interval of one metric (Efron & Tibshirani 1993).
-
-    Test cases are resampled with replacement ``n_boot`` times (deterministic for
-    ``seed``). Resamples where the metric is undefined (NaN, e.g. an AUC when a class was
-    not drawn, a sensitivity with no positive drawn) are skipped, so the interval is
-    conditional on the metric being defined. ``groups`` works as in
-    :func:`paired_difference`.
-
-    Returns (point estimate on all cases, CI low, CI high); the bounds are NaN when no
-    resample gives a defined value.
-    """
-    check_metric(metric, classes, positive)
-    y, p = check_inputs(y_true, proba, classes)
-    pos = positive_index(classes, positive)
-    (point,), (vals,) = _bootstrap(metric, y, [p], groups, n_boot, seed, pos)
-    vals = vals[np.isfinite(vals)]
-    _log_skipped(metric, vals.size, n_boot)
-    return (point, *percentile_ci(vals, alpha))
 
 
 def paired_difference(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator
 from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors, read_safetensors
+from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
@@ -153,16 +154,6 @@ def class_weight_vector(labels: np.ndarray, n_classes: int, mode: str) -> torch.
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """Mean one-vs-rest ROC AUC over classes that have positives and negatives (nan if none)."""
-    aucs = [
-        roc_auc_score(y_true == c, proba[:, c])
-        for c in range(proba.shape[1])
-        if 0 < int((y_true == c).sum()) < len(y_true)
-    ]
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 def validation_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy and macro AUC of probabilities (N, C) on labels (N,)."""
     pred = proba.argmax(axis=1)
@@ -171,7 +162,7 @@ def validation_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float
         "val_loss": float(-np.log(picked).mean()),
         "val_accuracy": float((pred == y_true).mean()),
         "val_balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
-        "val_macro_auc": macro_auc(y_true, proba),
+        "val_macro_auc": macro_auc(y_true, proba, skip_absent=True),
     }
 
 
@@ -217,7 +208,7 @@ def _data_hash(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv/linear weights only, not on norm weights and biases."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -439,7 +430,7 @@ def fit_classifier(
     model = build_classifier(cfg, n_classes)
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     batches_per_epoch = steps_per_epoch(n_real, cfg.batch_size)
     batches = MixedBatchSampler(n_real, len(train_images) - n_real, cfg.batch_size, batches_per_epoch, seed,
                                 cfg.synthetic_share)

@@ -51,16 +51,6 @@ def class_counts(records: Iterable[Record], classes: Sequence[str] | None = None
     return {c: counts.get(c, 0) for c in classes}
 
 
-def by_id(records: Iterable[Record]) -> dict[str, Record]:
-    """Map id -> record, refusing duplicate ids."""
-    out: dict[str, Record] = {}
-    for r in records:
-        if r.id in out:
-            raise ValueError(f"duplicate record id {r.id!r} ({out[r.id].path} and {r.path})")
-        out[r.id] = r
-    return out
-
-
 def check_relative(relative: object, where: str) -> str:
     """Refuse, with a DataError naming ``where``, a path read from a file (a manifest, a split
     file) that could leave the folder it is relative to: a non-string, an empty or absolute path,

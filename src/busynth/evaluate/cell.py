@@ -41,8 +41,9 @@ from busynth.evaluate.memorization import (
     nearest_training,
     pixel_embedding,
 )
-from busynth.evaluate.summary import FIDELITY_JSON, REFERENCE
+from busynth.evaluate.summary import FIDELITY_JSON
 from busynth.io import read_json, write_json, write_png, write_text
+from busynth.registry import REFERENCE
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from busynth.classify.metrics import summarize
 from busynth.io import read_json, write_json
+from busynth.registry import REFERENCE
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "real"
 FIDELITY_JSON = "fidelity.json"
 SUMMARY_METRICS = ("fid", "kid_mean", "precision", "recall", "diversity", "memorization_share",
                    "memorization_share_feature")

@@ -1,45 +1,15 @@
-"""Generators: every method of the study behind one interface (see base.py)."""
+"""Generators: every method of the study behind one interface (see base.py).
+
+The methods themselves (names, classes, order) are listed in :mod:`busynth.registry`; a
+generator's module is imported only when its class is asked for (:func:`generator_class`).
+"""
 
 from busynth.generators.base import (
     Generator,
     Synthetic,
-    available_methods,
     build_generator,
     generator_class,
-    order_methods,
-    register,
 )
+from busynth.registry import available_methods, order_methods
 
-
-def _classical():
-    from busynth.generators.classical import ClassicalAugmenter
-
-    return ClassicalAugmenter
-
-
-def _cvae():
-    from busynth.generators.cvae import CVAEGenerator
-
-    return CVAEGenerator
-
-
-def _sd_lora():
-    from busynth.generators.diffusion.sd_lora import SDLoraGenerator
-
-    return SDLoraGenerator
-
-
-def _controlnet():
-    from busynth.generators.diffusion.controlnet import ControlNetGenerator
-
-    return ControlNetGenerator
-
-
-register("classical", _classical)
-register("cvae", _cvae)
-register("sd-lora", _sd_lora)
-# controlnet builds on the same fold's sd-lora fit when sd-lora is in the run: sd-lora runs first.
-register("controlnet", _controlnet, after=("sd-lora",))
-
-__all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "order_methods",
-           "register"]
+__all__ = ["Generator", "Synthetic", "available_methods", "build_generator", "generator_class", "order_methods"]

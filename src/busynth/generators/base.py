@@ -1,4 +1,4 @@
-"""The generator interface every method of the study implements, and the method registry.
+"""The generator interface every method of the study implements, and writing its samples out.
 
 A generator is built from its own config, ``fit`` on a fold's training records only,
 and ``sample``s images (and masks) per class. ``load(dir)`` rebuilds it from the artifact
@@ -8,10 +8,11 @@ folder ``fit`` wrote, so sampling never needs the training command again.
 from __future__ import annotations
 
 import abc
-import logging
+import importlib
 import json
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ from busynth.config import StudyConfig, SynthesisConfig, is_plain_name
 from busynth.data.records import Record, check_inside, class_counts
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_png, write_text
+from busynth.registry import generator_method
 
 log = logging.getLogger(__name__)
 
@@ -121,50 +123,13 @@ class Generator(abc.ABC):
         self.classes = self.classes or sorted({r.label for r in train_records})
 
 
-# --- registry -------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, Callable[[], type[Generator]]] = {}
-# method -> methods whose fit of the same fold it builds on when both run (they run first).
-_RUNS_AFTER: dict[str, tuple[str, ...]] = {}
-
-
-def register(name: str, loader: Callable[[], type[Generator]], after: Sequence[str] = ()) -> None:
-    """Register a generator class under a method name; ``loader`` imports it lazily. ``after``:
-    methods this one reuses when they are in the same run, so they run before it (see order_methods)."""
-    _REGISTRY[name] = loader
-    _RUNS_AFTER[name] = tuple(after)
-
-
-def order_methods(methods: Sequence[str]) -> list[str]:
-    """``methods`` with every method's ``after`` dependencies (those present) moved before it;
-    otherwise in the given order. E.g. ``[controlnet, real, sd-lora]`` -> ``[sd-lora, controlnet, real]``."""
-    wanted, ordered = set(methods), []
-
-    def visit(method: str, path: tuple[str, ...]) -> None:
-        if method in ordered:
-            return
-        if method in path:
-            raise ConfigError(f"methods depend on each other in a cycle: {' -> '.join([*path, method])}")
-        for dependency in _RUNS_AFTER.get(method, ()):
-            if dependency in wanted:
-                visit(dependency, (*path, method))
-        ordered.append(method)
-
-    for method in methods:
-        visit(method, ())
-    return ordered
-
-
-def available_methods() -> list[str]:
-    """Method names the study accepts: ``real`` plus every registered generator."""
-    return ["real", *sorted(_REGISTRY)]
+# --- the method registry (busynth.registry) -------------------------------------------------
 
 
 def generator_class(name: str) -> type[Generator]:
-    """The generator class for a method name, with a clear error for unknown names."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name]()
+    """The generator class of method ``name`` (imported now), with a clear error for unknown names."""
+    module, _, attribute = generator_method(name).generator.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def build_generator(name: str, study: StudyConfig) -> Generator:
@@ -188,21 +153,6 @@ def synthetic_counts(
         top = max(counts.values())
         return {c: top - n for c, n in counts.items()}
     return {c: int(math.floor(cfg.ratio * n + 0.5)) for c, n in counts.items()}
-
-
-def samples_to_records(samples: Sequence[Synthetic], method: str, start: int = 0) -> list[Record]:
-    """Wrap generated images as records (ids ``<method>:<label>_<k>``) for the classifier."""
-    return [
-        Record(
-            id=f"{method}:{s.label}_{start + k}",
-            label=s.label,
-            image=s.image,
-            mask=s.mask,
-            path=f"{method}:{s.label}/{s.label} ({start + k}).png",
-            meta={"synthetic": True, "seed": s.seed},
-        )
-        for k, s in enumerate(samples)
-    ]
 
 
 def write_samples(

@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("step", "loss", "recon", "kl", "kl_weight", "lr")
-# Fields that do not change the trained weights: a finished or checkpointed fit may differ in them.
 
 
 class CVAEConfig(BaseModel):
@@ -231,6 +230,7 @@ class CVAEGenerator(Generator):
 
     name = "cvae"
     config_model = CVAEConfig
+    # Fields that do not change the trained weights: a finished or checkpointed fit may differ in them.
     sampling_fields = frozenset({"temperature", "sample_batch_size", "checkpoint_every", "keep_checkpoints"})
 
     def __init__(self, config: BaseModel | dict | None = None, classes: Sequence[str] = ()):

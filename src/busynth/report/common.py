@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.io import read_json, write_atomic
 
@@ -142,17 +143,14 @@ def cell_dirs(run: Run, method: str) -> list[Path]:
     return sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: natural_key(p.name))
 
 
-def pooled_predictions(run: Run, method: str) -> pd.DataFrame | None:
-    """All predictions.csv of a method concatenated, with a 'pred' argmax column; None if none."""
-    frames = [pd.read_csv(d / "predictions.csv") for d in cell_dirs(run, method) if (d / "predictions.csv").is_file()]
-    if not frames:
+def pooled_predictions(run: Run, method: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The test predictions of all cells of a method, concatenated: y_true (N,) and probabilities
+    (N, C) in ``run.classes`` order, read as the results read them; None when no cell has any."""
+    cells = [read_predictions(d / "predictions.csv", run.classes)[1:] for d in cell_dirs(run, method)
+             if (d / "predictions.csv").is_file()]
+    if not cells:
         return None
-    df = pd.concat(frames, ignore_index=True)
-    if "label" not in df and "y_true" in df:
-        df["label"] = [run.classes[int(i)] for i in df["y_true"]]
-    probs = df[[f"p_{c}" for c in run.classes]].to_numpy(dtype=float)
-    df["pred"] = [run.classes[i] for i in probs.argmax(axis=1)]
-    return df
+    return np.concatenate([y for y, _ in cells]), np.concatenate([p for _, p in cells])
 
 
 

@@ -163,12 +163,16 @@ def section_closest_pairs(run: Run) -> str:
     ) + "".join(parts)
 
 
+def _image_mask_pairs(folder: Path, label: str) -> list[tuple[Path, Path]]:
+    """(image, mask) files of class ``label`` in a synthetic folder (``<label>/x.png`` with
+    ``<label>/x_mask.png``), in natural order; masks without their image are left out."""
+    masks = sorted((folder / label).glob("*_mask.png"), key=lambda p: natural_key(p.name))
+    pairs = [(m.with_name(m.name.removesuffix("_mask.png") + ".png"), m) for m in masks]
+    return [(image, mask) for image, mask in pairs if image.is_file()]
+
+
 def _mask_pair_figure(folder: Path, classes: list[str]) -> Figure | None:
-    picks = {}
-    for c in classes:
-        masks = sorted((folder / c).glob("*_mask.png"), key=lambda p: natural_key(p.name))
-        picks[c] = [(m.with_name(m.name.removesuffix("_mask.png") + ".png"), m) for m in masks
-                    if m.with_name(m.name.removesuffix("_mask.png") + ".png").is_file()][:MASK_PAIRS_PER_CLASS]
+    picks = {c: _image_mask_pairs(folder, c)[:MASK_PAIRS_PER_CLASS] for c in classes}
     rows = [c for c in classes if picks[c]]
     if not rows:
         return None
@@ -242,9 +246,8 @@ def _overlay_figure(folder: Path, classes: list[str]) -> Figure | None:
     """Generated images with their mask's outline drawn on them (red), up to 6 per lesion class."""
     picks = {}
     for c in classes:
-        masks = sorted((folder / c).glob("*_mask.png"), key=lambda p: natural_key(p.name))
-        pairs = [(m.with_name(m.name.removesuffix("_mask.png") + ".png"), m) for m in masks]
-        pairs = [(i, m) for i, m in pairs if i.is_file() and np.asarray(Image.open(m).convert("L")).max() > 127]
+        pairs = [(i, m) for i, m in _image_mask_pairs(folder, c)
+                 if np.asarray(Image.open(m).convert("L")).max() > 127]  # lesion masks only
         if pairs:
             picks[c] = pairs[:6]
     if not picks:

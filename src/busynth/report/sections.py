@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
-from sklearn.metrics import auc, roc_curve
+from sklearn.metrics import auc, confusion_matrix, roc_curve
 
 from busynth.io import read_json
 from busynth.report.common import (
@@ -199,13 +199,14 @@ def section_roc(run: Run) -> str:
     fig = Figure(figsize=(5.2, 4.6))
     ax = fig.subplots()
     drawn = 0
+    k = run.classes.index(run.positive)
     for method in run.methods:
-        df = pooled_predictions(run, method)
-        if df is None or df["label"].nunique() < 2:
+        pooled = pooled_predictions(run, method)
+        if pooled is None or len(np.unique(pooled[0])) < 2:
             continue
-        y = (df["label"] == run.positive).to_numpy()
-        fpr, tpr, _ = roc_curve(y, df[f"p_{run.positive}"].to_numpy(dtype=float))
-        ax.plot(fpr, tpr, label=f"{method} (AUC {auc(fpr, tpr):.3f}, n={len(df)})")
+        y, p = pooled
+        fpr, tpr, _ = roc_curve(y == k, p[:, k])
+        ax.plot(fpr, tpr, label=f"{method} (AUC {auc(fpr, tpr):.3f}, n={len(y)})")
         drawn += 1
     title = f"<h2>ROC curves ({esc(run.positive)} vs rest)</h2>"
     if not drawn:
@@ -221,13 +222,12 @@ def section_roc(run: Run) -> str:
 def section_confusion(run: Run) -> str:
     """One confusion matrix per method (pooled over cells): counts, coloured by row share."""
     k = len(run.classes)
-    pooled = [(m, df) for m in run.methods if (df := pooled_predictions(run, m)) is not None]
+    pooled = [(m, yp) for m in run.methods if (yp := pooled_predictions(run, m)) is not None]
     if not pooled:
         return "<h2>Confusion matrices</h2>" + note("no predictions.csv found under cells/")
     fig = Figure(figsize=(3.2 * len(pooled) + 0.8, 3.4), layout="constrained")
-    for n, (ax, (method, df)) in enumerate(zip(fig.subplots(1, len(pooled), squeeze=False)[0], pooled)):
-        cm = pd.crosstab(df["label"], df["pred"]).reindex(index=run.classes, columns=run.classes, fill_value=0)
-        counts = cm.to_numpy()
+    for n, (ax, (method, (y, p))) in enumerate(zip(fig.subplots(1, len(pooled), squeeze=False)[0], pooled)):
+        counts = confusion_matrix(y, p.argmax(axis=1), labels=list(range(k)))
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for i in range(k):

@@ -17,6 +17,7 @@ only pickled ``*.bin`` weights is refused with a clear error, never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import pre_tokenizers
@@ -284,3 +286,26 @@ def freeze(*modules: torch.nn.Module) -> None:
     for module in modules:
         module.requires_grad_(False)
         module.eval()
+
+
+# Weight dtypes of accelerate's mixed_precision settings.
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the diffusion models are held in under ``mixed_precision``: its dtype on an
+    accelerator, float32 on a CPU (where half-precision weights are slow)."""
+    return WEIGHT_DTYPES[mixed_precision] if PartialState().device.type != "cpu" else torch.float32
+
+
+def move_to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module`` to ``device``, casting only when ``dtype`` is not float32 (no needless copies)."""
+    module.to(device)
+    if dtype != torch.float32:
+        module.to(dtype=dtype)
+
+
+def json_digest(obj: Any) -> str:
+    """A short hash (16 hex digits) of a JSON-serialisable object, keys sorted: the identity of a
+    training stage or of a latent cache."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -65,6 +65,9 @@ from busynth.generators.diffusion.components import (
     check_model_source,
     freeze,
     from_pretrained,
+    json_digest,
+    move_to,
+    weight_dtype,
 )
 from busynth.generators.diffusion.lora import (
     LORA_WEIGHT_NAME,
@@ -74,21 +77,14 @@ from busynth.generators.diffusion.lora import (
 )
 from busynth.generators.diffusion.masks import (
     MaskTransformConfig,
-    draw_masks,
     resize_masks,
-    transform_masks,
+    sampling_masks,
 )
-from busynth.generators.diffusion.sample import (
-    image_seed,
-    rgb_to_gray_uint8,
-    with_dpm_solver,
-)
+from busynth.generators.diffusion.sample import rgb_to_gray_uint8, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import (
-    _DTYPES,
     SDLoraConfig,
     SDLoraGenerator,
-    _digest,
-    _to,
+    cached_moments,
     embed_prompts,
     encode_moments,
     records_to_pixels,
@@ -98,11 +94,9 @@ from busynth.generators.diffusion.train import (
     StageConfig,
     train_stage,
 )
-from busynth.io import atomic_path, write_dir_atomic
+from busynth.io import atomic_path, derived_seed, write_dir_atomic
 
 logger = logging.getLogger(__name__)
-
-_MASK_STREAM = 1_000_003  # seeds of the mask transforms, apart from the images' noise streams
 
 
 def _checks_fit_inputs(info: ValidationInfo) -> bool:
@@ -227,7 +221,7 @@ def sample_gray_with_masks(pipe: StableDiffusionControlNetPipeline, prompt: str,
                            stream: int, *, steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 16,
                            conditioning_scale: float = 1.0, progress: bool = False) -> np.ndarray:
     """One image per mask (bool (n, S, S)) for ``prompt``: uint8 grayscale (n, S, S). Image i starts from
-    the noise of ``image_seed(seed, stream, i)`` (as ``sample.sample_gray``), so only the mask differs
+    the noise of ``derived_seed(seed, stream, i)`` (as ``sample.sample_gray``), so only the mask differs
     between two calls with the same seed and different masks."""
     n, size = len(masks), masks.shape[-1] if len(masks) else 0
     device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -235,7 +229,7 @@ def sample_gray_with_masks(pipe: StableDiffusionControlNetPipeline, prompt: str,
     out: list[np.ndarray] = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", leave=False, disable=not progress):
         k = min(batch_size, n - start)
-        generators = [torch.Generator().manual_seed(image_seed(seed, stream, start + i)) for i in range(k)]
+        generators = [torch.Generator().manual_seed(derived_seed(seed, stream, start + i)) for i in range(k)]
         shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
         cond = torch.from_numpy(masks[start:start + k].astype(np.float32))[:, None].expand(-1, channels, -1, -1)
@@ -275,9 +269,6 @@ class ControlNetGenerator(Generator):
     def prompt(self, label: str) -> str:
         """The base's prompt of class ``label``."""
         return SDLoraGenerator(self.base_config or self.cfg.sd_lora, self.classes).prompt(label)
-
-    def _weight_dtype(self) -> torch.dtype:
-        return _DTYPES[self.cfg.mixed_precision] if PartialState().device.type != "cpu" else torch.float32
 
     # --- the base ----------------------------------------------------------------------------
 
@@ -328,13 +319,13 @@ class ControlNetGenerator(Generator):
         base_info = read_generator_info(base)
         self.base_config = SDLoraGenerator.parse_config(base_info["config"])
         self._copy_base(base, out_dir)
-        device, dtype = PartialState().device, self._weight_dtype()
+        device, dtype = PartialState().device, weight_dtype(cfg.mixed_precision)
         pipe = fused_base_pipeline(self._base_source(out_dir), out_dir / "lora", base_model=base_info.get("base_model"))
         comps = Components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer,
                            DDPMScheduler.from_config(pipe.scheduler.config))
         freeze(comps.vae, comps.unet, comps.text_encoder)
         for module in (comps.vae, comps.unet, comps.text_encoder):
-            _to(module, device, dtype)
+            move_to(module, device, dtype)
         scaling = float(base_info.get("scaling_factor") or comps.vae.config.scaling_factor)
 
         with_masks = [r for r in train_records if r.mask is not None]
@@ -347,11 +338,13 @@ class ControlNetGenerator(Generator):
         labels = [r.label for r in with_masks]
         if cfg.random_flip:
             pixels, masks, labels = torch.cat([pixels, pixels.flip(-1)]), torch.cat([masks, masks.flip(-1)]), labels * 2
-        identity = {"train": _digest(self.train_ids), "classes": self.classes, "seed": seed,
-                    "base": _digest({k: base_info.get(k) for k in ("config", "train_ids", "seed", "scaling_factor")}),
-                    "config": _digest(cfg.model_dump(mode="json", include={"pretrained_controlnet", "random_flip",
-                                                                           "conditioning_embedding_channels"}))}
-        moments = self._cached_moments(comps.vae, pixels, out_dir, identity)
+        identity = {"train": json_digest(self.train_ids), "classes": self.classes, "seed": seed,
+                    "base": json_digest({k: base_info.get(k)
+                                         for k in ("config", "train_ids", "seed", "scaling_factor")}),
+                    "config": json_digest(cfg.model_dump(mode="json", include={"pretrained_controlnet", "random_flip",
+                                                                               "conditioning_embedding_channels"}))}
+        moments = cached_moments(out_dir / "latents.safetensors", json_digest(identity), len(pixels),
+                                 lambda: encode_moments(comps.vae, pixels, cfg.encode_batch_size))
         prompts = [*(self.prompt(c) for c in self.classes), ""]
         embeddings = embed_prompts(comps, prompts)
         data = {"moments": moments, "prompt": torch.tensor([self.classes.index(lab) for lab in labels]), "mask": masks}
@@ -399,20 +392,6 @@ class ControlNetGenerator(Generator):
         controlnet.train()
         return controlnet
 
-    def _cached_moments(self, vae: torch.nn.Module, pixels: torch.Tensor, out_dir: Path,
-                        identity: Mapping[str, Any]) -> torch.Tensor:
-        """Posterior moments of ``pixels`` under the frozen VAE, cached in ``latents.safetensors``."""
-        key, path = _digest(dict(identity)), out_dir / "latents.safetensors"
-        if path.is_file():
-            cached, _ = read_safetensors(path)
-            if "key" in cached and "moments" in cached and cached["key"].numpy().tobytes().decode() == key \
-                    and len(cached["moments"]) == len(pixels):
-                return cached["moments"]
-        moments = encode_moments(vae, pixels, self.cfg.encode_batch_size)
-        with atomic_path(path) as tmp:
-            save_file({"moments": moments, "key": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, str(tmp))
-        return moments
-
     def _save_mask_pool(self, records: Sequence[Record], path: Path) -> None:
         """Write the training masks per class at image_size (uint8) for sampling without given masks."""
         pool = {c: torch.from_numpy(resize_masks([r.mask for r in records if r.label == c], self.image_size)
@@ -428,7 +407,7 @@ class ControlNetGenerator(Generator):
         self.train_ids = list(info.get("train_ids", []))
         self.seed = int(info.get("seed", 0))
         self.base_config = SDLoraGenerator.parse_config(info["base"]["config"])
-        dtype = self._weight_dtype()
+        dtype = weight_dtype(self.cfg.mixed_precision)
         base = fused_base_pipeline(self._base_source(directory), directory / "lora", dtype, info.get("base_model"))
         controlnet = from_pretrained(ControlNetModel, directory / "controlnet", dtype=dtype, what="controlnet folder")
         for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
@@ -456,14 +435,10 @@ class ControlNetGenerator(Generator):
         """The ``n`` masks images of ``label`` are generated with: ``masks`` (n of them are used in order;
         another count is drawn from), else the stored training masks, each transformed with its own seed;
         empty for ``empty_mask_classes``. Returns bool (n, image_size, image_size)."""
-        size, stream = self.image_size, self.classes.index(label)
         if label in self.cfg.empty_mask_classes:
-            return np.zeros((n, size, size), dtype=bool)
+            return np.zeros((n, self.image_size, self.image_size), dtype=bool)
         pool = list(masks) if masks is not None else list(self.mask_pool.get(label, []))
-        chosen = pool if len(pool) == n else draw_masks(pool, n, image_seed(seed, _MASK_STREAM, stream))
-        resized = resize_masks(chosen, size)
-        return np.stack([transform_masks(m[None], self.cfg.masks, image_seed(seed, _MASK_STREAM + 1 + stream, i))[0]
-                         for i, m in enumerate(resized)]) if n else resized
+        return sampling_masks(pool, n, self.image_size, self.cfg.masks, seed, stream=self.classes.index(label))
 
     def sample(self, label: str, n: int, seed: int = 0, masks: Sequence[np.ndarray] | None = None) -> list[Synthetic]:
         """``n`` uint8 (S, S) images of class ``label``, each with the bool mask it was generated with

@@ -30,8 +30,11 @@ from scipy import ndimage
 from busynth.config import positive_range
 from busynth.data.augment import AugmentParams, random_affine_grid, warp
 from busynth.data.transforms import resize_mask
+from busynth.io import derived_seed
 
 logger = logging.getLogger(__name__)
+
+_MASK_STREAM = 1_000_003  # seeds of the mask draws and transforms, apart from the images' noise streams
 
 
 class MaskTransformConfig(BaseModel):
@@ -56,9 +59,6 @@ class MaskTransformConfig(BaseModel):
         """True when no setting changes a mask."""
         return (not self.hflip and self.max_rotation == 0.0 and tuple(self.scale_range) == (1.0, 1.0)
                 and self.elastic_alpha == 0.0)
-
-
-IDENTITY = MaskTransformConfig(hflip=False, max_rotation=0.0, scale_range=(1.0, 1.0), elastic_alpha=0.0)
 
 
 def resize_masks(masks: Sequence[np.ndarray | None], size: int) -> np.ndarray:
@@ -125,7 +125,14 @@ def draw_masks(pool: Sequence[np.ndarray | None], n: int, seed: int) -> list[np.
 
 
 def sampling_masks(pool: Sequence[np.ndarray | None], n: int, size: int, cfg: MaskTransformConfig,
-                   seed: int) -> np.ndarray:
-    """``n`` masks for sampling at ``size`` px: drawn from ``pool`` (a class's training masks), resized
-    and transformed; bool (n, size, size). Normal classes (empty masks, or no pool) stay all False."""
-    return transform_masks(resize_masks(draw_masks(pool, n, seed), size), cfg, seed)
+                   seed: int, stream: int = 0) -> np.ndarray:
+    """``n`` masks for sampling at ``size`` px: ``pool`` itself, in order, when it holds ``n`` masks,
+    else ``n`` drawn from it (a class's training masks) with replacement; resized, and mask i transformed
+    with its own seed, derived from (``seed``, ``stream`` (e.g. the class), i). Returns bool
+    (n, size, size); empty masks (normal images, or an empty pool) stay all False."""
+    chosen = list(pool) if len(pool) == n else draw_masks(pool, n, derived_seed(seed, _MASK_STREAM, stream))
+    resized = resize_masks(chosen, size)
+    if not n:
+        return resized
+    return np.stack([transform_masks(m[None], cfg, derived_seed(seed, _MASK_STREAM + 1 + stream, i))[0]
+                     for i, m in enumerate(resized)])

@@ -15,8 +15,9 @@ import logging
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from PIL import Image
 from tqdm.auto import tqdm
+
+from busynth.io import derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +32,10 @@ def with_dpm_solver(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     return pipe
 
 
-def image_seed(seed: int, stream: int, index: int) -> int:
-    """A 63-bit seed for image ``index`` of random stream ``stream`` (e.g. a class) under ``seed``."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def rgb_to_gray_uint8(images: np.ndarray) -> np.ndarray:
     """Float images (N, H, W, C) in [0, 1] -> uint8 (N, H, W), the channel mean rounded and clipped."""
     gray = images.mean(axis=-1) if images.ndim == 4 else images
     return np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
-
-
-def resize_gray(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W) resized to (N, size, size) with bilinear filtering (unchanged if already that size)."""
-    if images.shape[1:] == (size, size):
-        return images
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
 
 
 @torch.no_grad()
@@ -57,7 +46,7 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
     """``n`` images for ``prompt`` from ``pipe`` at ``size`` px: uint8 grayscale (n, size, size).
 
     Deterministic for (seed, stream): image i starts from noise drawn by a generator seeded
-    with ``image_seed(seed, stream, i)``. ``autocast`` (e.g. ``torch.bfloat16``) runs the networks
+    with ``derived_seed(seed, stream, i)``. ``autocast`` (e.g. ``torch.bfloat16``) runs the networks
     under ``torch.autocast`` in that dtype; the solver's state stays in the weights' dtype.
     """
     device = pipe.unet.device
@@ -66,7 +55,7 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="sampling", leave=False, disable=None if progress else True):
         k = min(batch_size, n - start)
-        generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, stream, start + i)) for i in range(k)]
+        generators = [torch.Generator(device="cpu").manual_seed(derived_seed(seed, stream, start + i)) for i in range(k)]
         # Draw the initial latents on the CPU so results do not depend on the device's RNG.
         shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)

@@ -20,10 +20,8 @@ Artifact folder::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,9 +56,12 @@ from busynth.generators.diffusion.components import (
     check_model_source,
     freeze,
     from_pretrained,
+    json_digest,
     load_components,
     load_pretrained_components,
     local_vae_factor,
+    move_to,
+    weight_dtype,
 )
 from busynth.generators.diffusion.lora import (
     LORA_WEIGHT_NAME,
@@ -88,8 +89,6 @@ DEFAULT_PROMPTS = {
     "malignant": "a breast ultrasound image of a malignant lesion: irregular, spiculated, hypoechoic mass "
                  "with posterior acoustic shadowing",
 }
-# Fields that only change sampling: a finished fit may be reused when only these differ.
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SDLoraConfig(BaseModel):
@@ -155,17 +154,6 @@ class SDLoraConfig(BaseModel):
         return self
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move ``module`` to ``device``, casting only when ``dtype`` is not float32 (no needless copies)."""
-    module.to(device)
-    if dtype != torch.float32:
-        module.to(dtype=dtype)
-
-
 def records_to_pixels(records: Sequence[Record], size: int) -> torch.Tensor:
     """Records -> float32 (N, 3, size, size) in [-1, 1], the gray image repeated on 3 channels."""
     x = torch.from_numpy(stack_images(records, size)).float().div_(127.5).sub_(1.0)
@@ -179,6 +167,21 @@ def encode_moments(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int) 
     chunks = [vae.encode(pixels[i:i + batch_size].to(device, dtype)).latent_dist
               for i in range(0, len(pixels), batch_size)]
     return torch.cat([torch.cat([d.mean, d.logvar], dim=1).float().cpu() for d in chunks]).contiguous()
+
+
+def cached_moments(path: Path, key: str, n: int, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The autoencoder posteriors cached in ``path`` when it holds ``n`` of them under ``key`` (the
+    identity of the images and the autoencoder), else ``encode()``'s, saved there with the key.
+    Returns float32 (n, 2 * latent_channels, h, w)."""
+    if path.is_file():
+        cached, _ = read_safetensors(path)
+        if "key" in cached and "moments" in cached and cached["key"].numpy().tobytes().decode() == key \
+                and len(cached["moments"]) == n:
+            return cached["moments"]
+    moments = encode()
+    with atomic_path(path) as tmp:
+        save_file({"moments": moments, "key": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, str(tmp))
+    return moments
 
 
 @torch.no_grad()
@@ -218,11 +221,9 @@ class SDLoraGenerator(Generator):
 
     def _stage_identity(self, seed: int, *fields: str) -> dict[str, Any]:
         dump = self.cfg.model_dump(mode="json")
-        return {"train": _digest(self.train_ids), "classes": self.classes, "seed": seed,
-                "config": _digest({k: dump[k] for k in ("source", "pretrained_model", "image_size", "tiny", *fields)})}
-
-    def _weight_dtype(self) -> torch.dtype:
-        return _DTYPES[self.cfg.mixed_precision] if PartialState().device.type != "cpu" else torch.float32
+        return {"train": json_digest(self.train_ids), "classes": self.classes, "seed": seed,
+                "config": json_digest({k: dump[k] for k in ("source", "pretrained_model", "image_size", "tiny",
+                                                            *fields)})}
 
     # --- fit ---------------------------------------------------------------------------------
 
@@ -242,14 +243,14 @@ class SDLoraGenerator(Generator):
             comps = load_components(cfg.source, pretrained_model=cfg.pretrained_model, tiny=cfg.tiny,
                                     image_size=cfg.image_size, prompts=prompts, seed=seed,
                                     field=f"generators.{self.name}.pretrained_model")
-        device = PartialState().device
+        device, dtype = PartialState().device, weight_dtype(cfg.mixed_precision)
         freeze(comps.text_encoder)
-        _to(comps.text_encoder, device, self._weight_dtype())
+        move_to(comps.text_encoder, device, dtype)
         pixels = records_to_pixels(train_records, cfg.image_size)
         if cfg.source == "tiny":
             self._fit_autoencoder(comps, pixels, out_dir, seed)
         freeze(comps.vae)
-        _to(comps.vae, device, self._weight_dtype())
+        move_to(comps.vae, device, dtype)
         moments = self._cached_moments(comps, pixels, out_dir, seed)
         if cfg.source == "tiny":
             self.scaling_factor = float(1.0 / moments[:, : moments.shape[1] // 2].std())
@@ -293,19 +294,12 @@ class SDLoraGenerator(Generator):
     def _cached_moments(self, comps: Components, pixels: torch.Tensor, out_dir: Path, seed: int) -> torch.Tensor:
         """Posterior moments of the training images (and their mirror images), encoded once and
         cached in ``latents.safetensors``; returns float32 (N or 2N, 2C, h, w)."""
-        key = _digest(self._stage_identity(seed, "autoencoder_training", "autoencoder_crop",
-                                           "autoencoder_kl_weight", "random_flip"))
-        path = out_dir / "latents.safetensors"
-        if path.is_file():
-            cached, _ = read_safetensors(path)
-            if "key" in cached and "moments" in cached and cached["key"].numpy().tobytes().decode() == key:
-                return cached["moments"]
+        key = json_digest(self._stage_identity(seed, "autoencoder_training", "autoencoder_crop",
+                                               "autoencoder_kl_weight", "random_flip"))
         if self.cfg.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
-        moments = encode_moments(comps.vae, pixels, self.cfg.encode_batch_size)
-        with atomic_path(path) as tmp:
-            save_file({"moments": moments, "key": torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)}, str(tmp))
-        return moments
+        return cached_moments(out_dir / "latents.safetensors", key, len(pixels),
+                              lambda: encode_moments(comps.vae, pixels, self.cfg.encode_batch_size))
 
     def _noise_stage(self, name: str, unet: UNet2DConditionModel, comps: Components, embeddings: torch.Tensor,
                      stage_cfg: StageConfig) -> NoisePredictionStage:
@@ -350,7 +344,7 @@ class SDLoraGenerator(Generator):
         self.base_model = unet_fingerprint(unet, self._base_label(out_dir))
         with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed alone, so that a
             torch.manual_seed(seed)  # stage restarted in a new process begins from the same weights
-            add_unet_lora(unet, cfg.lora, self._weight_dtype(), cfg.gradient_checkpointing)
+            add_unet_lora(unet, cfg.lora, weight_dtype(self.cfg.mixed_precision), cfg.gradient_checkpointing)
         name = f"lora-{group}" if group else "lora"
         stage = self._noise_stage(name, unet, comps, embeddings, cfg.lora_training)
         train_stage(stage, data, cfg.lora_training, out_dir / "stages" / name, seed, cfg.mixed_precision,
@@ -367,7 +361,7 @@ class SDLoraGenerator(Generator):
         self.seed = int(info.get("seed", 0))
         self.scaling_factor = info.get("scaling_factor")
         self.base_model = info.get("base_model")
-        dtype = self._weight_dtype()
+        dtype = weight_dtype(self.cfg.mixed_precision)
         source = self._base_label(directory)
         pipe = from_pretrained(StableDiffusionPipeline, source, dtype=dtype, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False, what=f"{self.name} base model",

@@ -1,0 +1,76 @@
+"""The study's methods: their names, where each generator class lives, and which run first.
+
+A leaf module (it imports nothing of busynth but :mod:`busynth.errors`), so the config, which
+checks ``run.methods``, and :mod:`busynth.generators`, which imports the classes, both use it
+without importing each other. A generator class is named by its import path and imported only
+when a method is used (:func:`busynth.generators.generator_class`), so naming a method in a
+config never imports model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from busynth.errors import ConfigError
+
+REFERENCE = "real"  # the method without synthetic data, every other method's reference
+
+
+@dataclass(frozen=True)
+class Method:
+    """A generator method: its name, its generator class as ``"module:Class"``, and the methods
+    whose fit of the same fold it builds on when they are in the same run (they run before it)."""
+
+    name: str
+    generator: str
+    after: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("classical", "busynth.generators.classical:ClassicalAugmenter"),
+    Method("cvae", "busynth.generators.cvae:CVAEGenerator"),
+    Method("sd-lora", "busynth.generators.diffusion.sd_lora:SDLoraGenerator"),
+    # controlnet builds on the same fold's sd-lora fit when sd-lora is in the run: sd-lora runs first.
+    Method("controlnet", "busynth.generators.diffusion.controlnet:ControlNetGenerator", after=("sd-lora",)),
+)}
+
+
+def available_methods() -> list[str]:
+    """Method names the study accepts: ``real`` plus every generator method, sorted."""
+    return [REFERENCE, *sorted(METHODS)]
+
+
+def generator_method(name: str) -> Method:
+    """The generator method called ``name``; ConfigError naming the available ones otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return METHODS[name]
+
+
+def unknown_methods(names: Sequence[str]) -> list[str]:
+    """The names in ``names`` that are no method of the study (``real`` included), in order."""
+    known = set(available_methods())
+    return [n for n in names if n not in known]
+
+
+def order_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` with every method's ``after`` dependencies (those present) moved before it;
+    otherwise in the given order. E.g. ``[controlnet, real, sd-lora]`` -> ``[sd-lora, controlnet, real]``.
+    A cycle of dependencies raises ConfigError naming it."""
+    wanted, ordered = set(methods), []
+
+    def visit(method: str, path: tuple[str, ...]) -> None:
+        if method in ordered:
+            return
+        if method in path:
+            raise ConfigError(f"methods depend on each other in a cycle: {' -> '.join([*path, method])}")
+        entry = METHODS.get(method)
+        for dependency in entry.after if entry is not None else ():
+            if dependency in wanted:
+                visit(dependency, (*path, method))
+        ordered.append(method)
+
+    for method in methods:
+        visit(method, ())
+    return ordered
