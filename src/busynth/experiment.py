@@ -126,13 +126,13 @@ def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_fi
     stored = data_dir / "split.csv"
     if stored.exists():
         split = read_split(stored, records, audit, config.split)
-    elif split_file is not None:
-        split = read_split(split_file, records, audit, config.split)  # refuses a leaky file by default
-        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, Path(split_file).name))
-        split.write(stored)
     else:
-        split = make_split(records, audit, config.split)
-        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, "generated"))
+        if split_file is not None:
+            split = read_split(split_file, records, audit, config.split)  # refuses a leaky file by default
+        else:
+            split = make_split(records, audit, config.split)
+        source = Path(split_file).name if split_file is not None else "generated"
+        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, source))
         split.write(stored)
     for note in split.notes:
         log.warning("split: %s", note)

@@ -50,15 +50,18 @@ class Protocol:
     alpha: float = 0.05
     n_boot: int = 2000
     seeds: list[int] = field(default_factory=lambda: [0])
-    # The seeds of the reference the A/A row compares: (first half, second half).
-    aa_seeds: tuple[list[int], list[int]] = ((), ())  # type: ignore[assignment]
+
+    @property
+    def aa_seeds(self) -> tuple[list[int], list[int]]:
+        """The seeds of the reference the A/A row compares (see :func:`aa_seed_halves`)."""
+        return aa_seed_halves(self.seeds)
 
     @classmethod
     def from_config(cls, run) -> "Protocol":
         """The protocol of a ``RunConfig``."""
         seeds = [run.base_seed + i for i in range(run.seeds)]
         return cls(primary_metric=run.primary_metric, interval=run.interval, alpha=run.alpha,
-                   n_boot=run.bootstrap, seeds=seeds, aa_seeds=aa_seed_halves(seeds))
+                   n_boot=run.bootstrap, seeds=seeds)
 
 
 def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -71,16 +74,9 @@ def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
     return seeds[:k], seeds[k : 2 * k]
 
 
-def read_cells(run_dir: Path, methods: Sequence[str], seeds: Sequence[int] | None = None) -> list[dict]:
-    """Metric rows of every finished cell of ``methods`` (only ``seeds`` when given), in
-    method order then fold, seed."""
-    rows = []
-    for method in methods:
-        for path in sorted((run_dir / "cells" / method).glob("*/metrics.json")):
-            row = read_json(path)
-            if seeds is None or row["seed"] in seeds:
-                rows.append(row)
-    return rows
+def read_cells(run_dir: Path, methods: Sequence[str]) -> list[dict]:
+    """Metric rows of every finished cell of ``methods``, in method order then fold, seed."""
+    return [read_json(path) for method in methods for path in sorted((run_dir / "cells" / method).glob("*/metrics.json"))]
 
 
 def cells_csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
@@ -180,7 +176,8 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
     protocol = protocol or Protocol()
     run_dir = Path(run_dir)
     ref = protocol.reference
-    rows = read_cells(run_dir, methods, protocol.seeds)
+    every_row = read_cells(run_dir, methods)  # also the A/A row's extra reference seed
+    rows = [r for r in every_row if r["seed"] in protocol.seeds]
     metrics = [m for m in METRICS if any(m in r for r in rows)]
     folds = sorted({r["fold"] for r in rows})
     summary: dict = {
@@ -197,7 +194,7 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
                 m: {**summarize([r[m] for r in mine]), "within_fold_sd": within_fold_sd(mine, m)} for m in metrics
             }
             summary["methods"][method]["train_steps"] = sorted({r.get("train_steps") for r in mine} - {None})
-    store = PredictionStore(run_dir, classes, read_cells(run_dir, methods))
+    store = PredictionStore(run_dir, classes, every_row)
     seeds = protocol.seeds
     if ref in summary["methods"]:
         for method in summary["methods"]:
@@ -214,7 +211,7 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
                 summary["vs_baseline"][method] = compare_methods(store, (method, seeds), (BASELINE, seeds), folds,
                                                                  metrics, protocol)
         add_verdicts(summary["vs_baseline"], protocol)
-    write_text(run_dir / "results" / "cells.csv", cells_csv(read_cells(run_dir, methods), metrics))
+    write_text(run_dir / "results" / "cells.csv", cells_csv(every_row, metrics))
     write_json(run_dir / "results" / "summary.json", summary)
     return summary
 
@@ -233,11 +230,13 @@ def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
     metrics = [primary, *[m for m in metrics if m != primary]]
     metrics = [m for m in metrics if m in summary["metrics"]]
     width = 26
-    lines = ["method".ljust(14) + "".join(m.ljust(width) for m in metrics)]
+    ref, base = summary["reference"], summary.get("baseline", BASELINE)
+    # the label column fits the longest row label ("<method> vs <baseline>")
+    label = 2 + max([14, *(len(f"{m} vs {max(ref, base, key=len)}") for m in summary["methods"])])
+    lines = ["method".ljust(label) + "".join(m.ljust(width) for m in metrics)]
     for method, stats in summary["methods"].items():
         cells = "".join(format_mean_sd(stats[m]["mean"], stats[m]["sd"]).ljust(width) for m in metrics)
-        lines.append(method.ljust(14) + cells + f"(cells={stats[metrics[0]]['n']})")
-    ref = summary["reference"]
+        lines.append(method.ljust(label) + cells + f"(cells={stats[metrics[0]]['n']})")
     how = "two-level bootstrap" if proto.get("interval") == "bootstrap" else "corrected resampled t"
     level = round(100 * (1 - proto.get("alpha", 0.05)))
     if summary.get("aa") or summary["paired"]:
@@ -245,17 +244,16 @@ def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
     aa = summary.get("aa", {})
     if aa and "note" not in aa:
         a, b = proto.get("aa_seeds", [[], []])
-        lines.append(f"A/A {ref}".ljust(14) + "".join(_interval(aa.get(m)).ljust(width) for m in metrics)
+        lines.append(f"A/A {ref}".ljust(label) + "".join(_interval(aa.get(m)).ljust(width) for m in metrics)
                      + f"(seeds {a} vs {b}: the noise floor)")
     elif aa:
-        lines.append(f"A/A {ref}".ljust(14) + aa["note"])
-    for title, block in ((f"vs {ref}", summary["paired"]), (f"vs {summary.get('baseline', BASELINE)}",
-                                                           summary.get("vs_baseline", {}))):
+        lines.append(f"A/A {ref}".ljust(label) + aa["note"])
+    for title, block in ((f"vs {ref}", summary["paired"]), (f"vs {base}", summary.get("vs_baseline", {}))):
         for method, diffs in block.items():
             if not diffs:
                 continue
             cells = "".join(_interval(diffs.get(m)).ljust(width) for m in metrics)
-            lines.append(f"{method} {title}".ljust(14) + cells
+            lines.append(f"{method} {title}".ljust(label) + cells
                          + f"{diffs.get('verdict', '')} (Holm p={diffs.get('p_holm', float('nan')):.3f})")
     if summary["paired"]:
         lines.append(f"verdicts on {primary} only (Holm-adjusted, alpha={proto.get('alpha', 0.05)}); "
