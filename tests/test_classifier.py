@@ -241,9 +241,9 @@ def test_bf16_and_gradient_accumulation_run(data, tmp_path) -> None:
 
 
 def test_channels_last_option_trains_in_nhwc_and_matches_the_default_run(data, tmp_path) -> None:
-    result = fit_classifier(*data, tiny_config(channels_last=True, epochs=2), N_CLASSES, tmp_path / "nhwc", seed=0,
-                            cpu=True)
-    default = fit_classifier(*data, tiny_config(epochs=2), N_CLASSES, tmp_path / "nchw", seed=0, cpu=True)
+    result = fit_classifier(*data, tiny_config(channels_last=True, epochs=2, width=8), N_CLASSES, tmp_path / "nhwc",
+                            seed=0, cpu=True)
+    default = fit_classifier(*data, tiny_config(epochs=2, width=8), N_CLASSES, tmp_path / "nchw", seed=0, cpu=True)
     assert result.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(np.isfinite(r["train_loss"]) for r in result.history)
     proba = predict_proba(result.model, data[2])
@@ -251,7 +251,7 @@ def test_channels_last_option_trains_in_nhwc_and_matches_the_default_run(data, t
     # on 36 images a third epoch amplifies the rounding differences to ~2e-2).
     np.testing.assert_allclose(proba, predict_proba(default.model, data[2]), atol=5e-3)
     # The checkpoint is stored contiguous: a plain (NCHW) model loads it and predicts the same.
-    reloaded = load_classifier(tmp_path / "nhwc", tiny_config(channels_last=True, epochs=2), N_CLASSES)
+    reloaded = load_classifier(tmp_path / "nhwc", tiny_config(channels_last=True, epochs=2, width=8), N_CLASSES)
     np.testing.assert_allclose(predict_proba(reloaded, data[2]), proba, atol=1e-5)
 
 
@@ -266,7 +266,7 @@ def test_run_saved_before_a_field_existed_is_loaded_when_the_field_has_its_defau
     again = fit_classifier(*data, tiny_config(), N_CLASSES, out, seed=0, cpu=True)
     assert again.best_epoch == full_run[0].best_epoch
     with pytest.raises(RunStateError, match="classifier.channels_last"):
-        fit_classifier(*data, tiny_config(channels_last=True), N_CLASSES, out, seed=0, cpu=True)
+        fit_classifier(*data, tiny_config(channels_last=True, width=8), N_CLASSES, out, seed=0, cpu=True)
 
 
 def test_test_time_augmentation_averages_an_image_and_its_mirror():
@@ -309,3 +309,30 @@ def test_added_images_do_not_add_optimizer_steps(data, tmp_path) -> None:
     assert doubled.steps == real_only.steps == 3 * math.ceil(len(images) / 8)
     with pytest.raises(DataError, match="n_real"):
         fit_classifier(images, labels, val_x, val_y, tiny_config(), N_CLASSES, tmp_path / "c", cpu=True, n_real=0)
+
+
+def test_scoring_and_checkpoints_every_few_epochs_change_no_result(data, tmp_path) -> None:
+    base = tiny_config(ema_epochs=1.0, select="last", epochs=5)
+    full = fit_classifier(*data, base, N_CLASSES, tmp_path / "full", seed=0, cpu=True)
+    sparse = base.model_copy(update={"eval_every": 2, "checkpoint_every": 2})
+    with pytest.raises(Interrupt):  # killed after epoch 3: the checkpoint of epoch 2 is the last one written
+        fit_classifier(*data, sparse, N_CLASSES, tmp_path / "cut", seed=0, tracker_log=_interrupt_at(2), cpu=True)
+    assert read_json(tmp_path / "cut" / "state.json")["epoch"] == 1
+    resumed = fit_classifier(*data, sparse, N_CLASSES, tmp_path / "cut", seed=0, cpu=True)
+    np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full.model, data[2]))
+    assert resumed.steps == full.steps
+    scored = [r["epoch"] for r in resumed.history if r["val_loss"] is not None]
+    assert scored == [1, 3, 4]  # epochs 2 and 4 (every second) and the last
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    with open(tmp_path / "cut" / "history.csv", newline="") as fh:
+        assert [row["val_loss"] == "" for row in csv.DictReader(fh)] == [True, False, True, False, False]
+
+
+def test_scoring_every_few_epochs_needs_the_fixed_budget() -> None:
+    with pytest.raises(ValueError, match="eval_every > 1 needs select=last"):
+        tiny_config(select="best", eval_every=2)
+
+
+def test_channels_last_on_a_layer_too_narrow_for_its_kernels_is_refused() -> None:
+    with pytest.raises(ValueError, match="channels_last needs width >= 8"):
+        tiny_config(channels_last=True, width=4)

@@ -32,6 +32,8 @@ from busynth.registry import available_methods, order_methods, unknown_methods
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = ("normal", "benign", "malignant")
+# Narrowest built-in ResNet trained in channels-last layout (see ClassifierConfig).
+MIN_CHANNELS_LAST_WIDTH = 8
 
 
 def _false_is_no(value: Any) -> Any:
@@ -185,6 +187,12 @@ class ClassifierConfig(_Strict):
     # epoch time of NCHW on this CPU (bench/bench_speed.py), the same results up to rounding.
     channels_last: bool = False
     num_workers: int = Field(default=0, ge=0)
+    # Score the validation part every this many epochs (and after the last). With select=last it only
+    # feeds the training curves, so scoring less often saves time and changes no result.
+    eval_every: int = Field(default=1, ge=1)
+    # Write the resumable checkpoint (last.safetensors, history.csv, state.json) every this many
+    # epochs and after the last; a killed run replays the epochs since, with the same result.
+    checkpoint_every: int = Field(default=1, ge=1)
 
     @field_validator("depth")
     @classmethod
@@ -192,6 +200,21 @@ class ClassifierConfig(_Strict):
         if any(d < 1 for d in v):
             raise ValueError(f"every stage needs at least one block, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _best_needs_every_epoch(self) -> ClassifierConfig:
+        if self.select == "best" and self.eval_every != 1:
+            raise ValueError("eval_every > 1 needs select=last (select=best scores every epoch to pick one)")
+        return self
+
+    @model_validator(mode="after")
+    def _channels_last_needs_width(self) -> ClassifierConfig:
+        # torch 2.13's NHWC CPU kernels corrupted the heap ("corrupted double-linked list", then an
+        # abort) when training the built-in ResNet at widths 4-6 on an AVX2 CPU; widths >= 7 trained.
+        if self.channels_last and self.arch == "resnet" and self.width < MIN_CHANNELS_LAST_WIDTH:
+            raise ValueError(f"channels_last needs width >= {MIN_CHANNELS_LAST_WIDTH} (got {self.width}): torch's "
+                             "channels-last CPU kernels crash on narrower layers; set channels_last=false")
+        return self
 
 
 class ClassicalConfig(_Strict):

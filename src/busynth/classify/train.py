@@ -47,7 +47,9 @@ STATE_VERSION = 2  # 2: fixed budget on the real images, EMA, steps
 # Independent random streams derived from (seed, epoch).
 _STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT, _STREAM_SYNTHETIC, _STREAM_MIX = 0, 1, 2, 3, 4
 # Config fields that do not change results, so they may differ when a run resumes.
-_RESUME_FREE_FIELDS = {"num_workers"}
+_RESUME_FREE_FIELDS = {"num_workers", "eval_every", "checkpoint_every"}
+# The validation scores of one epoch (None in an epoch that was not scored; see eval_every).
+VAL_KEYS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_auc")
 
 
 @dataclass
@@ -463,9 +465,12 @@ def fit_classifier(
         unwrapped = accelerator.unwrap_model(model)
         broadcast_buffers(unwrapped)
         kept = unwrapped if ema is None else ema.module
-        metrics = validation_metrics(val_labels, predict_proba(kept, val_images, tta=cfg.tta))
-        score = metrics[f"val_{cfg.select_metric}"]
         last_epoch = epoch + 1 >= cfg.epochs
+        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
+            metrics = validation_metrics(val_labels, predict_proba(kept, val_images, tta=cfg.tta))
+        else:
+            metrics = dict.fromkeys(VAL_KEYS)
+        score = metrics[f"val_{cfg.select_metric}"]
         improved = last_epoch if cfg.select == "last" else _is_better(score, state, cfg.select_metric)
         if improved:
             state.update(best_epoch=epoch, best_score=_finite_or_none(score), bad_epochs=0)
@@ -477,9 +482,11 @@ def fit_classifier(
         state["steps"] += steps
         stop = cfg.select == "best" and state["bad_epochs"] >= cfg.patience
         state.update(epoch=epoch, done=last_epoch or stop)
-        _save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema)  # main process commits
-        logger.debug("classifier epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, train_loss,
-                     cfg.select_metric, score, " (best)" if improved else "")
+        checkpoint = state["done"] or (epoch + 1) % cfg.checkpoint_every == 0
+        _save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema,  # main process commits
+                    checkpoint=checkpoint)
+        logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, train_loss,
+                     cfg.select_metric, "-" if score is None else f"{score:.4f}", " (best)" if improved else "")
         if tracker_log is not None:
             tracker_log(row, epoch)
         if state["done"]:
@@ -496,16 +503,18 @@ def _score(state: dict[str, Any]) -> float:
 
 
 def _save_epoch(out_dir: Path, kept: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                state: dict[str, Any], improved: bool, epoch: int, score: float,
-                ema: AveragedModel | None = None) -> None:
-    """Write best (the ``kept`` weights, if improved), then last (the commit point), then
-    history.csv and state.json."""
+                state: dict[str, Any], improved: bool, epoch: int, score: float | None,
+                ema: AveragedModel | None = None, checkpoint: bool = True) -> None:
+    """Write best (the ``kept`` weights, if improved), then, at a ``checkpoint`` epoch, last (the
+    commit point), history.csv and state.json. A run killed between checkpoints replays the
+    epochs since the last one exactly (every epoch's randomness depends on (seed, epoch))."""
     if improved:
         meta = {"config": state["run"]["config"], "n_classes": state["run"]["n_classes"],
                 "epoch": epoch, "score": _finite_or_none(score)}
         _save_safetensors(out_dir / "best.safetensors", kept.state_dict(), meta)
-    _save_last(out_dir / "last.safetensors", model, optimizer, state, ema)
-    _write_epoch_records(out_dir, state)
+    if checkpoint:
+        _save_last(out_dir / "last.safetensors", model, optimizer, state, ema)
+        _write_epoch_records(out_dir, state)
 
 
 def _write_epoch_records(out_dir: Path, state: dict[str, Any]) -> None:

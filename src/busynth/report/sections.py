@@ -258,8 +258,9 @@ def section_training(run: Run) -> str:
             col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "train_loss") if c in h), None)
             if col is None:
                 continue
-            x = h["epoch"] if "epoch" in h else np.arange(1, len(h) + 1)
-            ax.plot(x, h[col], marker=".", lw=1, label=name)
+            x = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))
+            scored = h[col].notna()  # epochs without validation (classifier.eval_every) are empty
+            ax.plot(x[scored], h[col][scored], marker=".", lw=1, label=name)
             ax.set_ylabel(col)
         ax.set(title=method, xlabel="epoch")
         ax.grid(alpha=0.3)
