@@ -1,10 +1,11 @@
 """Benchmark: calibration and power of the paired intervals, on the built-in phantom.
 
-Each repetition draws a fresh phantom data set (its own seed) and grouped folds, then trains
-the real-only classifier under 2S seeds per fold and a positive control under S seeds:
-"more real", which adds genuinely new images from the same simulator (as many per class as
-the fold's real training part has), under the same equal training budget. Three procedures
-compare method - reference on the primary metric:
+Each repetition draws a fresh phantom data set (its own seed; size, classes and the classifier
+from a preset, by default ``demo``) and grouped folds, then trains the real-only classifier under
+2S seeds per fold and positive controls under S seeds: "more real x k", which adds k times as many
+genuinely new images from the same simulator as the fold's real training part has (per class),
+under the same equal training budget. Three procedures compare method - reference on the
+primary metric:
 
 * ``test-only``: the earlier interval (bootstrap of test images within each cell; seeds of
   one fold resampled as if independent): ``busynth.classify.metrics.paired_difference``;
@@ -13,8 +14,10 @@ compare method - reference on the primary metric:
 
 A/A: the reference under seeds 0..S-1 against seeds S..2S-1 (no true difference): the share
 of intervals excluding 0 should be near alpha. Power: the share of repetitions where "more
-real" comes out "helps" (interval above 0). Prints a table, writes
-bench/results/calibration.json.
+real x k" comes out "helps" (interval above 0). Prints a table, writes
+bench/results/calibration.json. Trained predictions are cached under ``--work`` in a folder
+named by a hash of the arguments that change them, so a rerun with other settings never
+reuses stale ones.
 
     OMP_NUM_THREADS=1 python bench/bench_calibration.py --reps 20 --seeds 3
 """
@@ -22,6 +25,7 @@ bench/results/calibration.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -37,7 +41,7 @@ from bench_diffusion import device_info, load_avg  # bench/ is on sys.path when 
 
 from busynth.classify.metrics import paired_difference, positive_index
 from busynth.classify.train import fit_classifier, predict_proba
-from busynth.config import ClassifierConfig, PhantomConfig, SplitConfig, AuditConfig
+from busynth.config import AuditConfig, ClassifierConfig, PhantomConfig, load_config
 from busynth.data.audit import audit_records
 from busynth.data.phantom import make_phantom
 from busynth.data.splits import make_split
@@ -50,33 +54,43 @@ PROCEDURES = ("test-only", "bootstrap", "corrected_t")
 
 
 def classifier_config(args: argparse.Namespace) -> ClassifierConfig:
-    """The classifier of the benchmark: the library's defaults at a small size."""
-    return ClassifierConfig(image_size=args.size, width=args.width, epochs=args.epochs, batch_size=16,
-                            lr=3e-3, select=args.select, ema_epochs=args.ema_epochs, select_metric="loss",
-                            patience=args.epochs, warmup_epochs=1.0)
+    """The preset's classifier (its fixed budget, EMA and size), with --epochs if given."""
+    cfg = load_config(args.preset).classifier
+    return cfg.model_copy(update={"epochs": args.epochs or cfg.epochs})
+
+
+def phantom_config(args: argparse.Namespace, seed: int, factor: int = 1, twins: float | None = None) -> PhantomConfig:
+    """The preset's phantom under another seed, with ``factor`` times its counts."""
+    base = load_config(args.preset).phantom
+    return base.model_copy(update={"seed": seed, "n_per_class": {c: n * factor for c, n in base.n_per_class.items()},
+                                   **({} if twins is None else {"near_duplicate_rate": twins})})
+
+
+def control_name(k: int) -> str:
+    """The positive control adding k times the training part: ``more1``, ``more2``, ..."""
+    return f"more{k}"
 
 
 def one_repetition(rep: int, args: argparse.Namespace, work: Path) -> dict:
     """Train every cell of one repetition (or read them back from ``work/r<rep>.npz``); returns
-    per fold the test ids, labels and probabilities."""
+    per fold the test ids, labels and probabilities of ``real`` and of each ``more<k>``."""
     cache = work / f"r{rep}.npz"
+    keys = ["ids", "y", "real", *map(control_name, args.extra), "n_train"]
     if cache.is_file():
         z = np.load(cache)
-        return {"folds": [{"ids": z[f"ids{k}"].tolist(), "y": z[f"y{k}"], "real": z[f"real{k}"], "more": z[f"more{k}"],
-                           "n_train": int(z[f"n_train{k}"])} for k in range(int(z["n_folds"]))]}
-    counts = {"normal": args.n // 4, "benign": args.n // 2, "malignant": args.n // 3}
-    phantom = PhantomConfig(n_per_class=counts, size=args.phantom_size, seed=1000 + rep, near_duplicate_rate=0.05)
-    records = make_phantom(phantom, CLASSES)
-    extra_pool = make_phantom(PhantomConfig(n_per_class=counts, size=args.phantom_size, seed=50_000 + rep,
-                                            near_duplicate_rate=0.0), CLASSES)
-    split = make_split(records, audit_records(records, AuditConfig()), SplitConfig(folds=args.folds, seed=rep))
+        return {"folds": [{key: z[f"{key}{k}"] for key in keys} | {"ids": z[f"ids{k}"].tolist()}
+                          for k in range(int(z["n_folds"]))]}
+    records = make_phantom(phantom_config(args, 1000 + rep), CLASSES)
+    extra_pool = make_phantom(phantom_config(args, 50_000 + rep, max(args.extra), twins=0.0), CLASSES)
+    split = make_split(records, audit_records(records, AuditConfig()),
+                       load_config(args.preset).split.model_copy(update={"seed": rep}))
     cfg = classifier_config(args)
     seeds = list(range(2 * args.seeds))
     folds = []
     for fold in split.folds:
         train, val, test = (split.select(records, fold, p) for p in ("train", "val", "test"))
         per_class = {c: sum(r.label == c for r in train) for c in CLASSES}
-        extra = [r for c in CLASSES for r in [x for x in extra_pool if x.label == c][: per_class[c]]]
+        pool = {c: [x for x in extra_pool if x.label == c] for c in CLASSES}
         x_val, y_val = stack_images(val, cfg.image_size), label_indices(val, CLASSES)
         x_test = stack_images(test, cfg.image_size)
 
@@ -86,12 +100,13 @@ def one_repetition(rep: int, args: argparse.Namespace, work: Path) -> dict:
                                  n_real=len(train))
             return predict_proba(res.model, x_test, tta=cfg.tta)
 
-        real = np.stack([fit(train, s, "real") for s in seeds])
-        more = np.stack([fit(train + extra, s, "more") for s in seeds[: args.seeds]])
-        folds.append({"ids": [r.id for r in test], "y": label_indices(test, CLASSES), "real": real, "more": more,
-                      "n_train": len(train)})
-    arrays = {f"{key}{k}": np.asarray(f[key]) for k, f in enumerate(folds) for key in ("ids", "y", "real", "more",
-                                                                                       "n_train")}
+        entry = {"ids": [r.id for r in test], "y": label_indices(test, CLASSES), "n_train": len(train),
+                 "real": np.stack([fit(train, s, "real") for s in seeds])}
+        for k in args.extra:
+            extra = [r for c in CLASSES for r in pool[c][: k * per_class[c]]]
+            entry[control_name(k)] = np.stack([fit(train + extra, s, control_name(k)) for s in seeds[: args.seeds]])
+        folds.append(entry)
+    arrays = {f"{key}{k}": np.asarray(f[key]) for k, f in enumerate(folds) for key in keys}
     np.savez(cache, n_folds=len(folds), **arrays)
     return {"folds": folds}
 
@@ -118,53 +133,78 @@ def rate(hits: int, n: int) -> dict[str, float]:
             "ci_high": ci.high if ci else float("nan"), "hits": hits, "n": n}
 
 
+def cache_folder(args: argparse.Namespace) -> Path:
+    """``--work/<hash>``: one folder per setting that changes the trained predictions."""
+    fields = {"preset": args.preset, "epochs": args.epochs, "seeds": args.seeds, "extra": args.extra,
+              "config": load_config(args.preset).model_dump(mode="json")}
+    return args.work / hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def summarize(per_rep: list[dict], extra: list[int]) -> dict[str, dict]:
+    """Per procedure: A/A false-positive share, power per positive control, mean widths and effects."""
+    table = {}
+    for p in PROCEDURES:
+        false_pos = sum(r["aa"][p]["ci_low"] > 0 or r["aa"][p]["ci_high"] < 0 for r in per_rep)
+        table[p] = {"aa_exclude_zero": rate(false_pos, len(per_rep)),
+                    "mean_aa_width": float(np.mean([r["aa"][p]["ci_high"] - r["aa"][p]["ci_low"] for r in per_rep]))}
+        for k in extra:
+            name = control_name(k)
+            table[p][f"power_{name}"] = rate(sum(r[name][p]["ci_low"] > 0 for r in per_rep), len(per_rep))
+            table[p][f"mean_effect_{name}"] = float(np.mean([r[name][p]["diff"] for r in per_rep]))
+    return table
+
+
+def print_table(table: dict[str, dict], extra: list[int]) -> None:
+    """The summary table: one row per procedure."""
+    share = lambda r: f"{r['share']:>4.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}]"  # noqa: E731
+    head = f"{'procedure':<13}{'A/A excl. 0':<18}" + "".join(f"{'power ' + control_name(k):<18}" for k in extra)
+    print(head + "mean A/A width  mean effect " + " / ".join(map(control_name, extra)))
+    for p, t in table.items():
+        print(f"{p:<13}{share(t['aa_exclude_zero']):<18}"
+              + "".join(f"{share(t['power_' + control_name(k)]):<18}" for k in extra)
+              + f"{t['mean_aa_width']:<15.3f}"
+              + " / ".join(f"{t['mean_effect_' + control_name(k)]:+.3f}" for k in extra))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per arm and fold")
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--n", type=int, default=180, help="phantom images (normal n/4, benign n/2, malignant n/3)")
-    parser.add_argument("--phantom-size", type=int, default=48)
-    parser.add_argument("--size", type=int, default=32, help="classifier image size")
-    parser.add_argument("--width", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--select", default="last")
-    parser.add_argument("--ema-epochs", type=float, default=3.0)
+    parser.add_argument("--preset", default="demo", help="phantom, folds and classifier of this preset")
+    parser.add_argument("--epochs", type=int, default=0, help="classifier epochs (0: the preset's)")
+    parser.add_argument("--extra", default="1,2", help="positive controls: new images as multiples of the training part")
     parser.add_argument("--metric", default="balanced_accuracy")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/busynth-calibration"))
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
     args = parser.parse_args()
+    args.extra = sorted({int(k) for k in args.extra.split(",")})
     logging.basicConfig(level=logging.WARNING)
-    args.work.mkdir(parents=True, exist_ok=True)
+    work = cache_folder(args)
+    work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     started, load_before = time.perf_counter(), load_avg()
     s = args.seeds
     per_rep = []
     for rep in range(args.reps):
         t0 = time.perf_counter()
-        data = one_repetition(rep, args, args.work)
-        aa = intervals(data["folds"], "real", slice(0, s), "real", slice(s, 2 * s), args.metric, args.bootstrap, rep)
-        pc = intervals(data["folds"], "more", slice(0, s), "real", slice(0, s), args.metric, args.bootstrap, rep)
-        acc = float(np.mean([np.mean([(p.argmax(1) == f["y"]).mean() for p in f["real"]]) for f in data["folds"]]))
-        per_rep.append({"rep": rep, "aa": aa, "positive": pc, "real_accuracy": acc})
-        print(f"rep {rep + 1}/{args.reps} ({time.perf_counter() - t0:.0f} s, real accuracy {acc:.3f}): " + "  ".join(
-            f"{p}: A/A {aa[p]['diff']:+.3f} [{aa[p]['ci_low']:+.3f}, {aa[p]['ci_high']:+.3f}] "
-            f"more-real [{pc[p]['ci_low']:+.3f}, {pc[p]['ci_high']:+.3f}]" for p in PROCEDURES), flush=True)
-    table = {}
-    for p in PROCEDURES:
-        false_pos = sum(r["aa"][p]["ci_low"] > 0 or r["aa"][p]["ci_high"] < 0 for r in per_rep)
-        power = sum(r["positive"][p]["ci_low"] > 0 for r in per_rep)
-        width = float(np.mean([r["aa"][p]["ci_high"] - r["aa"][p]["ci_low"] for r in per_rep]))
-        table[p] = {"aa_exclude_zero": rate(false_pos, len(per_rep)), "power": rate(power, len(per_rep)),
-                    "mean_aa_width": width,
-                    "mean_positive_effect": float(np.mean([r["positive"][p]["diff"] for r in per_rep]))}
-    print(f"\n{args.reps} repetitions, {args.folds} folds x {s} seeds per arm, {args.metric}, nominal 5%")
-    print(f"{'procedure':<14}{'A/A excl. 0':<26}{'power (more real)':<26}{'mean A/A width':<16}")
-    for p, t in table.items():
-        a, w = t["aa_exclude_zero"], t["power"]
-        print(f"{p:<14}{a['share']:>5.0%} [{a['ci_low']:.0%}, {a['ci_high']:.0%}]".ljust(40)
-              + f"{w['share']:>5.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}]".ljust(26) + f"{t['mean_aa_width']:.3f}")
+        data = one_repetition(rep, args, work)
+        row = {"rep": rep, "aa": intervals(data["folds"], "real", slice(0, s), "real", slice(s, 2 * s), args.metric,
+                                           args.bootstrap, rep)}
+        for k in args.extra:
+            row[control_name(k)] = intervals(data["folds"], control_name(k), slice(0, s), "real", slice(0, s),
+                                             args.metric, args.bootstrap, rep)
+        row["real_accuracy"] = float(np.mean([np.mean([(p.argmax(1) == f["y"]).mean() for p in f["real"]])
+                                              for f in data["folds"]]))
+        per_rep.append(row)
+        show = lambda d: f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"  # noqa: E731
+        print(f"rep {rep + 1}/{args.reps} ({time.perf_counter() - t0:.0f} s, real accuracy {row['real_accuracy']:.3f}) "
+              + "  ".join(f"{p}: A/A {show(row['aa'][p])} " + " ".join(
+                  f"{control_name(k)} {show(row[control_name(k)][p])}" for k in args.extra) for p in PROCEDURES),
+              flush=True)
+    table = summarize(per_rep, args.extra)
+    print(f"\n{args.reps} repetitions, preset {args.preset}, {s} seeds per arm and fold, {args.metric}, nominal 5%")
+    print_table(table, args.extra)
     minutes = (time.perf_counter() - started) / 60
     print(f"wall time {minutes:.1f} min")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from busynth.cli import app
 from busynth.config import load_config
 from busynth.data.transforms import stack_images
 from busynth.errors import ConfigError, LeakError, RunStateError
+from busynth.results import aa_seed_halves
 
 METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "malignant_auc")
 
@@ -262,12 +263,21 @@ def test_equal_budget_shared_generator_fits_and_the_aa_row(tmp_path):
     assert "A/A: real seeds [0] vs [1]" in page
 
 
-def test_one_seed_trains_one_extra_reference_seed_for_the_aa_row(tmp_path):
-    summary = experiment.run_study(smoke_config("run.methods=[real]"), tmp_path, build_html=False)
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_an_odd_seed_count_trains_one_extra_reference_seed_for_the_aa_row(tmp_path, seeds):
+    summary = experiment.run_study(smoke_config("run.methods=[real]", f"run.seeds={seeds}"), tmp_path,
+                                   build_html=False)
     assert sorted(p.name for p in (tmp_path / "cells/real").glob("fold*")) == [
-        "fold0_seed0", "fold0_seed1", "fold1_seed0", "fold1_seed1"]
-    assert summary["methods"]["real"]["balanced_accuracy"]["n"] == 2  # the extra seed is only for A/A
-    assert summary["aa"]["balanced_accuracy"]["cells"] == 2
+        f"fold{f}_seed{s}" for f in (0, 1) for s in range(seeds + 1)]
+    assert summary["methods"]["real"]["balanced_accuracy"]["n"] == 2 * seeds  # the extra seed is only for A/A
+    assert summary["aa"]["balanced_accuracy"]["cells"] == 2 * (seeds + 1) // 2
+
+
+def test_aa_seed_halves_are_disjoint_and_equal_in_size():
+    assert aa_seed_halves([0]) == ([0], [1])
+    assert aa_seed_halves([0, 1]) == ([0], [1])
+    assert aa_seed_halves([0, 1, 2]) == ([0, 1], [2, 3])
+    assert aa_seed_halves([5, 6, 7, 8, 9]) == ([5, 6, 7], [8, 9, 10])
 
 
 def test_generator_seeds_cannot_exceed_classifier_seeds():

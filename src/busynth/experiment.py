@@ -362,9 +362,11 @@ def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
     base, n_gen = config.run.base_seed, config.run.generator_seeds
     cells = []
     for f in folds:
-        cells += [Cell(m, f, base + i, base + i % n_gen) for i in range(config.run.seeds) for m in config.run.methods]
-        if config.run.seeds == 1 and REFERENCE in config.run.methods:  # the A/A row's second seed
-            cells.append(Cell(REFERENCE, f, aa_seed_halves([base])[1][0], base))
+        seeds = [base + i for i in range(config.run.seeds)]
+        cells += [Cell(m, f, s, base + (s - base) % n_gen) for s in seeds for m in config.run.methods]
+        if REFERENCE in config.run.methods:  # with an odd seed count, the A/A row's last reference seed
+            cells += [Cell(REFERENCE, f, s, base + (s - base) % n_gen) for s in aa_seed_halves(seeds)[1]
+                      if s not in seeds]
     return cells
 
 

@@ -65,13 +65,14 @@ class Protocol:
 
 
 def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
-    """The two disjoint seed sets of the A/A comparison: halves of ``seeds``, or, with one
-    seed, that seed against the next one (a reference cell trained for the A/A row only)."""
+    """The two disjoint seed sets of the A/A comparison, ``ceil(len(seeds) / 2)`` seeds each: the
+    first half of ``seeds`` against the rest, topped up with the seeds after the last one when
+    the count is odd (reference cells trained for the A/A row only). [0] -> [0] vs [1];
+    [0, 1, 2] -> [0, 1] vs [2, 3]; [0, 1, 2, 3] -> [0, 1] vs [2, 3]."""
     seeds = list(seeds)
-    if len(seeds) == 1:
-        return [seeds[0]], [seeds[0] + 1]
-    k = len(seeds) // 2
-    return seeds[:k], seeds[k : 2 * k]
+    k = -(-len(seeds) // 2)
+    both = seeds + [seeds[-1] + 1 + i for i in range(2 * k - len(seeds))]
+    return both[:k], both[k : 2 * k]
 
 
 def read_cells(run_dir: Path, methods: Sequence[str]) -> list[dict]:
