@@ -10,6 +10,7 @@ primary metric:
 * ``test-only``: the earlier interval (bootstrap of test images within each cell; seeds of
   one fold resampled as if independent): ``busynth.classify.metrics.paired_difference``;
 * ``bootstrap``: the two-level bootstrap (seeds within folds + test images shared);
+* ``components``: the variance split into test-image and seed parts (interaction counted once);
 * ``corrected_t``: the corrected resampled t-test of Nadeau & Bengio (2003).
 
 A/A: the reference under seeds 0..S-1 against seeds S..2S-1 (no true difference): the share
@@ -50,7 +51,7 @@ from busynth.evaluate.intervals import FoldScores, compare
 
 RESULTS = Path(__file__).parent / "results"
 CLASSES = ["normal", "benign", "malignant"]
-PROCEDURES = ("test-only", "bootstrap", "corrected_t")
+PROCEDURES = ("test-only", "bootstrap", "components", "corrected_t")
 
 
 def classifier_config(args: argparse.Namespace) -> ClassifierConfig:
@@ -116,7 +117,7 @@ def intervals(folds: list[dict], a: str, a_seeds: slice, b: str, b_seeds: slice,
     """The three procedures' intervals for (a, a_seeds) - (b, b_seeds) on ``metric``."""
     pos = positive_index(CLASSES, "malignant")
     scores = [FoldScores(f["ids"], f["y"], f[a][a_seeds], f[b][b_seeds], f["n_train"]) for f in folds]
-    out = {p: compare(metric, scores, p, pos, n_boot=n_boot, seed=seed) for p in ("bootstrap", "corrected_t")}
+    out = {p: compare(metric, scores, p, pos, n_boot=n_boot, seed=seed) for p in PROCEDURES if p != "test-only"}
     y = np.concatenate([np.tile(f.y, len(f.a)) for f in scores])
     pa = np.concatenate([f.a.reshape(-1, f.a.shape[-1]) for f in scores])
     pb = np.concatenate([f.b.reshape(-1, f.b.shape[-1]) for f in scores])

@@ -21,7 +21,7 @@ from busynth.cli import app
 from busynth.config import load_config
 from busynth.data.transforms import stack_images
 from busynth.errors import ConfigError, LeakError, RunStateError
-from busynth.results import aa_seed_halves
+from busynth.results import aa_seed_halves, format_summary
 
 METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "malignant_auc")
 
@@ -283,3 +283,12 @@ def test_aa_seed_halves_are_disjoint_and_equal_in_size():
 def test_generator_seeds_cannot_exceed_classifier_seeds():
     with pytest.raises(ConfigError, match="generator_seeds"):
         smoke_config("run.seeds=2", "run.generator_seeds=3")
+
+
+def test_the_components_interval_runs_through_the_study_and_is_named_in_the_summary(tmp_path):
+    config = smoke_config("run.methods=[real,classical]", "run.seeds=2", "run.interval=components")
+    summary = experiment.run_study(config, tmp_path, build_html=False)
+    paired = summary["paired"]["classical"]["balanced_accuracy"]
+    assert paired["procedure"] == "components" and paired["ci_low"] <= paired["diff"] <= paired["ci_high"]
+    assert summary["aa"]["balanced_accuracy"]["procedure"] == "components"
+    assert "interval (variance components: test-image and classifier-seed parts" in format_summary(summary)

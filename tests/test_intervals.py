@@ -18,6 +18,7 @@ from busynth.evaluate.intervals import (
     corrected_t,
     holm,
     two_level_bootstrap,
+    variance_components,
     verdict,
 )
 
@@ -107,6 +108,69 @@ def test_repeated_folds_share_their_test_images():
     base = make_folds(2, 1.0, 1.0, n=40, k=2)
     repeat = [FoldScores(list(f.ids), f.y, f.a[::-1].copy(), f.b[::-1].copy(), f.n_train) for f in base]
     assert two_level_bootstrap("accuracy", base + repeat, n_boot=200)["n"] == 80
+
+
+def test_components_copies_of_one_seed_give_the_test_image_interval_of_that_seed():
+    """No seed-to-seed variation at all: only the test images vary, and more copies never narrow it."""
+    one = make_folds(1, 1.5, 1.0, seed=4)
+    copies = lambda n: [FoldScores(f.ids, f.y, np.repeat(f.a, n, 0), np.repeat(f.b, n, 0), f.n_train)  # noqa: E731
+                        for f in one]
+    two, six = (variance_components("balanced_accuracy", copies(n), n_boot=2000, seed=2) for n in (2, 6))
+    assert two["ci_low"] == pytest.approx(six["ci_low"]) and two["ci_high"] == pytest.approx(six["ci_high"])
+    # the bootstrap of the test images alone, one weight per image, folds averaged
+    boot = two_level_bootstrap("balanced_accuracy", one, n_boot=2000, seed=2)
+    half = (two["ci_high"] - two["ci_low"]) / 2
+    assert half == pytest.approx((boot["ci_high"] - boot["ci_low"]) / 2, rel=0.1)
+    assert half == pytest.approx(stats.norm.ppf(0.975) * np.std(_single_seed_draws(one), ddof=1), rel=0.1)
+
+
+def _single_seed_draws(folds, n_boot=2000, seed=5):
+    """Bootstrap draws (stratified by fold and class) of the fold-averaged balanced-accuracy
+    difference of seed 0, written out here as a reference."""
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(n_boot)
+    for f in folds:
+        for b in range(n_boot):
+            rows = np.concatenate([rng.choice(np.flatnonzero(f.y == c), (f.y == c).sum()) for c in range(3)])
+            recall = lambda p: np.mean([(p[rows][f.y[rows] == c].argmax(1) == c).mean() for c in range(3)])  # noqa: E731
+            draws[b] += (recall(f.a[0]) - recall(f.b[0])) / len(folds)
+    return draws
+
+
+def test_components_do_not_count_the_seed_by_image_interaction_twice():
+    """A/A with independent seeds and no image or seed effect: every per-seed difference is
+    seed x image interaction. The pigeonhole (two-level) bootstrap counts it in both levels
+    (Owen 2007) and overstates the standard error by about sqrt(2); the components interval
+    implies about the spread the differences really have over repetitions."""
+    comp, boot, diffs = [], [], []
+    for rep in range(40):
+        folds = make_folds(3, 1.0, 1.0, seed=rep, n=90)
+        c = variance_components("balanced_accuracy", folds, n_boot=300, seed=rep)
+        b = two_level_bootstrap("balanced_accuracy", folds, n_boot=300, seed=rep)
+        comp.append((c["ci_high"] - c["ci_low"]) / (2 * stats.norm.ppf(0.975)))
+        boot.append((b["ci_high"] - b["ci_low"]) / (2 * stats.norm.ppf(0.975)))
+        diffs.append(c["diff"])
+        assert c["diff"] == pytest.approx(b["diff"]) and c["n"] == b["n"] == 270
+    spread = np.std(diffs)  # the real standard deviation: 0.022 over these 40 repetitions (0.025 over 200)
+    assert np.mean(boot) > 1.4 * spread  # 0.036
+    assert 0.9 * spread < np.mean(comp) < 0.85 * np.mean(boot)  # 0.029: narrower, still not below the truth
+
+
+def test_components_widen_with_a_seed_effect_and_need_two_seeds():
+    rng = np.random.default_rng(0)
+    folds = []
+    for f in range(3):
+        y = rng.integers(0, 3, 80)
+        a = np.stack([noisy_probas(y, 2.5 if s % 2 else 0.3, rng) for s in range(4)])  # good and poor seeds
+        b = np.stack([noisy_probas(y, 1.4, rng) for _ in range(4)])
+        folds.append(FoldScores([f"{f}_{i}" for i in range(80)], y, a, b, 160))
+    steady = [FoldScores(f.ids, f.y, np.stack([noisy_probas(f.y, 1.4, rng) for _ in range(4)]), f.b, f.n_train)
+              for f in folds]
+    width = lambda r: r["ci_high"] - r["ci_low"]  # noqa: E731
+    assert width(variance_components("accuracy", folds, n_boot=800)) > 1.5 * width(
+        variance_components("accuracy", steady, n_boot=800))
+    one = make_folds(1, 1.0, 1.0)
+    assert math.isnan(variance_components("accuracy", one, n_boot=100)["ci_low"])
 
 
 def test_holm_pinned_on_hand_made_numbers():

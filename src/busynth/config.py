@@ -262,9 +262,10 @@ class RunConfig(_Strict):
         "malignant_sensitivity", "malignant_specificity", "malignant_auc",
     ] = "balanced_accuracy"
     # Paired interval of method - reference: "bootstrap" resamples classifier seeds within each fold
-    # and test images (drawn once, shared by seeds and methods); "corrected_t" is the corrected
+    # and test images (drawn once, shared by seeds and methods); "components" splits the variance into
+    # its test-image and training-seed parts (needs 2+ seeds); "corrected_t" is the corrected
     # resampled t-test (Nadeau & Bengio 2003) over the fold x seed differences. See README.
-    interval: Literal["bootstrap", "corrected_t"] = "bootstrap"
+    interval: Literal["bootstrap", "components", "corrected_t"] = "bootstrap"
     # Family-wise error rate of the verdicts (and 1 - coverage of the intervals).
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     tracker: Literal["none", "wandb", "tensorboard"] = "none"

@@ -28,7 +28,7 @@ import numpy as np
 from busynth.classify.metrics import METRIC_NAMES, format_mean_sd, positive_index, summarize
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
-from busynth.evaluate.intervals import FoldScores, compare, holm, verdict
+from busynth.evaluate.intervals import PROCEDURE_TEXT, FoldScores, compare, holm, verdict
 from busynth.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,10 @@ def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
     for method, stats in summary["methods"].items():
         cells = "".join(format_mean_sd(stats[m]["mean"], stats[m]["sd"]).ljust(width) for m in metrics)
         lines.append(method.ljust(label) + cells + f"(cells={stats[metrics[0]]['n']})")
-    how = "two-level bootstrap" if proto.get("interval") == "bootstrap" else "corrected resampled t"
+    how = PROCEDURE_TEXT.get(proto.get("interval", "bootstrap"), str(proto.get("interval")))
     level = round(100 * (1 - proto.get("alpha", 0.05)))
     if summary.get("aa") or summary["paired"]:
-        lines += ["", f"paired difference, {level}% interval ({how}; seeds and test images resampled):"]
+        lines += ["", f"paired difference, {level}% interval ({how}):"]
     aa = summary.get("aa", {})
     if aa and "note" not in aa:
         a, b = proto.get("aa_seeds", [[], []])

@@ -38,6 +38,12 @@ from scipy import stats
 from busynth.classify.metrics import percentile_ci, resample_counts, weighted_metric
 
 HELPS, NO_EVIDENCE, HURTS = "helps", "no evidence", "hurts"
+# How each procedure (run.interval) is described in the summary and the report.
+PROCEDURE_TEXT = {
+    "bootstrap": "two-level bootstrap: classifier seeds within folds and test images resampled",
+    "components": "variance components: test-image and classifier-seed parts, their interaction counted once",
+    "corrected_t": "corrected resampled t-test, Nadeau & Bengio 2003",
+}
 _CHUNK = 250  # resamples scored at once (memory ~ chunk x test images x classes^2)
 
 
@@ -101,6 +107,12 @@ def _image_strata(folds: Sequence[FoldScores]) -> tuple[list[str], np.ndarray, l
     return list(index), np.array(strata), positions
 
 
+def _weighted_differences(metric: str, f: FoldScores, w: np.ndarray, pos: int | None) -> np.ndarray:
+    """(seeds, b): per seed, ``M(a) - M(b)`` on the fold's test images under each row of weights ``w``."""
+    return np.stack([weighted_metric(metric, f.y, f.a[s], w, pos) - weighted_metric(metric, f.y, f.b[s], w, pos)
+                     for s in range(len(f.a))])
+
+
 def two_level_bootstrap(metric: str, folds: Sequence[FoldScores], pos: int | None = None, n_boot: int = 2000,
                         seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
     """Paired two-level bootstrap of the mean difference ``M(a) - M(b)`` (see the module doc).
@@ -122,9 +134,7 @@ def two_level_bootstrap(metric: str, folds: Sequence[FoldScores], pos: int | Non
         w_all = resample_counts(strata, b, rng)  # (b, distinct images): one draw of the test images
         total = np.zeros(b)
         for f, where in zip(folds, positions, strict=True):
-            w = w_all[:, where]
-            d = np.stack([weighted_metric(metric, f.y, f.a[s], w, pos) - weighted_metric(metric, f.y, f.b[s], w, pos)
-                          for s in range(len(f.a))])  # (seeds, b)
+            d = _weighted_differences(metric, f, w_all[:, where], pos)  # (seeds, b)
             n_seeds = len(f.a)
             picks = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b)  # (b, seeds)
             total += (picks * d.T).sum(axis=1) / n_seeds
@@ -170,13 +180,79 @@ def corrected_t(metric: str, folds: Sequence[FoldScores], pos: int | None = None
     return {"diff": m, "ci_low": m - half, "ci_high": m + half, "p": p, **base}
 
 
+def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | None = None, n_boot: int = 2000,
+                        seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
+    """Paired interval from the variance of the mean difference split into its two sources.
+
+    Test images and classifier seeds are crossed (every seed scores every image), so resampling
+    both at once counts their interaction twice over: the pigeonhole bootstrap is conservative
+    by that term (Owen 2007, Ann. Appl. Statist. 1:386). Here, per fold ``f`` with ``S`` seeds,
+    under the additive crossed model ``d = image effect + seed effect + interaction``:
+
+    * test images: the bootstrap variance (images drawn once, shared by all seeds and both
+      methods) of the seed-averaged difference is ``V_img + V_int / S``, and the mean over
+      seeds of the bootstrap variance of one seed's difference is ``V_img + V_int``; solving
+      the two gives ``V_img``, the part that more seeds would not remove;
+    * training randomness: the seed-to-seed variance of a fold's difference on its own test
+      images, which is the same interaction (known precisely from all the images) plus any seed
+      effect on the whole model (one seed's classifier better everywhere): the moment estimate
+      ``mean(s2_f - V_int,f)`` of that effect, pooled over folds and truncated at 0;
+
+    and ``Var(mean) = sum_f (V_img,f + (V_int,f + V_seed) / S_f) / F**2`` (law of total
+    variance; folds independent). The interval is ``diff +- t * se`` with Satterthwaite's
+    degrees of freedom (1946) for the seed-effect part (``sum_f (S_f - 1)``; the parts estimated
+    from the images counted as known), scipy.stats.t.
+    Needs at least two seeds in every fold (else the interval is NaN). Same keys as
+    :func:`two_level_bootstrap`.
+    """
+    if not folds:
+        raise ValueError("no folds to compare")
+    distinct, strata, positions = _image_strata(folds)
+    diff = point_difference(metric, folds, pos)
+    base = {"n": len(distinct), "cells": int(sum(len(f.a) for f in folds)), "kept": n_boot}
+    nan = {"diff": diff, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), **base}
+    if min(len(f.a) for f in folds) < 2 or not math.isfinite(diff):
+        return nan
+    w_all = resample_counts(strata, n_boot, np.random.default_rng(seed))
+    image_var, interactions, excess = 0.0, [], []
+    for f, where, d_obs in zip(folds, positions, cell_differences(metric, folds, pos), strict=True):
+        draws = _weighted_differences(metric, f, w_all[:, where], pos)  # (seeds, b)
+        draws = draws[:, np.isfinite(draws).all(axis=0)]
+        n_seeds = len(f.a)
+        if draws.shape[1] < 2 or not np.isfinite(d_obs).all():
+            return nan
+        v_mean, v_single = float(draws.mean(axis=0).var(ddof=1)), float(draws.var(axis=1, ddof=1).mean())
+        interaction = max(0.0, (v_single - v_mean) * n_seeds / (n_seeds - 1))
+        image_var += max(0.0, v_single - interaction)
+        interactions.append(interaction)
+        excess.append(float(d_obs.var(ddof=1)) - interaction)
+    # The seed-to-seed variance on a fold's own test images is the interaction (estimated from every
+    # image, hence precisely) plus a seed effect on the whole model, which only the S per-seed
+    # differences show: its moment estimate, pooled over folds, truncated at 0.
+    seeds = np.array([len(f.a) for f in folds], dtype=np.float64)
+    seed_effect = max(0.0, float(np.average(excess, weights=seeds - 1)))
+    seed_var = float(np.sum((np.array(interactions) + seed_effect) / seeds))
+    k = len(folds)
+    var = (image_var + seed_var) / k**2
+    if var <= 0.0:
+        return {**nan, "ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0}
+    effect_part = seed_effect * float(np.sum(1.0 / seeds))
+    df = (image_var + seed_var) ** 2 / (effect_part**2 / float(np.sum(seeds - 1))) if effect_part > 0 else math.inf
+    se = math.sqrt(var)
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    return {"diff": diff, "ci_low": diff - half, "ci_high": diff + half,
+            "p": float(2 * stats.t.sf(abs(diff) / se, df)), **base}
+
+
 def compare(metric: str, folds: Sequence[FoldScores], procedure: str, pos: int | None = None,
             n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
-    """The paired interval of ``procedure`` ("bootstrap" or "corrected_t"), tagged with its name."""
+    """The paired interval of ``procedure`` ("bootstrap", "components" or "corrected_t"), tagged with its name."""
     if procedure == "bootstrap":
         out = two_level_bootstrap(metric, folds, pos, n_boot=n_boot, seed=seed, alpha=alpha)
     elif procedure == "corrected_t":
         out = corrected_t(metric, folds, pos, alpha=alpha)
+    elif procedure == "components":
+        out = variance_components(metric, folds, pos, n_boot=n_boot, seed=seed, alpha=alpha)
     else:
         raise ValueError(f"unknown interval procedure {procedure!r}")
     return {**out, "procedure": procedure}

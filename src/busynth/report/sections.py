@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, confusion_matrix, roc_curve
 
+from busynth.evaluate.intervals import PROCEDURE_TEXT
 from busynth.io import read_json
 from busynth.report.common import (
     MAX_LIST,
@@ -89,8 +90,7 @@ def _result_cell(stats: dict[str, Any], paired: dict[str, Any] | None, verdict: 
 
 def _procedure(summary: dict[str, Any]) -> tuple[str, str, float]:
     proto = summary.get("protocol", {})
-    how = ("two-level bootstrap (classifier seeds within folds and test images resampled)"
-           if proto.get("interval", "bootstrap") == "bootstrap" else "corrected resampled t-test (Nadeau & Bengio 2003)")
+    how = PROCEDURE_TEXT.get(proto.get("interval", "bootstrap"), str(proto.get("interval")))
     return proto.get("primary_metric", "balanced_accuracy"), how, float(proto.get("alpha", 0.05))
 
 
