@@ -61,9 +61,10 @@ def classifier_config(args: argparse.Namespace) -> ClassifierConfig:
 
 
 def phantom_config(args: argparse.Namespace, seed: int, factor: int = 1, twins: float | None = None) -> PhantomConfig:
-    """The preset's phantom under another seed, with ``factor`` times its counts."""
+    """The preset's phantom under another seed, its counts scaled by ``--scale`` and ``factor``."""
     base = load_config(args.preset).phantom
-    return base.model_copy(update={"seed": seed, "n_per_class": {c: n * factor for c, n in base.n_per_class.items()},
+    counts = {c: max(2, round(n * args.scale)) * factor for c, n in base.n_per_class.items()}
+    return base.model_copy(update={"seed": seed, "n_per_class": counts,
                                    **({} if twins is None else {"near_duplicate_rate": twins})})
 
 
@@ -137,6 +138,7 @@ def rate(hits: int, n: int) -> dict[str, float]:
 def cache_folder(args: argparse.Namespace) -> Path:
     """``--work/<hash>``: one folder per setting that changes the trained predictions."""
     fields = {"preset": args.preset, "epochs": args.epochs, "seeds": args.seeds, "extra": args.extra,
+              **({"scale": args.scale} if args.scale != 1.0 else {}),
               "config": load_config(args.preset).model_dump(mode="json")}
     return args.work / hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per arm and fold")
     parser.add_argument("--preset", default="demo", help="phantom, folds and classifier of this preset")
     parser.add_argument("--epochs", type=int, default=0, help="classifier epochs (0: the preset's)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="phantom images per class as a share of the preset's (smaller: a steeper learning curve)")
     parser.add_argument("--extra", default="1,2", help="positive controls: new images as multiples of the training part")
     parser.add_argument("--metric", default="balanced_accuracy")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -204,7 +208,8 @@ def main() -> None:
                   f"{control_name(k)} {show(row[control_name(k)][p])}" for k in args.extra) for p in PROCEDURES),
               flush=True)
     table = summarize(per_rep, args.extra)
-    print(f"\n{args.reps} repetitions, preset {args.preset}, {s} seeds per arm and fold, {args.metric}, nominal 5%")
+    print(f"\n{args.reps} repetitions, preset {args.preset} (phantom x{args.scale:g}), {s} seeds per arm and fold, "
+          f"{args.metric}, nominal 5%")
     print_table(table, args.extra)
     minutes = (time.perf_counter() - started) / 60
     print(f"wall time {minutes:.1f} min")

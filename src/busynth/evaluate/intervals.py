@@ -184,26 +184,25 @@ def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | Non
                         seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
     """Paired interval from the variance of the mean difference split into its two sources.
 
-    Test images and classifier seeds are crossed (every seed scores every image), so resampling
-    both at once counts their interaction twice over: the pigeonhole bootstrap is conservative
-    by that term (Owen 2007, Ann. Appl. Statist. 1:386). Here, per fold ``f`` with ``S`` seeds,
-    under the additive crossed model ``d = image effect + seed effect + interaction``:
+    Test images and classifier seeds are crossed (every seed scores every image). Under the
+    additive crossed model ``d = image effect + seed effect + seed x image interaction`` the
+    variance of the mean over ``S`` seeds is ``V_img + (V_int + V_seed) / S``, while resampling
+    images and seeds at once (the two-level, or pigeonhole, bootstrap) counts the interaction
+    twice: it is conservative by that term (Owen 2007, Ann. Appl. Statist. 1:386). Here:
 
-    * test images: the bootstrap variance (images drawn once, shared by all seeds and both
-      methods) of the seed-averaged difference is ``V_img + V_int / S``, and the mean over
-      seeds of the bootstrap variance of one seed's difference is ``V_img + V_int``; solving
-      the two gives ``V_img``, the part that more seeds would not remove;
-    * training randomness: the seed-to-seed variance of a fold's difference on its own test
-      images, which is the same interaction (known precisely from all the images) plus any seed
-      effect on the whole model (one seed's classifier better everywhere): the moment estimate
-      ``mean(s2_f - V_int,f)`` of that effect, pooled over folds and truncated at 0;
+    * the bootstrap variance of the seed-averaged difference with only the test images
+      resampled (drawn once, shared by all seeds, folds and both methods) is
+      ``V_img + V_int / S``: the image part and the interaction, each once;
+    * a seed effect on the whole model (one seed's classifier better everywhere) is what the
+      spread of the ``S`` per-seed differences of a fold, ``s2_f``, shows beyond the interaction,
+      which the bootstrap of a single seed's difference measures precisely from all the images
+      (``V_img + V_int`` there, against ``V_img + V_int / S`` for the average): its moment
+      estimate, pooled over folds (weights ``S_f - 1``) and truncated at 0, is ``V_seed``.
 
-    and ``Var(mean) = sum_f (V_img,f + (V_int,f + V_seed) / S_f) / F**2`` (law of total
-    variance; folds independent). The interval is ``diff +- t * se`` with Satterthwaite's
-    degrees of freedom (1946) for the seed-effect part (``sum_f (S_f - 1)``; the parts estimated
-    from the images counted as known), scipy.stats.t.
-    Needs at least two seeds in every fold (else the interval is NaN). Same keys as
-    :func:`two_level_bootstrap`.
+    ``Var(mean) = V_boot + V_seed * sum_f(1 / S_f) / F**2``; the interval is ``diff +- t * se``
+    with Satterthwaite's degrees of freedom (1946) for the seed-effect part (``sum_f (S_f - 1)``;
+    the bootstrap part counted as known), scipy.stats.t. Needs at least two seeds in every fold
+    (else the interval is NaN). Same keys as :func:`two_level_bootstrap`.
     """
     if not folds:
         raise ValueError("no folds to compare")
@@ -214,34 +213,33 @@ def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | Non
     if min(len(f.a) for f in folds) < 2 or not math.isfinite(diff):
         return nan
     w_all = resample_counts(strata, n_boot, np.random.default_rng(seed))
-    image_var, interactions, excess = 0.0, [], []
+    total = np.zeros(n_boot)
+    excess = []
     for f, where, d_obs in zip(folds, positions, cell_differences(metric, folds, pos), strict=True):
         draws = _weighted_differences(metric, f, w_all[:, where], pos)  # (seeds, b)
-        draws = draws[:, np.isfinite(draws).all(axis=0)]
-        n_seeds = len(f.a)
-        if draws.shape[1] < 2 or not np.isfinite(d_obs).all():
+        total += draws.mean(axis=0) / len(folds)
+        kept = draws[:, np.isfinite(draws).all(axis=0)]
+        if kept.shape[1] < 2 or not np.isfinite(d_obs).all():
             return nan
-        v_mean, v_single = float(draws.mean(axis=0).var(ddof=1)), float(draws.var(axis=1, ddof=1).mean())
+        n_seeds = len(f.a)
+        v_mean, v_single = float(kept.mean(axis=0).var(ddof=1)), float(kept.var(axis=1, ddof=1).mean())
         interaction = max(0.0, (v_single - v_mean) * n_seeds / (n_seeds - 1))
-        image_var += max(0.0, v_single - interaction)
-        interactions.append(interaction)
         excess.append(float(d_obs.var(ddof=1)) - interaction)
-    # The seed-to-seed variance on a fold's own test images is the interaction (estimated from every
-    # image, hence precisely) plus a seed effect on the whole model, which only the S per-seed
-    # differences show: its moment estimate, pooled over folds, truncated at 0.
+    total = total[np.isfinite(total)]
+    if total.size < 2:
+        return nan
     seeds = np.array([len(f.a) for f in folds], dtype=np.float64)
-    seed_effect = max(0.0, float(np.average(excess, weights=seeds - 1)))
-    seed_var = float(np.sum((np.array(interactions) + seed_effect) / seeds))
     k = len(folds)
-    var = (image_var + seed_var) / k**2
+    boot_var = float(total.var(ddof=1))
+    seed_var = max(0.0, float(np.average(excess, weights=seeds - 1))) * float(np.sum(1.0 / seeds)) / k**2
+    var = boot_var + seed_var
     if var <= 0.0:
-        return {**nan, "ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0}
-    effect_part = seed_effect * float(np.sum(1.0 / seeds))
-    df = (image_var + seed_var) ** 2 / (effect_part**2 / float(np.sum(seeds - 1))) if effect_part > 0 else math.inf
+        return {**nan, "ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0, "kept": int(total.size)}
+    df = var**2 / (seed_var**2 / float(np.sum(seeds - 1))) if seed_var > 0 else math.inf
     se = math.sqrt(var)
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
     return {"diff": diff, "ci_low": diff - half, "ci_high": diff + half,
-            "p": float(2 * stats.t.sf(abs(diff) / se, df)), **base}
+            "p": float(2 * stats.t.sf(abs(diff) / se, df)), **base, "kept": int(total.size)}
 
 
 def compare(metric: str, folds: Sequence[FoldScores], procedure: str, pos: int | None = None,
