@@ -80,8 +80,8 @@ def one_repetition(rep: int, args: argparse.Namespace, work: Path) -> dict:
     keys = ["ids", "y", "real", *map(control_name, args.extra), "n_train"]
     if cache.is_file():
         z = np.load(cache)
-        return {"folds": [{key: z[f"{key}{k}"] for key in keys} | {"ids": z[f"ids{k}"].tolist()}
-                          for k in range(int(z["n_folds"]))]}
+        return {"cached": True, "folds": [{key: z[f"{key}{k}"] for key in keys} | {"ids": z[f"ids{k}"].tolist()}
+                                          for k in range(int(z["n_folds"]))]}
     records = make_phantom(phantom_config(args, 1000 + rep), CLASSES)
     extra_pool = make_phantom(phantom_config(args, 50_000 + rep, max(args.extra), twins=0.0), CLASSES)
     split = make_split(records, audit_records(records, AuditConfig()),
@@ -110,7 +110,7 @@ def one_repetition(rep: int, args: argparse.Namespace, work: Path) -> dict:
         folds.append(entry)
     arrays = {f"{key}{k}": np.asarray(f[key]) for k, f in enumerate(folds) for key in keys}
     np.savez(cache, n_folds=len(folds), **arrays)
-    return {"folds": folds}
+    return {"cached": False, "folds": folds}
 
 
 def intervals(folds: list[dict], a: str, a_seeds: slice, b: str, b_seeds: slice, metric: str,
@@ -194,8 +194,8 @@ def main() -> None:
     for rep in range(args.reps):
         t0 = time.perf_counter()
         data = one_repetition(rep, args, work)
-        row = {"rep": rep, "aa": intervals(data["folds"], "real", slice(0, s), "real", slice(s, 2 * s), args.metric,
-                                           args.bootstrap, rep)}
+        aa = intervals(data["folds"], "real", slice(0, s), "real", slice(s, 2 * s), args.metric, args.bootstrap, rep)
+        row = {"rep": rep, "cached": data["cached"], "aa": aa}
         for k in args.extra:
             row[control_name(k)] = intervals(data["folds"], control_name(k), slice(0, s), "real", slice(0, s),
                                              args.metric, args.bootstrap, rep)
@@ -212,7 +212,8 @@ def main() -> None:
           f"{args.metric}, nominal 5%")
     print_table(table, args.extra)
     minutes = (time.perf_counter() - started) / 60
-    print(f"wall time {minutes:.1f} min")
+    cached = sum(r["cached"] for r in per_rep)
+    print(f"wall time {minutes:.1f} min" + (f" ({cached} repetitions read from {work})" if cached else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "device": device_info(), "load_before": load_before,
