@@ -290,5 +290,9 @@ def test_the_components_interval_runs_through_the_study_and_is_named_in_the_summ
     summary = experiment.run_study(config, tmp_path, build_html=False)
     paired = summary["paired"]["classical"]["balanced_accuracy"]
     assert paired["procedure"] == "components" and paired["ci_low"] <= paired["diff"] <= paired["ci_high"]
-    assert summary["aa"]["balanced_accuracy"]["procedure"] == "components"
-    assert "interval (variance components: test-image and classifier-seed parts" in format_summary(summary)
+    # the A/A row has one seed per arm here (seeds [0] vs [1]): components needs two, the bootstrap is used
+    assert summary["aa"]["balanced_accuracy"]["procedure"] == "bootstrap"
+    text = format_summary(summary)
+    assert "interval (variance components: test-image and classifier-seed parts" in text
+    assert "comparisons with one seed per fold: two-level bootstrap" in text
+    assert load_config("smoke").run.interval == "components"  # the default

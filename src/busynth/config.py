@@ -261,11 +261,12 @@ class RunConfig(_Strict):
         "accuracy", "balanced_accuracy", "macro_f1", "macro_auc",
         "malignant_sensitivity", "malignant_specificity", "malignant_auc",
     ] = "balanced_accuracy"
-    # Paired interval of method - reference: "bootstrap" resamples classifier seeds within each fold
-    # and test images (drawn once, shared by seeds and methods); "components" splits the variance into
-    # its test-image and training-seed parts (needs 2+ seeds); "corrected_t" is the corrected
-    # resampled t-test (Nadeau & Bengio 2003) over the fold x seed differences. See README.
-    interval: Literal["bootstrap", "components", "corrected_t"] = "bootstrap"
+    # Paired interval of method - reference: "components" splits the variance into its test-image and
+    # training-seed parts (2+ seeds per fold; with one, the bootstrap is used); "bootstrap" resamples
+    # classifier seeds within each fold and test images (drawn once, shared by seeds and methods);
+    # "corrected_t" is the corrected resampled t-test (Nadeau & Bengio 2003). Chosen by
+    # bench/bench_calibration.py (README, "How methods are compared").
+    interval: Literal["bootstrap", "components", "corrected_t"] = "components"
     # Family-wise error rate of the verdicts (and 1 - coverage of the intervals).
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     tracker: Literal["none", "wandb", "tensorboard"] = "none"

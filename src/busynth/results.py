@@ -28,7 +28,7 @@ import numpy as np
 from busynth.classify.metrics import METRIC_NAMES, format_mean_sd, positive_index, summarize
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
-from busynth.evaluate.intervals import PROCEDURE_TEXT, FoldScores, compare, holm, verdict
+from busynth.evaluate.intervals import FoldScores, compare, holm, interval_text, verdict
 from busynth.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,19 @@ def _interval(d: dict | None) -> str:
     return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
+def procedures_used(summary: dict) -> set[str]:
+    """The interval procedures the summary's comparisons were made with (see ``compare``)."""
+    blocks = [summary.get("aa", {}), *summary.get("paired", {}).values(), *summary.get("vs_baseline", {}).values()]
+    return {d["procedure"] for block in blocks if isinstance(block, dict)
+            for d in block.values() if isinstance(d, dict) and "procedure" in d}
+
+
+def summary_interval_text(summary: dict) -> str:
+    """How the summary's intervals were made, in words (run.interval, and its fallback if used)."""
+    interval = summary.get("protocol", {}).get("interval", "bootstrap")
+    return interval_text(interval, procedures_used(summary))
+
+
 def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
     """A plain-text table: mean ± sd per method and metric, the A/A row, then the paired
     differences with intervals and the verdicts on the primary metric."""
@@ -238,7 +251,7 @@ def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
     for method, stats in summary["methods"].items():
         cells = "".join(format_mean_sd(stats[m]["mean"], stats[m]["sd"]).ljust(width) for m in metrics)
         lines.append(method.ljust(label) + cells + f"(cells={stats[metrics[0]]['n']})")
-    how = PROCEDURE_TEXT.get(proto.get("interval", "bootstrap"), str(proto.get("interval")))
+    how = summary_interval_text(summary)
     level = round(100 * (1 - proto.get("alpha", 0.05)))
     if summary.get("aa") or summary["paired"]:
         lines += ["", f"paired difference, {level}% interval ({how}):"]

@@ -29,7 +29,7 @@ below alpha, by the sign of the difference, else "no evidence".
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,9 +242,23 @@ def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | Non
             "p": float(2 * stats.t.sf(abs(diff) / se, df)), **base, "kept": int(total.size)}
 
 
+def interval_text(interval: str, used: Iterable[str]) -> str:
+    """How the intervals were made: ``interval`` (run.interval), and the fallback if some comparison
+    (``used``: the procedures the results carry) had one seed per fold."""
+    text = PROCEDURE_TEXT.get(interval, interval)
+    others = sorted(set(used) - {interval})
+    if others:
+        text += "; comparisons with one seed per fold: " + ", ".join(PROCEDURE_TEXT.get(p, p) for p in others)
+    return text
+
+
 def compare(metric: str, folds: Sequence[FoldScores], procedure: str, pos: int | None = None,
             n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
-    """The paired interval of ``procedure`` ("bootstrap", "components" or "corrected_t"), tagged with its name."""
+    """The paired interval of ``procedure`` ("bootstrap", "components" or "corrected_t"), tagged with
+    the name of the procedure used: "components" needs two seeds in every fold, and falls back to
+    the two-level bootstrap where a fold has one."""
+    if procedure == "components" and min((len(f.a) for f in folds), default=0) < 2:
+        procedure = "bootstrap"
     if procedure == "bootstrap":
         out = two_level_bootstrap(metric, folds, pos, n_boot=n_boot, seed=seed, alpha=alpha)
     elif procedure == "corrected_t":

@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, confusion_matrix, roc_curve
 
-from busynth.evaluate.intervals import PROCEDURE_TEXT
 from busynth.io import read_json
 from busynth.report.common import (
     MAX_LIST,
@@ -35,6 +34,7 @@ from busynth.report.common import (
     save_figure,
     read_csv_or_none,
 )
+from busynth.results import summary_interval_text
 
 BAR_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
 SAMPLES_PER_CLASS = 8
@@ -90,8 +90,7 @@ def _result_cell(stats: dict[str, Any], paired: dict[str, Any] | None, verdict: 
 
 def _procedure(summary: dict[str, Any]) -> tuple[str, str, float]:
     proto = summary.get("protocol", {})
-    how = PROCEDURE_TEXT.get(proto.get("interval", "bootstrap"), str(proto.get("interval")))
-    return proto.get("primary_metric", "balanced_accuracy"), how, float(proto.get("alpha", 0.05))
+    return proto.get("primary_metric", "balanced_accuracy"), summary_interval_text(summary), float(proto.get("alpha", 0.05))
 
 
 def section_verdicts(run: Run) -> str:
