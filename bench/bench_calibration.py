@@ -137,9 +137,10 @@ def rate(hits: int, n: int) -> dict[str, float]:
 
 def cache_folder(args: argparse.Namespace) -> Path:
     """``--work/<hash>``: one folder per setting that changes the trained predictions."""
+    config = load_config(args.preset)
     fields = {"preset": args.preset, "epochs": args.epochs, "seeds": args.seeds, "extra": args.extra,
               **({"scale": args.scale} if args.scale != 1.0 else {}),
-              "config": load_config(args.preset).model_dump(mode="json")}
+              "config": {k: getattr(config, k).model_dump(mode="json") for k in ("phantom", "split", "classifier")}}
     return args.work / hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
