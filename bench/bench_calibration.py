@@ -38,7 +38,10 @@ import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import device_info, load_avg  # bench/ is on sys.path when run as a script
+from bench_diffusion import (  # bench/ is on sys.path when run as a script
+    device_info,
+    load_avg,
+)
 
 from busynth.classify.metrics import paired_difference, positive_index
 from busynth.classify.train import fit_classifier, predict_proba
@@ -96,7 +99,7 @@ def one_repetition(rep: int, args: argparse.Namespace, work: Path) -> dict:
         x_val, y_val = stack_images(val, cfg.image_size), label_indices(val, CLASSES)
         x_test = stack_images(test, cfg.image_size)
 
-        def fit(rows, seed, name):
+        def fit(rows, seed, name, x_val=x_val, y_val=y_val, fold=fold, train=train, x_test=x_test):
             res = fit_classifier(stack_images(rows, cfg.image_size), label_indices(rows, CLASSES), x_val, y_val, cfg,
                                  len(CLASSES), work / f"r{rep}" / f"f{fold}" / f"{name}{seed}", seed=seed, cpu=True,
                                  n_real=len(train))
@@ -160,7 +163,7 @@ def summarize(per_rep: list[dict], extra: list[int]) -> dict[str, dict]:
 
 def print_table(table: dict[str, dict], extra: list[int]) -> None:
     """The summary table: one row per procedure."""
-    share = lambda r: f"{r['share']:>4.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}]"  # noqa: E731
+    share = lambda r: f"{r['share']:>4.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}]"
     head = f"{'procedure':<13}{'A/A excl. 0':<18}" + "".join(f"{'power ' + control_name(k):<18}" for k in extra)
     print(head + "mean A/A width  mean effect " + " / ".join(map(control_name, extra)))
     for p, t in table.items():
@@ -203,7 +206,7 @@ def main() -> None:
         row["real_accuracy"] = float(np.mean([np.mean([(p.argmax(1) == f["y"]).mean() for p in f["real"]])
                                               for f in data["folds"]]))
         per_rep.append(row)
-        show = lambda d: f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"  # noqa: E731
+        show = lambda d: f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
         print(f"rep {rep + 1}/{args.reps} ({time.perf_counter() - t0:.0f} s, real accuracy {row['real_accuracy']:.3f}) "
               + "  ".join(f"{p}: A/A {show(row['aa'][p])} " + " ".join(
                   f"{control_name(k)} {show(row[control_name(k)][p])}" for k in args.extra) for p in PROCEDURES),

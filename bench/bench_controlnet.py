@@ -26,18 +26,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from bench_diffusion import (  # bench/ is on sys.path when run as a script
+    device_info,
+    interleaved_comparison,
+    load_avg,
+)
 from diffusers import ControlNetModel
 
 from busynth.generators.diffusion.components import build_tiny_components, freeze
-from busynth.generators.diffusion.controlnet import (
-    ControlNetStage,
-    conditioning_channels_for,
-)
+from busynth.generators.diffusion.controlnet import ControlNetStage, conditioning_channels_for
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
 from busynth.generators.diffusion.train import StageConfig, train_stage
 from busynth.io import write_json
-
-from bench_diffusion import device_info, interleaved_comparison, load_avg  # bench/ is on sys.path when run as a script
 
 logger = logging.getLogger("bench_controlnet")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"

@@ -188,13 +188,13 @@ def fit_on_busi(cfg: SDLoraConfig, out_dir: Path | None, seed: int) -> dict:
     real = {c: [r.image for r in records if r.label == c][:8] for c in DEFAULT_CLASSES}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_png(RESULTS / "sd_lora_grid.png", sample_grid(real, samples, 128))
-    pix = lambda ims: float(np.std(np.stack([resize_image(i, cfg.image_size) for i in ims])))  # noqa: E731
+    pix = lambda ims: float(np.std(np.stack([resize_image(i, cfg.image_size) for i in ims])))
     return {"source": source, "n_train": len(records), "counts": counts, "out_dir": str(out),
             "fit_seconds": round(fit_s, 1), "stage_seconds": stages,
             "other_fit_seconds": round(fit_s - sum(stages.values()), 1),
             "sampling_seconds": round(sample_s, 1), "n_sampled": sum(counts.values()),
             "total_seconds": round(fit_s + sample_s, 1),
-            "pixel_std_real": pix([r.image for r in records]), "pixel_std_samples": pix(sum(samples.values(), []))}
+            "pixel_std_real": pix([r.image for r in records]), "pixel_std_samples": pix([s for group in samples.values() for s in group])}
 
 
 def main() -> None:

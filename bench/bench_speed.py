@@ -41,7 +41,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import device_info, interleaved_comparison, load_avg, tiny_setup  # sets HF_HUB_OFFLINE
+from bench_diffusion import (  # sets HF_HUB_OFFLINE
+    device_info,
+    interleaved_comparison,
+    load_avg,
+    tiny_setup,
+)
 
 from busynth.classify.models import build_classifier
 from busynth.classify.train import class_weight_vector, fit_classifier, param_groups

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL_PHANTOM, TinyBusi
 from PIL import Image
 
 from busynth.config import AuditConfig, SplitConfig
@@ -18,8 +19,6 @@ from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.splits import Split, leaking_groups, make_split, read_split
 from busynth.errors import DataError
-
-from conftest import SMALL_PHANTOM, TinyBusi
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -375,8 +374,8 @@ def test_user_split_that_separates_a_twin_from_its_source_is_kept_with_a_leak_no
     split = read_split(path, phantom_records, phantom_audit, SplitConfig(on_leak="keep"))
     group = phantom_audit.group_of[twin]
     assert leaking_groups(split) == [(0, group, ["test", "train"])]
-    assert split.notes == ["fold 0: 1 duplicate groups straddle test and train/val, kept as given "
-                           "(split.on_leak=keep): results are marked 'leaky split'"]
+    assert split.notes == [("fold 0: 1 duplicate groups straddle test and train/val, kept as given "
+                            "(split.on_leak=keep): results are marked 'leaky split'")]
     assert {r["id"]: r["part"] for r in split.rows}[twin] == "test"  # kept as given
     assert split.leaky
 

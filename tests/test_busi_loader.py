@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_SIZE, TinyBusi, save_png, tiny_image, tiny_mask
 from PIL import Image
 
 from busynth.config import DataConfig
 from busynth.data.busi import LoadSummary, load_dataset, read_grayscale
 from busynth.errors import DataError
-
-from conftest import TINY_SIZE, TinyBusi, save_png, tiny_image, tiny_mask
 
 SKIP = DataConfig(on_bad_file="skip")
 

@@ -33,8 +33,8 @@ N_CLASSES = 3
 
 
 def tiny_config(**changes) -> ClassifierConfig:
-    base = dict(image_size=SIZE, width=4, epochs=3, batch_size=8, lr=1e-2, warmup_epochs=0.5,
-                dropout=0.1, patience=5, select_metric="balanced_accuracy")
+    base = {"image_size": SIZE, "width": 4, "epochs": 3, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 0.5,
+            "dropout": 0.1, "patience": 5, "select_metric": "balanced_accuracy"}
     return ClassifierConfig(**{**base, **changes})
 
 
@@ -174,7 +174,7 @@ def test_resume_equals_uninterrupted_run(full_run, data, tmp_path) -> None:
     assert read_json(tmp_path / "state.json")["epoch"] == 0
     resumed = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, cpu=True)
     np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full_run[0].model, data[2]))
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(resumed.history) == drop(full_run[0].history)
 
 

@@ -8,24 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TinyBusi
 from typer.testing import CliRunner
 
 from busynth.cli import app
-from busynth.config import (
-    StudyConfig,
-    build_config,
-    dump_config,
-    load_config,
-    parse_override,
-    preset_names,
-)
+from busynth.config import StudyConfig, build_config, dump_config, load_config, parse_override, preset_names
 from busynth.data.audit import audit_records
 from busynth.data.busi import load_dataset
 from busynth.data.phantom import make_phantom
 from busynth.data.splits import leaking_groups, read_split
 from busynth.errors import ConfigError
-
-from conftest import TinyBusi
 
 runner = CliRunner()
 

@@ -14,37 +14,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
+from helpers.tiny import CLASSES, TINY_MODEL
 
 from busynth.config import PhantomConfig, load_config
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.transforms import resize_mask
 from busynth.errors import ConfigError
-from busynth.evaluate.adherence import (
-    contrast_to_noise,
-    control_adherence,
-    evaluate_adherence,
-)
+from busynth.evaluate.adherence import contrast_to_noise, control_adherence, evaluate_adherence
 from busynth.generators.base import read_generator_info
-from busynth.generators.diffusion.components import (
-    TinyModelConfig,
-    build_tiny_components,
-    freeze,
-)
+from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, freeze
 from busynth.generators.diffusion.controlnet import ControlNetGenerator, ControlNetStage
-from busynth.generators.diffusion.masks import (
-    MaskTransformConfig,
-    elastic_masks,
-    sampling_masks,
-    transform_masks,
-)
+from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
-from busynth.generators.diffusion.train import (
-    StageConfig,
-    list_checkpoints,
-    train_stage,
-)
-from helpers.tiny import CLASSES, TINY_MODEL
+from busynth.generators.diffusion.train import StageConfig, list_checkpoints, train_stage
 
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},

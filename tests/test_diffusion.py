@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers.tiny import CLASSES, TINY_MODEL
 
 from busynth.config import PhantomConfig, load_config
 from busynth.data.phantom import make_phantom
@@ -35,7 +36,6 @@ from busynth.generators.diffusion.train import (
     min_snr_weights,
     train_stage,
 )
-from helpers.tiny import CLASSES, TINY_MODEL
 
 TINY = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
         "autoencoder_training": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
@@ -236,7 +236,7 @@ def test_saved_lora_reloads_through_diffusers_and_gives_identical_samples(fitted
 
 
 def test_refit_reuses_finished_fit_and_refuses_other_data(fitted, records):
-    gen, out = fitted
+    _, out = fitted
     again = SDLoraGenerator({**TINY, "guidance_scale": 4.0}, classes=CLASSES)  # sampling-only change: reuse
     again.fit(records, out, seed=3)
     assert again.pipe is not None

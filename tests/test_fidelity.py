@@ -39,7 +39,7 @@ def _fid_scipy(a: np.ndarray, b: np.ndarray) -> float:
 def _kid_numpy(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Bińkowski et al. 2018, eq. 4)."""
     d = x.shape[1]
-    kern = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    kern = lambda a, b: (a @ b.T / d + 1.0) ** 3
     m, n = len(x), len(y)
     kxx, kyy, kxy = kern(x, x), kern(y, y), kern(x, y)
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
@@ -107,7 +107,7 @@ def test_memorization_flags_planted_copies():
     rng = np.random.default_rng(2)
     train = _smooth_images(rng, 40)
     synthetic = np.concatenate([_smooth_images(rng, 20), train[[3]], train[[5], :, ::-1]])
-    embed = lambda x: pixel_embedding(x, size=16)  # noqa: E731
+    embed = lambda x: pixel_embedding(x, size=16)
     mem = nearest_training(embed(synthetic), embed(train), embed(mirror_images(train)), percentile=5)
     assert mem.flagged[20] and mem.flagged[21]
     assert mem.index[20] == 3 and mem.index[21] == 5 and mem.mirrored[21] and not mem.mirrored[20]

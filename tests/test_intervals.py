@@ -50,7 +50,7 @@ def test_duplicating_one_seed_does_not_narrow_the_interval():
     single = two_level_bootstrap("balanced_accuracy", one, n_boot=1000, seed=1)
     repeated = two_level_bootstrap("balanced_accuracy", copies, n_boot=1000, seed=1)
     assert repeated["diff"] == pytest.approx(single["diff"])
-    width = lambda r: r["ci_high"] - r["ci_low"]  # noqa: E731
+    width = lambda r: r["ci_high"] - r["ci_low"]
     assert width(repeated) == pytest.approx(width(single), rel=0.15)
     assert repeated["n"] == single["n"] == 270  # distinct test images, not cells
     # The earlier procedure treats each copy as new data and narrows by about sqrt(5).
@@ -113,7 +113,7 @@ def test_repeated_folds_share_their_test_images():
 def test_components_copies_of_one_seed_give_the_test_image_interval_of_that_seed():
     """No seed-to-seed variation at all: only the test images vary, and more copies never narrow it."""
     one = make_folds(1, 1.5, 1.0, seed=4)
-    copies = lambda n: [FoldScores(f.ids, f.y, np.repeat(f.a, n, 0), np.repeat(f.b, n, 0), f.n_train)  # noqa: E731
+    copies = lambda n: [FoldScores(f.ids, f.y, np.repeat(f.a, n, 0), np.repeat(f.b, n, 0), f.n_train)
                         for f in one]
     two, six = (variance_components("balanced_accuracy", copies(n), n_boot=2000, seed=2) for n in (2, 6))
     assert two["ci_low"] == pytest.approx(six["ci_low"]) and two["ci_high"] == pytest.approx(six["ci_high"])
@@ -127,13 +127,16 @@ def test_components_copies_of_one_seed_give_the_test_image_interval_of_that_seed
 def _single_seed_draws(folds, n_boot=2000, seed=5):
     """Bootstrap draws (stratified by fold and class) of the fold-averaged balanced-accuracy
     difference of seed 0, written out here as a reference."""
+    def balanced_accuracy(p, y):
+        return np.mean([(p[y == c].argmax(1) == c).mean() for c in range(3)])
+
     rng = np.random.default_rng(seed)
     draws = np.zeros(n_boot)
     for f in folds:
         for b in range(n_boot):
             rows = np.concatenate([rng.choice(np.flatnonzero(f.y == c), (f.y == c).sum()) for c in range(3)])
-            recall = lambda p: np.mean([(p[rows][f.y[rows] == c].argmax(1) == c).mean() for c in range(3)])  # noqa: E731
-            draws[b] += (recall(f.a[0]) - recall(f.b[0])) / len(folds)
+            y = f.y[rows]
+            draws[b] += (balanced_accuracy(f.a[0][rows], y) - balanced_accuracy(f.b[0][rows], y)) / len(folds)
     return draws
 
 
@@ -166,7 +169,7 @@ def test_components_widen_with_a_seed_effect_and_need_two_seeds():
         folds.append(FoldScores([f"{f}_{i}" for i in range(80)], y, a, b, 160))
     steady = [FoldScores(f.ids, f.y, np.stack([noisy_probas(f.y, 1.4, rng) for _ in range(4)]), f.b, f.n_train)
               for f in folds]
-    width = lambda r: r["ci_high"] - r["ci_low"]  # noqa: E731
+    width = lambda r: r["ci_high"] - r["ci_low"]
     assert width(variance_components("accuracy", folds, n_boot=800)) > 1.5 * width(
         variance_components("accuracy", steady, n_boot=800))
     one = make_folds(1, 1.0, 1.0)

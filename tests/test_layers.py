@@ -5,6 +5,8 @@
   any package. The tests also break each contract on purpose, in a copy of the package, to show
   that a violation fails.
 * No module imports a private name (``_x``) of another module: what two modules share is public.
+* ``ruff check`` (the version pinned in the test extras, settings in pyproject.toml) is clean over
+  the package, the tests and the benchmarks; a file with a lint finding fails it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "busynth"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+RUFF = Path(sys.executable).with_name("ruff")
 
 
 def _lint_imports(package_parent: Path | None = None) -> subprocess.CompletedProcess:
@@ -29,7 +32,7 @@ def _lint_imports(package_parent: Path | None = None) -> subprocess.CompletedPro
     if package_parent is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(package_parent), env.get("PYTHONPATH", "")])
     return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(ROOT / "pyproject.toml")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_the_import_contracts_hold() -> None:
@@ -79,3 +82,22 @@ def test_the_private_name_check_sees_one(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("from busynth import __version__\nfrom busynth.io import _discard, write_text\n")
     assert private_imports(module) == [f"{module}:2: from busynth.io import _discard"]
+
+
+def _ruff(*paths: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RUFF), "check", "--no-cache", "--output-format", "concise", *map(str, paths)],
+                          cwd=ROOT, env={**os.environ, "NO_COLOR": "1"}, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_ruff_is_clean() -> None:
+    assert RUFF.is_file(), f"{RUFF} is missing: install the test extras (ruff)"
+    result = _ruff(ROOT / "src", ROOT / "tests", ROOT / "bench")
+    assert result.returncode == 0, f"ruff check found:\n{result.stdout}\n{result.stderr}"
+
+
+def test_ruff_sees_a_finding(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("import os\n")  # unused import (F401)
+    result = _ruff(module)
+    assert result.returncode != 0 and "F401" in result.stdout, result.stdout

@@ -104,7 +104,7 @@ def full_run(tmp_path: Path) -> Path:
 
 
 def _cells(page: str, cls: str) -> list[str]:
-    return re.findall(rf'<td class="{cls}"[^>]*>(.*?)</td>', page, flags=re.S)
+    return re.findall(rf'<td class="{cls}"[^>]*>(.*?)</td>', page, flags=re.DOTALL)
 
 
 def test_report_is_self_contained_and_shows_the_numbers(full_run: Path) -> None:

@@ -66,7 +66,7 @@ def check_page(page: Path, profile: Path) -> dict:
     checked = page.with_name(f"{page.stem}.check.html")
     checked.write_text(text.replace("<head>", "<head>" + CHECK_SCRIPT, 1))
     proc = _chromium(profile, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
-    found = re.search(r'<pre id="busynth-check">(.*?)</pre>', proc.stdout, re.S)
+    found = re.search(r'<pre id="busynth-check">(.*?)</pre>', proc.stdout, re.DOTALL)
     assert found, f"no verdict from chromium (rc {proc.returncode}): {proc.stderr[-2000:]}"
     return json.loads(html.unescape(found.group(1)))
 

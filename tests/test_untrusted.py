@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import CLASSES, TINY_MODEL
 from typer.testing import CliRunner
 
 from busynth.checkpoint import load_checkpoint, read_safetensors, save_checkpoint
@@ -31,15 +32,9 @@ from busynth.data.records import check_inside
 from busynth.data.splits import read_split
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.experiment import read_synthetic
-from busynth.generators.base import (
-    MANIFEST,
-    Synthetic,
-    read_generator_info,
-    write_samples,
-)
+from busynth.generators.base import MANIFEST, Synthetic, read_generator_info, write_samples
 from busynth.generators.classical import ClassicalAugmenter
 from busynth.generators.cvae import CVAEGenerator
-from helpers.tiny import CLASSES, TINY_MODEL
 
 CVAE = {"image_size": 16, "channels": [4, 8], "latent_dim": 4, "class_embed_dim": 2, "steps": 2, "batch_size": 4,
         "kl_warmup_steps": 1, "checkpoint_every": 1}

@@ -16,15 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from busynth.errors import ConfigError
 from busynth.registry import available_methods, order_methods, unknown_methods
@@ -291,7 +283,7 @@ class RunConfig(_Strict):
 
 
     @model_validator(mode="after")
-    def _generator_seeds_fit(self) -> "RunConfig":
+    def _generator_seeds_fit(self) -> RunConfig:
         if self.generator_seeds > self.seeds:
             raise ValueError(f"generator_seeds ({self.generator_seeds}) cannot exceed seeds ({self.seeds}): "
                              "every generator fit needs a classifier seed")
@@ -313,7 +305,7 @@ class StudyConfig(_Strict):
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _phantom_classes_known(self) -> "StudyConfig":
+    def _phantom_classes_known(self) -> StudyConfig:
         unknown = set(self.phantom.n_per_class) - set(self.data.classes)
         if unknown:
             raise ValueError(f"phantom.n_per_class names classes not in data.classes: {sorted(unknown)}")

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +165,7 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     else:
         write_json(info_path, {
             "data": source, "fingerprint": fingerprint, "busynth_version": __version__,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
         })
     write_text(run_dir / "config.yaml", dump_config(config))
 

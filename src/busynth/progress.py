@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def format_duration(seconds: float) -> str:
     """A short duration: ``850ms``, ``0s``, ``42s``, ``4m10s``, ``1h02m``."""
     if 0 < seconds < 1:
         return f"{seconds * 1000:.0f}ms"
-    whole = int(round(float(seconds)))
+    whole = round(float(seconds))
     if whole < 60:
         return f"{whole}s"
     minutes, secs = divmod(whole, 60)
@@ -134,7 +134,7 @@ class Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -57,7 +57,7 @@ class Protocol:
         return aa_seed_halves(self.seeds)
 
     @classmethod
-    def from_config(cls, run) -> "Protocol":
+    def from_config(cls, run) -> Protocol:
         """The protocol of a ``RunConfig``."""
         seeds = [run.base_seed + i for i in range(run.seeds)]
         return cls(primary_metric=run.primary_metric, interval=run.interval, alpha=run.alpha,

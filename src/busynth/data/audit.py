@@ -69,10 +69,10 @@ class AuditReport:
         """A readable summary of the findings."""
         lines = [
             f"audit of {self.n_images} images:",
-            f"  exact duplicate groups: {len(self.exact_groups)} "
-            f"({sum(len(g) for g in self.exact_groups)} images)",
-            f"  near-duplicate groups (exact included): {len(self.near_groups)} "
-            f"({sum(len(g) for g in self.near_groups)} images, largest {max(map(len, self.near_groups), default=0)})",
+            (f"  exact duplicate groups: {len(self.exact_groups)} "
+             f"({sum(len(g) for g in self.exact_groups)} images)"),
+            (f"  near-duplicate groups (exact included): {len(self.near_groups)} "
+             f"({sum(len(g) for g in self.near_groups)} images, largest {max(map(len, self.near_groups), default=0)})"),
             f"  groups spanning two classes: {len(self.cross_class_groups)}",
             f"  images with coloured overlays: {len(self.overlays)}",
         ]

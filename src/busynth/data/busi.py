@@ -59,8 +59,8 @@ class LoadSummary:
         """A readable multi-line summary."""
         lines = [
             f"data set: {self.root}",
-            f"  files seen: {self.files_seen}; images read: {self.images_read}; "
-            f"mask files read: {self.masks_read}; skipped: {len(self.skipped)}",
+            (f"  files seen: {self.files_seen}; images read: {self.images_read}; "
+             f"mask files read: {self.masks_read}; skipped: {len(self.skipped)}"),
             "  per class: " + ", ".join(f"{c} {n}" for c, n in self.per_class.items()),
         ]
         if self.multi_mask:

@@ -150,8 +150,8 @@ def make_split(records: Sequence[Record], audit: AuditReport, config: SplitConfi
         for r, p in zip(kept, part, strict=True):
             rows.append(_row(fold, r, audit.group_of[r.id], str(p)))
         rows.extend(_row(fold, r, audit.group_of[r.id], "excluded") for r in records if r.id in excluded)
-    notes = [f"excluded {len(excluded)} images in cross-class duplicate groups "
-             "(split.csv part=excluded; audit.json lists the groups)"] if excluded else []
+    notes = [(f"excluded {len(excluded)} images in cross-class duplicate groups "
+              "(split.csv part=excluded; audit.json lists the groups)")] if excluded else []
     split = Split(rows=rows, notes=notes)
     leaks = leaking_groups(split)
     if leaks:  # cannot happen with StratifiedGroupKFold; kept as a hard guard

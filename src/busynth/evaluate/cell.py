@@ -28,19 +28,8 @@ from busynth.classify.train import load_classifier
 from busynth.config import StudyConfig
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
-from busynth.evaluate.fidelity import (
-    FidelitySettings,
-    compare_by_class,
-    diversity_by_class,
-    extract_features,
-)
-from busynth.evaluate.memorization import (
-    Memorization,
-    closest_pairs,
-    mirror_images,
-    nearest_training,
-    pixel_embedding,
-)
+from busynth.evaluate.fidelity import FidelitySettings, compare_by_class, diversity_by_class, extract_features
+from busynth.evaluate.memorization import Memorization, closest_pairs, mirror_images, nearest_training, pixel_embedding
 from busynth.evaluate.summary import FIDELITY_JSON
 from busynth.io import read_json, write_json, write_png, write_text
 from busynth.registry import REFERENCE
@@ -117,10 +106,10 @@ def evaluate_cell(run_dir: Path, method: str, fold: int, seed: int, config: Stud
             "nearest_csv": "memorization.csv",
         },
         "closest_pairs": pairs,
-        "notes": ["real_vs_real compares the fold's real training images with its real test images; "
-                  "its diversity is that of the real training images and its memorisation share is the "
-                  "share of real test images under the threshold. FID is biased by set size: the test "
-                  "set is smaller than the synthetic set, so compare KID across the two."],
+        "notes": [("real_vs_real compares the fold's real training images with its real test images; "
+                   "its diversity is that of the real training images and its memorisation share is the "
+                   "share of real test images under the threshold. FID is biased by set size: the test "
+                   "set is smaller than the synthetic set, so compare KID across the two.")],
     }
     write_json(out_path, result)
     return result

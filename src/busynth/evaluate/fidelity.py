@@ -208,7 +208,7 @@ def _pair_from_index(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def compare_feature_sets(real: np.ndarray, fake: np.ndarray, settings: FidelitySettings) -> dict:
     """FID, KID (mean, std, subset size), precision and recall of ``fake`` against ``real``
     features; a score the set sizes do not allow is None and explained under 'notes'."""
-    out: dict = {"n_real": int(len(real)), "n_fake": int(len(fake)), "fid": None, "kid_mean": None,
+    out: dict = {"n_real": len(real), "n_fake": len(fake), "fid": None, "kid_mean": None,
                  "kid_std": None, "kid_subset_size": None, "precision": None, "recall": None}
     notes = []
     dim = real.shape[1] if real.ndim == 2 else 0

@@ -76,7 +76,7 @@ class Generator(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, directory: Path) -> "Generator":
+    def load(cls, directory: Path) -> Generator:
         """Rebuild a fitted generator from the folder ``fit`` returned."""
 
     @abc.abstractmethod
@@ -152,7 +152,7 @@ def synthetic_counts(
     if cfg.balance:
         top = max(counts.values())
         return {c: top - n for c, n in counts.items()}
-    return {c: int(math.floor(cfg.ratio * n + 0.5)) for c, n in counts.items()}
+    return {c: math.floor(cfg.ratio * n + 0.5) for c, n in counts.items()}
 
 
 def write_samples(

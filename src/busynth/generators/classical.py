@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
 from busynth.config import ClassicalConfig
-from busynth.data.records import Record
 from busynth.data.augment import AugmentParams, augment_batch
+from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, resize_mask, stack_images, to_tensor
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.io import atomic_path
@@ -58,7 +58,7 @@ class ClassicalAugmenter(Generator):
         return out_dir
 
     @classmethod
-    def load(cls, directory: Path) -> "ClassicalAugmenter":
+    def load(cls, directory: Path) -> ClassicalAugmenter:
         """Rebuild from ``generator.json`` and ``train.safetensors``."""
         info = read_generator_info(directory, expected=cls.name)
         gen = cls(info["config"], classes=info["classes"])

@@ -30,29 +30,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator
-from busynth.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    read_safetensors,
-    save_checkpoint,
-)
+from busynth.checkpoint import list_checkpoints, load_checkpoint, read_safetensors, save_checkpoint
 from busynth.config import MixedPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
 from busynth.errors import RunStateError
-from busynth.generators.base import (
-    Generator,
-    Synthetic,
-    read_generator_info,
-    save_generator_info,
-)
-from busynth.io import (
-    atomic_path,
-    derived_seed,
-    read_history_csv,
-    read_json,
-    write_rows_csv,
-)
+from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
+from busynth.io import atomic_path, derived_seed, read_history_csv, read_json, write_rows_csv
 from busynth.progress import log_fit, progress
 
 logger = logging.getLogger(__name__)
@@ -85,7 +69,7 @@ class CVAEConfig(BaseModel):
     sample_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
-    def _size_divisible(self) -> "CVAEConfig":
+    def _size_divisible(self) -> CVAEConfig:
         factor = 2 ** len(self.channels)
         if self.image_size % factor:
             raise ValueError(
@@ -337,7 +321,7 @@ class CVAEGenerator(Generator):
         self.step = step
 
     @classmethod
-    def load(cls, directory: Path) -> "CVAEGenerator":
+    def load(cls, directory: Path) -> CVAEGenerator:
         """Rebuild a fitted generator from ``generator.json`` + ``model.safetensors`` in ``directory``."""
         directory = Path(directory)
         info = read_generator_info(directory, expected=cls.name)

@@ -19,12 +19,7 @@ from pathlib import Path
 
 from busynth.io import write_text
 from busynth.report.common import CSS, Run, esc, load_run, note
-from busynth.report.fidelity import (
-    section_adherence,
-    section_closest_pairs,
-    section_fidelity,
-    section_mask_pairs,
-)
+from busynth.report.fidelity import section_adherence, section_closest_pairs, section_fidelity, section_mask_pairs
 from busynth.report.sections import (
     section_config,
     section_confusion,
@@ -32,10 +27,10 @@ from busynth.report.sections import (
     section_header,
     section_metric_bars,
     section_results,
-    section_verdicts,
     section_roc,
     section_samples,
     section_training,
+    section_verdicts,
 )
 
 __all__ = ["SECTIONS", "Run", "build_report", "load_run"]

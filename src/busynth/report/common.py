@@ -118,7 +118,7 @@ def figure_to_img(fig: Figure, alt: str) -> str:
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
     """A plain table; cells are escaped, the first ``left`` columns are left-aligned."""
-    cls = lambda i: ' class="l"' if i < left else ""  # noqa: E731
+    cls = lambda i: ' class="l"' if i < left else ""
     head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
     body = "".join(
         "<tr>" + "".join(f"<td{cls(i)}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows

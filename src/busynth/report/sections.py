@@ -29,10 +29,9 @@ from busynth.report.common import (
     kv_table,
     natural_key,
     note,
-    num,
     pooled_predictions,
-    save_figure,
     read_csv_or_none,
+    save_figure,
 )
 from busynth.results import summary_interval_text
 
@@ -105,9 +104,9 @@ def section_verdicts(run: Run) -> str:
     seeds = summary.get("protocol", {}).get("aa_seeds", [[], []])
     aa_primary = aa.get(primary) if isinstance(aa, dict) else None
     aa_text = _interval_text(aa_primary) if aa_primary else esc(aa.get("note", "not available"))
-    rows = [f'<tr class="aa"><td class="l">A/A: {esc(ref)} seeds {esc(seeds[0])} vs {esc(seeds[1])}</td>'
-            f'<td>{esc(aa_text)}</td><td>p={fmt((aa_primary or {}).get("p"))}</td><td>(noise floor)</td>'
-            f'<td></td><td></td><td></td></tr>']
+    rows = [(f'<tr class="aa"><td class="l">A/A: {esc(ref)} seeds {esc(seeds[0])} vs {esc(seeds[1])}</td>'
+             f'<td>{esc(aa_text)}</td><td>p={fmt((aa_primary or {}).get("p"))}</td><td>(noise floor)</td>'
+             '<td></td><td></td><td></td></tr>')]
     for method in run.methods:
         vs_ref = summary.get("paired", {}).get(method)
         if method == ref or not vs_ref:

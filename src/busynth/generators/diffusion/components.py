@@ -68,7 +68,7 @@ class TinyModelConfig(BaseModel):
     max_prompt_tokens: int = Field(default=32, ge=4)
 
     @model_validator(mode="after")
-    def _groups_divide_channels(self) -> "TinyModelConfig":
+    def _groups_divide_channels(self) -> TinyModelConfig:
         if any(c < 1 for c in [*self.vae_channels, *self.unet_channels]):
             raise ValueError(f"channel counts must be positive, got vae_channels={self.vae_channels}, "
                              f"unet_channels={self.unet_channels}")

@@ -29,14 +29,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
@@ -44,12 +37,7 @@ from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
 from busynth.errors import ConfigError, RunStateError
-from busynth.generators.base import (
-    Generator,
-    Synthetic,
-    read_generator_info,
-    save_generator_info,
-)
+from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
     Components,
     TinyModelConfig,
@@ -73,12 +61,7 @@ from busynth.generators.diffusion.lora import (
     unet_fingerprint,
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
-from busynth.generators.diffusion.train import (
-    AutoencoderStage,
-    NoisePredictionStage,
-    StageConfig,
-    train_stage,
-)
+from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, StageConfig, train_stage
 from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -130,7 +113,7 @@ class SDLoraConfig(BaseModel):
         return check_model_source(v, "model_index.json") if info.data.get("source") == "pretrained" else v
 
     @model_validator(mode="after")
-    def _check_sizes(self) -> "SDLoraConfig":
+    def _check_sizes(self) -> SDLoraConfig:
         if self.source == "tiny":
             factor = self.tiny.vae_factor * 2 ** (len(self.tiny.unet_channels) - 1)
             if self.image_size % factor:
@@ -372,7 +355,7 @@ class SDLoraGenerator(Generator):
         self.pipe = with_dpm_solver(pipe).to(PartialState().device)
 
     @classmethod
-    def load(cls, directory: Path) -> "SDLoraGenerator":
+    def load(cls, directory: Path) -> SDLoraGenerator:
         """Rebuild a fitted generator from ``generator.json``, ``model/`` (tiny) and ``lora/`` in ``directory``."""
         info = read_generator_info(directory, expected=cls.name)
         gen = cls(info["config"], classes=info["classes"])
