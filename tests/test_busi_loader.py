@@ -12,7 +12,7 @@ from conftest import TINY_SIZE, TinyBusi, save_png, tiny_image, tiny_mask
 from PIL import Image
 
 from busynth.config import DataConfig
-from busynth.data.busi import LoadSummary, load_dataset, read_grayscale
+from busynth.data.busi import LoadSummary, load_dataset, read_grayscale, read_mask
 from busynth.errors import DataError
 
 SKIP = DataConfig(on_bad_file="skip")
@@ -92,6 +92,46 @@ def test_mask_files_beyond_nine_are_all_unioned(tmp_path: Path) -> None:
                                           "benign/benign (1)_mask_2.png"]
     assert rec.meta["mask_files"][-1] == "benign/benign (1)_mask_10.png"
     assert result.summary.masks_read == 11
+
+
+def _colour_mask(lesion: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
+    """``lesion`` drawn in ``colour`` (RGB or RGBA) on black."""
+    out = np.zeros((*lesion.shape, len(colour)), dtype=np.uint8)
+    out[lesion] = colour
+    if len(colour) == 4:
+        out[~lesion, 3] = 255  # opaque black background
+    return out
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 0, 0),
+                                    (255, 0, 0, 255), (1,)],
+                         ids=["white", "red", "green", "blue", "dark-red", "red-rgba", "zero-one-gray"])
+def test_a_mask_in_any_colour_gives_the_same_lesion(tiny_busi: TinyBusi, colour: tuple[int, ...]) -> None:
+    lesion = tiny_busi.masks["malignant_1"]
+    drawn = _colour_mask(lesion, colour)
+    save_png(tiny_busi.path("malignant", "malignant (1)_mask.png"), drawn[..., 0] if len(colour) == 1 else drawn)
+    result = load_dataset(tiny_busi.root)
+    rec = next(r for r in result.records if r.id == "malignant_1")
+    np.testing.assert_array_equal(rec.mask, lesion)
+    assert result.summary.empty_mask == []
+
+
+def test_an_antialiased_mask_edge_counts_from_half_the_brightest_value(tmp_path: Path) -> None:
+    values = np.array([[0, 60, 100, 127, 128, 255]], dtype=np.uint8)
+    path = save_png(tmp_path / "m.png", np.repeat(values, 2, axis=0))
+    np.testing.assert_array_equal(read_mask(path, 10**6)[0], [False, False, False, False, True, True])
+
+
+def test_a_lesion_image_with_an_empty_mask_is_kept_and_reported(tiny_busi: TinyBusi) -> None:
+    mask_path = save_png(tiny_busi.path("malignant", "malignant (1)_mask.png"),
+                         np.zeros((TINY_SIZE, TINY_SIZE), dtype=np.uint8))
+    result = load_dataset(tiny_busi.root)
+    rec = next(r for r in result.records if r.id == "malignant_1")
+    assert rec.mask is not None and not rec.mask.any()
+    assert result.summary.empty_mask == ["malignant_1"]
+    assert any(str(tiny_busi.path("malignant", "malignant (1).png")) in w and mask_path.name in w
+               for w in result.summary.warnings)
+    assert "lesion images whose mask is empty (kept): 1" in result.summary.format()
 
 
 def test_normal_images_without_mask_files_get_empty_masks(tiny_busi: TinyBusi) -> None:

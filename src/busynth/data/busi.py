@@ -43,6 +43,8 @@ class LoadSummary:
     warnings: list[str] = field(default_factory=list)
     per_class: dict[str, int] = field(default_factory=dict)
     without_mask: list[str] = field(default_factory=list)
+    # Lesion-class images whose mask files hold no lesion pixel (ids).
+    empty_mask: list[str] = field(default_factory=list)
     multi_mask: int = 0
     modes: dict[str, int] = field(default_factory=dict)
 
@@ -67,6 +69,8 @@ class LoadSummary:
             lines.append(f"  images with several mask files (union taken): {self.multi_mask}")
         if self.without_mask:
             lines.append(f"  lesion images without a mask (kept, mask unknown): {len(self.without_mask)}")
+        if self.empty_mask:
+            lines.append(f"  lesion images whose mask is empty (kept): {len(self.empty_mask)}")
         for s in self.skipped:
             lines.append(f"  skipped {s['path']}: {s['reason']}")
         for w in self.warnings:
@@ -90,6 +94,23 @@ def read_grayscale(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
     include a histogram of the per-pixel channel spread (max - min over R, G, B), which the
     audit uses to find coloured overlays without re-reading the file.
     """
+    return _read_image(path, max_pixels, _to_gray)
+
+
+def read_mask(path: Path, max_pixels: int) -> np.ndarray:
+    """The lesion of a mask file as bool (H, W): every pixel at least half as bright as the
+    brightest one, brightness being the largest of R, G, B (so a mask drawn in any colour on
+    black counts, not only white: pure red has a luminance of 76 and would vanish under a
+    grey threshold). 0/255 and 0/1 masks alike; an all-black file gives an empty mask.
+    Refuses bad files as :func:`read_grayscale` does."""
+    value, _ = _read_image(path, max_pixels, _to_brightest_channel)
+    top = int(value.max())
+    if top == 0:
+        return np.zeros(value.shape, dtype=bool)
+    return value.astype(np.int32) * 2 > top
+
+
+def _read_image(path: Path, max_pixels: int, convert) -> tuple[np.ndarray, dict]:
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -103,7 +124,7 @@ def read_grayscale(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
             mode = im.mode
             im.load()
             info = {"mode": mode, "width": w, "height": h}
-            gray = _to_gray(im, info)
+            gray = convert(im, info)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
@@ -115,14 +136,32 @@ def read_grayscale(path: Path, max_pixels: int) -> tuple[np.ndarray, dict]:
     return gray, info
 
 
-def _to_gray(im: Image.Image, info: dict) -> np.ndarray:
+def _flatten_modes(im: Image.Image) -> Image.Image | np.ndarray:
+    """16/32-bit integer images scaled to uint8 by their maximum (an array); transparent pixels
+    composited onto black; other images unchanged."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         top = arr.max() if arr.max() > 0 else 1.0
         return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(background, im.convert("RGBA"))
+        return Image.alpha_composite(background, im.convert("RGBA"))
+    return im
+
+
+def _to_brightest_channel(im: Image.Image, info: dict) -> np.ndarray:
+    im = _flatten_modes(im)
+    if isinstance(im, np.ndarray):
+        return im
+    if im.mode in ("L", "1"):
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).max(axis=2)
+
+
+def _to_gray(im: Image.Image, info: dict) -> np.ndarray:
+    im = _flatten_modes(im)
+    if isinstance(im, np.ndarray):
+        return im
     if im.mode not in ("L", "1"):
         rgb = np.asarray(im.convert("RGB"))
         spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
@@ -188,14 +227,12 @@ def _load_one(
         image, info = read_grayscale(image_path, config.max_pixels)
         mask = None
         for mpath in mask_paths:
-            m, _ = read_grayscale(mpath, config.max_pixels)
-            if m.shape != image.shape:
+            lesion = read_mask(mpath, config.max_pixels)
+            if lesion.shape != image.shape:
                 raise DataError(
-                    f"{mpath}: mask is {m.shape[1]}x{m.shape[0]} but its image {image_path.name} is "
+                    f"{mpath}: mask is {lesion.shape[1]}x{lesion.shape[0]} but its image {image_path.name} is "
                     f"{image.shape[1]}x{image.shape[0]}"
                 )
-            # 0/255 masks (BUSI) and 0/1 masks alike: any value above the background counts
-            lesion = m > (127 if m.max() > 1 else 0)
             mask = lesion if mask is None else (mask | lesion)
     except DataError as exc:
         return None, str(exc)
@@ -271,6 +308,10 @@ def load_dataset(root: str | Path, config: DataConfig | None = None, workers: in
                 )
             summary.without_mask.append(rec.id)
             summary.warnings.append(f"{image_path}: no mask file; kept with an unknown mask")
+        elif cls not in config.normal_classes and not rec.mask.any():
+            summary.empty_mask.append(rec.id)
+            summary.warnings.append(f"{image_path}: its mask file(s) {', '.join(p.name for p in mask_paths)} "
+                                    "hold no lesion pixel; kept with an empty mask")
         records.append(rec)
     summary.per_class = {c: sum(r.label == c for r in records) for c in config.classes}
     empty = [c for c, n in summary.per_class.items() if n == 0]
