@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from busynth.config import ClassicalConfig, PhantomConfig, StudyConfig, SynthesisConfig
+from busynth.config import PhantomConfig, StudyConfig, SynthesisConfig
 from busynth.data.augment import AugmentParams, augment_batch, random_affine_grid, warp
 from busynth.data.phantom import make_phantom
 from busynth.generators import build_generator
@@ -77,7 +77,7 @@ def records():
 
 
 def test_classical_copies_come_from_training_images_with_masks(tmp_path, records):
-    gen = build_generator("classical", StudyConfig(classical=ClassicalConfig(image_size=32)))
+    gen = build_generator("classical", StudyConfig(generators={"classical": {"image_size": 32}}))
     gen.fit(records, tmp_path / "gen", seed=0)
     samples = gen.sample("benign", 7, seed=3)
     assert len(samples) == 7 and all(s.label == "benign" for s in samples)
@@ -103,7 +103,7 @@ def test_synthetic_counts_ratio_and_balance(records):
 
 
 def test_write_samples_uses_the_data_set_layout_and_continues_numbering(tmp_path, records):
-    gen = build_generator("classical", StudyConfig(classical=ClassicalConfig(image_size=32)))
+    gen = build_generator("classical", StudyConfig(generators={"classical": {"image_size": 32}}))
     gen.fit(records, tmp_path / "gen")
     write_samples(gen.sample("benign", 2, seed=0), tmp_path / "out", "classical", tmp_path / "gen")
     write_samples(gen.sample("benign", 1, seed=1), tmp_path / "out", "classical", tmp_path / "gen")

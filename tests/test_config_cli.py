@@ -322,10 +322,6 @@ def test_unknown_methods_on_the_run_command_are_all_named(tmp_path: Path) -> Non
     ("classifier.depth=[1, 0, 1]", "classifier.depth"),
     ("classifier.depth=[]", "classifier.depth"),
     ("classifier.grad_accum=0", "classifier.grad_accum"),
-    ("classical.image_size=-8", "classical.image_size"),
-    ("classical.scale_range=[0, 1.1]", "classical.scale_range"),
-    ("classical.gamma_range=[1.2, 0.8]", "classical.gamma_range"),
-    ("classical.contrast_range=[-1, 1]", "classical.contrast_range"),
     ("phantom.size=0", "phantom.size"),
     ("phantom.n_per_class={normal: -2}", "phantom.n_per_class"),
     ("split.folds=0", "split.folds"),
@@ -387,6 +383,10 @@ def test_an_override_changes_only_its_section_not_a_yaml_alias_of_it() -> None:
      ["generators.controlnet.pretrained_controlnet", "/no/such/dir", "no such folder"]),
     (["generators.controlnet.base=/no/such/dir"], ["generators.controlnet.base", "/no/such/dir", "no such folder"]),
     (["generators.gan.steps=1"], ["unknown method 'gan'"]),
+    (["generators.classical.image_size=-8"], ["generators.classical.image_size"]),
+    (["generators.classical.scale_range=[0, 1.1]"], ["generators.classical.scale_range"]),
+    (["generators.classical.gamma_range=[1.2, 0.8]"], ["generators.classical.gamma_range"]),
+    (["generators.classical.contrast_range=[-1, 1]"], ["generators.classical.contrast_range"]),
 ])
 @pytest.mark.usefixtures("generators_imported")
 def test_bad_generator_settings_stop_the_run_before_any_work(tmp_path: Path, overrides: list[str],
@@ -517,3 +517,12 @@ def test_an_unquoted_no_precision_means_no_not_false(override: str) -> None:
     assert resolved(override) == "no"
     with pytest.raises(ConfigError, match="precision"):  # yes (True) is no precision at all
         resolved(override.replace("=no", "=yes"))
+
+
+def test_an_old_top_level_classical_section_says_where_it_moved(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("classical:\n  image_size: 64\n")
+    with pytest.raises(ConfigError, match="moved to 'generators.classical'"):
+        load_config(str(old))
+    assert_user_error(invoke("run", "-c", "smoke", "--set", "classical.image_size=64", "--out", tmp_path / "o"),
+                      "generators.classical")

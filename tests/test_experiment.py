@@ -227,8 +227,8 @@ def test_method_settings_are_checked_per_method(tmp_path):
     # another method's section changing (or appearing) does not touch this run's cells
     experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.cvae.steps=5"), tmp_path,
                          build_html=False)
-    with pytest.raises(RunStateError, match="classical.max_rotation"):
-        experiment.run_study(smoke_config("run.methods=[real,classical]", "classical.max_rotation=30"), tmp_path,
+    with pytest.raises(RunStateError, match="generators.classical.max_rotation"):
+        experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.classical.max_rotation=30"), tmp_path,
                              build_html=False)
     assert json.loads((tmp_path / "cells/classical/settings.json").read_text())["max_rotation"] == 10.0
 

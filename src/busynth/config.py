@@ -209,25 +209,6 @@ class ClassifierConfig(_Strict):
         return self
 
 
-class ClassicalConfig(_Strict):
-    """Classical augmentation baseline: augmented copies of training images."""
-
-    # Resolution of the copies; keep it equal to classifier.image_size (larger only costs time).
-    image_size: int = Field(default=128, ge=8)
-    hflip: bool = True
-    max_rotation: float = Field(default=10.0, ge=0.0, le=180.0)
-    max_translate: float = Field(default=0.06, ge=0.0, le=0.5)
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    gamma_range: tuple[float, float] = (0.8, 1.25)
-    contrast_range: tuple[float, float] = (0.85, 1.15)
-    speckle_std: float = Field(default=0.08, ge=0.0)
-
-    @field_validator("scale_range", "gamma_range", "contrast_range")
-    @classmethod
-    def _positive_ranges(cls, v: tuple[float, float]) -> tuple[float, float]:
-        return positive_range(v)
-
-
 class SynthesisConfig(_Strict):
     """How many synthetic images a method adds per class."""
 
@@ -298,11 +279,18 @@ class StudyConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
-    classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     # Free-form per-generator settings, validated by each generator's own config model.
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classical_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "classical" in data:
+            raise ValueError("the top-level 'classical' section moved to 'generators.classical' "
+                             "(like every other method's settings): move it there")
+        return data
 
     @model_validator(mode="after")
     def _phantom_classes_known(self) -> StudyConfig:

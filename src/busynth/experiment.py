@@ -174,8 +174,7 @@ def method_settings(method: str, config: StudyConfig) -> dict:
     """The resolved settings of one method (its generator config with defaults filled in)."""
     if method == REFERENCE:
         return {}
-    section = config.classical if method == "classical" else config.generators.get(method, {})
-    return generator_class(method).parse_config(section).model_dump(mode="json")
+    return generator_class(method).parse_config(config.generators.get(method, {})).model_dump(mode="json")
 
 
 def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
@@ -187,10 +186,9 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
         if path.exists():
             changed = _changed_keys(read_json(path), mine)
             if changed:
-                where = "classical" if method == "classical" else f"generators.{method}"
                 raise RunStateError(
                     f"run folder {run_dir}: method {method!r} was run with other settings; changed: "
-                    f"{', '.join(f'{where}.{c}' for c in changed[:8])}. Use a new --out folder."
+                    f"{', '.join(f'generators.{method}.{c}' for c in changed[:8])}. Use a new --out folder."
                 )
         else:
             write_json(path, mine)

@@ -66,7 +66,7 @@ class Generator(abc.ABC):
         try:
             return cls.config_model.model_validate(dict(config or {}), context={"fit_inputs": fit_inputs})
         except ValidationError as exc:
-            section = "classical" if cls.name == "classical" else f"generators.{cls.name}"
+            section = f"generators.{cls.name}"
             msgs = "; ".join(f"{'.'.join([section, *map(str, e['loc'])])}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"invalid {cls.name} settings: {msgs}") from None
 
@@ -135,10 +135,7 @@ def generator_class(name: str) -> type[Generator]:
 def build_generator(name: str, study: StudyConfig) -> Generator:
     """Instantiate the generator of a method with its section of ``study.generators``."""
     cls = generator_class(name)
-    section = study.generators.get(name, {})
-    if name == "classical":
-        section = study.classical
-    return cls(section, classes=study.data.classes)
+    return cls(study.generators.get(name, {}), classes=study.data.classes)
 
 
 # --- how many to generate, and writing samples out ------------------------------------------

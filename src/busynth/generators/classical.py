@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
-from busynth.config import ClassicalConfig
+from busynth.config import positive_range
 from busynth.data.augment import AugmentParams, augment_batch
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, resize_mask, stack_images, to_tensor
@@ -26,6 +27,27 @@ from busynth.generators.base import Generator, Synthetic, read_generator_info, s
 from busynth.io import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+class ClassicalConfig(BaseModel):
+    """Settings of method ``classical`` (``generators.classical``): augmented copies of training images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Resolution of the copies; keep it equal to classifier.image_size (larger only costs time).
+    image_size: int = Field(default=128, ge=8)
+    hflip: bool = True
+    max_rotation: float = Field(default=10.0, ge=0.0, le=180.0)
+    max_translate: float = Field(default=0.06, ge=0.0, le=0.5)
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    contrast_range: tuple[float, float] = (0.85, 1.15)
+    speckle_std: float = Field(default=0.08, ge=0.0)
+
+    @field_validator("scale_range", "gamma_range", "contrast_range")
+    @classmethod
+    def _positive_ranges(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return positive_range(v)
 
 
 class ClassicalAugmenter(Generator):
