@@ -33,10 +33,10 @@ from bench_diffusion import (  # bench/ is on sys.path when run as a script
 )
 from diffusers import ControlNetModel
 
+from busynth.engine import StageConfig, train_stage
 from busynth.generators.diffusion.components import build_tiny_components, freeze
 from busynth.generators.diffusion.controlnet import ControlNetStage, conditioning_channels_for
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
-from busynth.generators.diffusion.train import StageConfig, train_stage
 from busynth.io import write_json
 
 logger = logging.getLogger("bench_controlnet")

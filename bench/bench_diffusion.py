@@ -37,10 +37,11 @@ from PIL import Image, ImageDraw
 from busynth.config import DEFAULT_CLASSES, PhantomConfig, parse_override
 from busynth.data.records import Record, class_counts
 from busynth.data.transforms import resize_image
+from busynth.engine import StageConfig, train_stage
 from busynth.generators.diffusion.components import build_tiny_components
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraConfig, SDLoraGenerator
-from busynth.generators.diffusion.train import NoisePredictionStage, StageConfig, train_stage
+from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json, write_png
 
 logger = logging.getLogger("bench_diffusion")

@@ -52,10 +52,11 @@ from busynth.classify.models import build_classifier
 from busynth.classify.train import class_weight_vector, fit_classifier, param_groups
 from busynth.config import ClassifierConfig, load_config
 from busynth.data.augment import LIGHT, augment_batch
+from busynth.engine import batch_indices
 from busynth.generators.diffusion.components import build_tiny_components
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
-from busynth.generators.diffusion.train import NoisePredictionStage, batch_indices
+from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"

@@ -505,7 +505,7 @@ def test_run_with_a_split_file_naming_unknown_or_escaping_entries_exits_2(tmp_pa
 ])
 def test_an_unquoted_no_precision_means_no_not_false(override: str) -> None:
     """YAML 1.1 reads ``no`` as False; a precision field takes it as the setting "no"."""
-    from busynth.experiment import method_settings
+    from busynth.rundir import method_settings
 
     def resolved(text: str) -> str:
         config = load_config("cpu", [text])

@@ -16,10 +16,12 @@ import torch
 from diffusers import ControlNetModel
 from helpers.tiny import CLASSES, TINY_MODEL
 
+from busynth.checkpoint import list_checkpoints
 from busynth.config import PhantomConfig, load_config
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.transforms import resize_mask
+from busynth.engine import StageConfig, train_stage
 from busynth.errors import ConfigError
 from busynth.evaluate.adherence import contrast_to_noise, control_adherence, evaluate_adherence
 from busynth.generators.base import read_generator_info
@@ -27,7 +29,6 @@ from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_
 from busynth.generators.diffusion.controlnet import ControlNetGenerator, ControlNetStage
 from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
-from busynth.generators.diffusion.train import StageConfig, list_checkpoints, train_stage
 
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},
@@ -279,7 +280,8 @@ def test_darker_inside_is_adherent_random_is_not():
 
 
 def test_study_writes_mask_files_next_to_controlnet_images(tmp_path):
-    from busynth.experiment import read_synthetic, run_study
+    from busynth.cells import read_synthetic
+    from busynth.experiment import run_study
 
     config = load_config("smoke", ["run.methods=[real,controlnet]", "split.folds=2"])
     run_study(config, tmp_path, build_html=False)

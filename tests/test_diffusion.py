@@ -18,24 +18,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 from helpers.tiny import CLASSES, TINY_MODEL
 
+from busynth.checkpoint import list_checkpoints
 from busynth.config import PhantomConfig, load_config
 from busynth.data.phantom import make_phantom
+from busynth.engine import StageConfig, batch_indices, learning_rate, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import read_generator_info
 from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, word_level_clip_tokenizer
 from busynth.generators.diffusion.lora import LoraSettings, add_unet_lora, load_lora_into
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator, records_to_pixels
-from busynth.generators.diffusion.train import (
-    AutoencoderStage,
-    NoisePredictionStage,
-    StageConfig,
-    batch_indices,
-    learning_rate,
-    list_checkpoints,
-    min_snr_weights,
-    train_stage,
-)
+from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, min_snr_weights
 
 TINY = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
         "autoencoder_training": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from busynth import experiment
+from busynth import cells, experiment, rundir
 from busynth.cli import app
 from busynth.config import load_config
 from busynth.data.transforms import stack_images
@@ -43,24 +43,24 @@ def test_no_test_image_or_its_duplicates_reach_training(tmp_path, monkeypatch):
     """Checked on the arrays handed to the classifier and the records handed to generators."""
     seen_fits: list[dict] = []
     seen_generator_fits: list[list[str]] = []
-    real_fit = experiment.fit_classifier
+    real_fit = cells.fit_classifier
 
     def spy_fit(train_x, train_y, val_x, val_y, cfg, n_classes, out_dir, **kw):
         seen_fits.append({"train": train_x.copy(), "val": val_x.copy(), "cell": Path(out_dir).parent.name,
                           "method": Path(out_dir).parent.parent.name})
         return real_fit(train_x, train_y, val_x, val_y, cfg, n_classes, out_dir, **kw)
 
-    real_gen = experiment.fit_or_load_generator
+    real_gen = cells.fit_or_load_generator
 
     def spy_gen(method, config, train, gen_dir, seed):
         seen_generator_fits.append([r.id for r in train])
         return real_gen(method, config, train, gen_dir, seed)
 
-    monkeypatch.setattr(experiment, "fit_classifier", spy_fit)
-    monkeypatch.setattr(experiment, "fit_or_load_generator", spy_gen)
+    monkeypatch.setattr(cells, "fit_classifier", spy_fit)
+    monkeypatch.setattr(cells, "fit_or_load_generator", spy_gen)
     config = smoke_config("phantom.near_duplicate_rate=0.25")
     experiment.run_study(config, tmp_path / "run", build_html=False)
-    study = experiment.prepare_data(config, None, tmp_path / "run")
+    study = rundir.prepare_data(config, None, tmp_path / "run")
     size = config.classifier.image_size
     assert study.audit.near_groups, "the fixture must contain near-duplicate groups"
     assert len(seen_fits) == 6 and len(seen_generator_fits) == 2  # real x 2 seeds (the A/A row), classical
@@ -86,13 +86,13 @@ def test_no_test_image_or_its_duplicates_reach_training(tmp_path, monkeypatch):
 
 def test_leak_guard_raises_on_a_planted_leak(tmp_path):
     config = smoke_config("phantom.near_duplicate_rate=0.25")
-    study = experiment.prepare_data(config, None, tmp_path)
+    study = rundir.prepare_data(config, None, tmp_path)
     group = next(g for g in study.audit.near_groups if len(g) > 1)
     test_id = group[0]
     fold = next(f for f in study.split.folds if test_id in study.split.ids(f, "test"))
     twin = group[1]
     with pytest.raises(LeakError, match="test images or their duplicates"):
-        experiment.check_no_leak(study.split, fold, {"classifier_train": [twin]}, study.audit.group_of)
+        cells.check_no_leak(study.split, fold, {"classifier_train": [twin]}, study.audit.group_of)
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

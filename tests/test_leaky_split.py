@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from busynth import experiment
+from busynth import cells, experiment, rundir
 from busynth.cli import app
 from busynth.config import SplitConfig, load_config
 from busynth.data.audit import AuditReport, audit_records
@@ -134,7 +134,7 @@ def test_keep_runs_the_split_as_given_and_marks_it_leaky(smoke, tmp_path: Path) 
     assert {g["group"] for g in split.leaks} == {audit.group_of[t] for t, _ in twin_pairs(records)[:2]}
     assert any("results are marked 'leaky split'" in n for n in split.notes)
     train_val = [i for i, p in part_of.items() if p in ("train", "val")]
-    experiment.check_no_leak(split, 0, {"classifier_train": train_val}, audit.group_of)  # accepted: passes
+    cells.check_no_leak(split, 0, {"classifier_train": train_val}, audit.group_of)  # accepted: passes
 
 
 def test_the_leak_guard_raises_a_leak_error_for_groups_nobody_accepted(smoke, tmp_path: Path) -> None:
@@ -144,11 +144,11 @@ def test_the_leak_guard_raises_a_leak_error_for_groups_nobody_accepted(smoke, tm
     split = read_split(path, records, audit, SplitConfig(on_leak="purge"))
     source = twin_pairs(records)[0][1]
     with pytest.raises(LeakError, match=f"fold 0: classifier_train would use 1 test images.*{source}"):
-        experiment.check_no_leak(split, 0, {"classifier_train": [source]}, audit.group_of)
+        cells.check_no_leak(split, 0, {"classifier_train": [source]}, audit.group_of)
     kept = read_split(path, records, audit, SplitConfig(on_leak="keep"))
     test_id = next(i for i, p in part_of.items() if p == "test")
     with pytest.raises(LeakError, match="val would use"):  # a test image itself is never accepted
-        experiment.check_no_leak(kept, 0, {"val": [test_id]}, audit.group_of)
+        cells.check_no_leak(kept, 0, {"val": [test_id]}, audit.group_of)
 
 
 def test_make_split_guard_raises_a_leak_error(smoke, monkeypatch) -> None:
@@ -166,7 +166,7 @@ def test_prepare_data_records_the_outcome_in_split_leaks_json(smoke, tmp_path: P
     path = tmp_path / "leaky.csv"
     part_of = write_leaky(path, records, audit)
     config = load_config("smoke", [f"split.on_leak={policy}"])
-    study = experiment.prepare_data(config, None, tmp_path / "run", path)
+    study = rundir.prepare_data(config, None, tmp_path / "run", path)
     report = json.loads((tmp_path / "run" / "data" / "split_leaks.json").read_text())
     doomed = straddling(part_of, audit)
     assert report["policy"] == policy and report["source"] == "leaky.csv"
@@ -178,12 +178,12 @@ def test_prepare_data_records_the_outcome_in_split_leaks_json(smoke, tmp_path: P
     else:
         assert report["purged"] == {} and study.split.leaky
     # resuming reads the stored split.csv back with the same outcome
-    again = experiment.prepare_data(config, None, tmp_path / "run", None)
+    again = rundir.prepare_data(config, None, tmp_path / "run", None)
     assert parts(again.split) == parts(study.split) and again.split.leaky == study.split.leaky
 
 
 def test_a_generated_split_writes_a_clean_split_leaks_json(tmp_path: Path) -> None:
-    experiment.prepare_data(load_config("smoke"), None, tmp_path / "run")
+    rundir.prepare_data(load_config("smoke"), None, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "data" / "split_leaks.json").read_text())
     assert report == {"policy": "refuse", "source": "generated", "leaky": False, "groups": [], "purged": {},
                       "n_purged": {}}

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from busynth import experiment
+from busynth import cells, experiment, rundir
 from busynth.config import load_config
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.summary import summarize_fidelity
+from busynth.registry import REFERENCE
 from busynth.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -89,11 +90,11 @@ def test_the_check_itself_catches_a_broken_image_and_a_script_error(tmp_path):
 
 def _score_generator_cells(config, run_dir: Path) -> None:
     """Fidelity of every generator cell (a no-op where the runner already wrote fidelity.json)."""
-    study = experiment.prepare_data(config, None, run_dir)
+    study = rundir.prepare_data(config, None, run_dir)
     for cell in experiment.study_cells(config, study.split.folds):
-        if cell.method == experiment.REFERENCE:
+        if cell.method == REFERENCE:
             continue
-        synthetic = experiment.read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method)
+        synthetic = cells.read_synthetic(run_dir / "synthetic" / cell.method / cell.key, cell.method)
         evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config,
                       study.split.select(study.records, cell.fold, "train"),
                       study.split.select(study.records, cell.fold, "test"), synthetic)

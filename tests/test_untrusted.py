@@ -22,6 +22,7 @@ import torch
 from helpers.tiny import CLASSES, TINY_MODEL
 from typer.testing import CliRunner
 
+from busynth.cells import read_synthetic
 from busynth.checkpoint import load_checkpoint, read_safetensors, save_checkpoint
 from busynth.classify.train import fit_classifier
 from busynth.cli import app
@@ -31,7 +32,6 @@ from busynth.data.phantom import make_phantom
 from busynth.data.records import check_inside
 from busynth.data.splits import read_split
 from busynth.errors import ConfigError, DataError, RunStateError
-from busynth.experiment import read_synthetic
 from busynth.generators.base import MANIFEST, Synthetic, read_generator_info, write_samples
 from busynth.generators.classical import ClassicalAugmenter
 from busynth.generators.cvae import CVAEGenerator
@@ -109,15 +109,12 @@ def test_read_safetensors_names_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_train_stage_resume_refuses_a_pickled_checkpoint(tmp_path: Path, marker: Path) -> None:
+    from busynth.engine import StageConfig, train_stage
     from busynth.generators.diffusion.components import (
         TinyModelConfig,
         build_tiny_components,
     )
-    from busynth.generators.diffusion.train import (
-        NoisePredictionStage,
-        StageConfig,
-        train_stage,
-    )
+    from busynth.generators.diffusion.train import NoisePredictionStage
 
     def stage_and_data():
         parts = build_tiny_components(TinyModelConfig(**TINY_MODEL), 16, ["a breast ultrasound image"], seed=0)

@@ -237,8 +237,8 @@ def data_audit(
 ) -> None:
     """Find unreadable files, exact and near duplicates, cross-class duplicates and overlays."""
     from busynth.data.audit import audit_records
-    from busynth.experiment import load_records
     from busynth.io import write_json
+    from busynth.rundir import load_records
 
     cfg = _config(config, set_)
     records, summary, _ = load_records(cfg, _data_path(path))
@@ -265,7 +265,7 @@ def data_split(
     """Write a stratified group k-fold (or holdout) split that keeps duplicate groups together."""
     from busynth.data.audit import audit_records
     from busynth.data.splits import make_split
-    from busynth.experiment import load_records
+    from busynth.rundir import load_records
 
     fields: dict[str, Any] = {"split.folds": folds, "split.seed": seed}
     if holdout is not None:

@@ -18,8 +18,9 @@ from busynth.classify.train import fit_classifier
 from busynth.config import ClassifierConfig, PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.data.transforms import label_indices, stack_images
+from busynth.engine import StageConfig, train_stage
 from busynth.generators.cvae import CVAEGenerator
-from busynth.generators.diffusion.train import AutoencoderStage, StageConfig, train_stage
+from busynth.generators.diffusion.train import AutoencoderStage
 from busynth.io import read_history_csv, write_json
 
 CLASSES = ["normal", "benign", "malignant"]

@@ -11,7 +11,7 @@ duplicates of its test images. ``split.on_leak`` decides, in :func:`apply_leak_p
   accepts exactly these groups.
 
 ``data/split_leaks.json`` in a run folder (written with ``split.csv`` by
-``experiment.prepare_data``; see :func:`leak_report`) records the outcome for the results.
+``rundir.prepare_data``; see :func:`leak_report`) records the outcome for the results.
 """
 
 from __future__ import annotations

@@ -10,15 +10,15 @@ Artifact folder (nanoGPT style, the config lives inside it)::
 
     generator.json          name, config, classes, train ids, step, seed
     model.safetensors       final weights
-    history.csv             step, loss, recon, kl, kl_weight, lr (one row per step)
-    checkpoint-N/           weights.safetensors, optimizer.safetensors, state.json (busynth.checkpoint)
+    history.csv             step, loss, recon, kl, kl_weight, lr, seconds (one row per step)
+    checkpoint-N/           the training engine's checkpoints (busynth.engine)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +29,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from busynth.accel import broadcast_buffers, local_rows, make_accelerator
-from busynth.checkpoint import list_checkpoints, load_checkpoint, read_safetensors, save_checkpoint
+from busynth.checkpoint import list_checkpoints, read_safetensors
 from busynth.config import MixedPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import from_tensor, label_indices, stack_images, to_tensor
+from busynth.engine import Stage, StageConfig, train_stage
 from busynth.errors import RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
-from busynth.io import atomic_path, derived_seed, read_history_csv, read_json, write_rows_csv
-from busynth.progress import log_fit, progress
+from busynth.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
-HISTORY_FILE = "history.csv"
-HISTORY_FIELDS = ("step", "loss", "recon", "kl", "kl_weight", "lr")
 
 
 class CVAEConfig(BaseModel):
@@ -89,12 +86,6 @@ def kl_weight(step: int, warmup: int, beta: float) -> float:
     if warmup <= 0:
         return float(beta)
     return float(beta) * min(1.0, step / warmup)
-
-
-def learning_rate(step: int, steps: int, lr: float, min_ratio: float) -> float:
-    """Cosine decay from ``lr`` at step 0 to ``lr * min_ratio`` at the last step."""
-    progress = step / max(1, steps - 1)
-    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -206,6 +197,31 @@ def _save_weights(model: nn.Module, path: Path) -> None:
         save_file(tensors, str(tmp))
 
 
+# --- training ----------------------------------------------------------------------------------
+
+
+class CVAEStage(Stage):
+    """The cVAE's objective for :func:`busynth.engine.train_stage`: reconstruction (BCE) plus the
+    KL term weighted by the warm-up of ``kl_weight`` at ``self.step``. Batches hold ``images``
+    (N, 1, S, S) in [0, 1] and ``labels`` (N,); the reparameterisation noise comes from the
+    step's generator, so a resumed fit continues exactly."""
+
+    name = "cvae"
+
+    def __init__(self, model: CVAE, cfg: CVAEConfig) -> None:
+        self.model, self.cfg = model, cfg
+
+    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """recon + kl_weight * KL, averaged over the batch; logs recon, kl and the weight."""
+        images, labels = batch["images"], batch["labels"]
+        noise = torch.randn(len(images), self.cfg.latent_dim, generator=generator).to(images.device)
+        logits, mu, logvar = self.model(images, labels, noise)
+        recon = reconstruction_loss(logits, images).mean()
+        kl = gaussian_kl(mu.float(), logvar.float()).mean()
+        weight = kl_weight(self.step, self.cfg.kl_warmup_steps, self.cfg.beta)
+        return recon + weight * kl, {"recon": float(recon.detach()), "kl": float(kl.detach()), "kl_weight": weight}
+
+
 # --- the generator -----------------------------------------------------------------------------
 
 
@@ -226,6 +242,12 @@ class CVAEGenerator(Generator):
         """Config, classes, training ids and seed: what a checkpoint or artifact records of its fit."""
         return {"config": self.config.model_dump(mode="json"), **self.fit_identity(seed)}
 
+    def _training_identity(self, seed: int) -> dict:
+        """The identity a checkpoint records: that of ``_identity`` without the sampling fields, so
+        an interrupted fit resumes whatever they are now."""
+        config = {k: v for k, v in self.config.model_dump(mode="json").items() if k not in self.sampling_fields}
+        return {"config": config, **self.fit_identity(seed)}
+
     def fit(self, train_records: Sequence[Record], out_dir: Path, seed: int = 0) -> Path:
         """Train on ``train_records`` (training part only), resuming from the latest checkpoint in
         ``out_dir``; return ``out_dir`` holding ``model.safetensors`` and ``generator.json``."""
@@ -241,73 +263,24 @@ class CVAEGenerator(Generator):
 
         images = to_tensor(stack_images(train_records, cfg.image_size))
         labels = torch.from_numpy(label_indices(train_records, self.classes))
-        accelerator = make_accelerator(cfg.mixed_precision, field="generators.cvae.mixed_precision")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CVAE(cfg, len(self.classes))
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-        start, resume_from = 0, None
-        if found := list_checkpoints(out_dir):
-            start, resume_from = found[-1]
-            saved = read_json(resume_from / "state.json")
-            self.check_same_fit(resume_from, saved, seed)
-            model.load_state_dict(load_checkpoint(resume_from, optimizer))
-            logger.info("cvae: resuming from %s", resume_from)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if resume_from is not None and accelerator.scaler is not None and "scaler" in saved:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-        history = read_history_csv(out_dir / HISTORY_FILE, start)
-
-        n, bs = len(images), min(cfg.batch_size, len(images))
-        per_epoch = max(1, n // bs)
-        model.train()
-        bar = progress(cfg.steps, "cvae fit", initial=start, enabled=accelerator.is_local_main_process, log=logger)
-        for step in range(start, cfg.steps):
-            # Batch order and reparameterisation noise come from (seed, step) alone: resume is exact.
-            epoch, pos = divmod(step, per_epoch)
-            perm_gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 0))
-            idx = torch.randperm(n, generator=perm_gen)[pos * bs:(pos + 1) * bs].to(accelerator.device)
-            noise_gen = torch.Generator().manual_seed(derived_seed(seed, step, 1))
-            noise = torch.randn(bs, cfg.latent_dim, generator=noise_gen).to(accelerator.device)
-            weight = kl_weight(step, cfg.kl_warmup_steps, cfg.beta)
-            lr = learning_rate(step, cfg.steps, cfg.lr, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # Each process computes its share of the global batch; DDP averages the gradients.
-            rows = local_rows(len(idx))
-            idx, noise = idx[rows], noise[rows]
-            logits, mu, logvar = model(images[idx], labels[idx], noise)
-            recon = reconstruction_loss(logits, images[idx]).mean()
-            kl = gaussian_kl(mu.float(), logvar.float()).mean()
-            loss = recon + weight * kl
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-
-            loss, recon, kl = (float(accelerator.reduce(t.detach(), "mean")) for t in (loss, recon, kl))
-            row = {"step": step, "loss": loss, "recon": recon, "kl": kl, "kl_weight": weight, "lr": lr}
-            history.append(row)
-            bar.update(1, loss=round(loss, 1), recon=round(recon, 1), kl=round(kl, 1))
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                write_rows_csv(out_dir / HISTORY_FILE, history, HISTORY_FIELDS)
-                scaler = {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
-                save_checkpoint(out_dir, done, accelerator.unwrap_model(model).state_dict(), optimizer,
-                                {**self._identity(seed), **scaler}, cfg.keep_checkpoints)
-        bar.close()
-
-        self.model = accelerator.unwrap_model(model).eval()
-        broadcast_buffers(self.model)
+        if found := list_checkpoints(out_dir):  # a checkpoint of another fit is refused naming what differs
+            self.check_same_fit(found[-1][1], read_json(found[-1][1] / "state.json").get("identity", {}), seed)
+        stage = CVAEStage(model, cfg)
+        # Adam (AdamW without decay), no clipping: the optimisation of Kingma & Welling.
+        stage_cfg = StageConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
+                                weight_decay=0.0, max_grad_norm=None, prompt_dropout=0.0,
+                                checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
+        history = train_stage(stage, {"images": images, "labels": labels}, stage_cfg, out_dir, seed=seed,
+                              mixed_precision=cfg.mixed_precision, identity=self._training_identity(seed),
+                              precision_field="generators.cvae.mixed_precision")
+        self.model = stage.model.eval()
         self.step = cfg.steps
         _save_weights(self.model, out_dir / MODEL_FILE)
         save_generator_info(out_dir, self.name, cfg, {**self._identity(seed), "step": cfg.steps})
-        resumed = {"resumed_at_step": start} if start else {}
-        log_fit("cvae", bar.count, bar.elapsed, log=logger, **resumed, images=n,
-                last_loss=round(float(history[-1]["loss"]), 1) if history else float("nan"))
-        logger.debug("cvae: model in %s", out_dir)
+        logger.debug("cvae: model in %s after %d logged steps", out_dir, len(history))
         return out_dir
 
     def _load_weights(self, path: Path, step: int) -> None:

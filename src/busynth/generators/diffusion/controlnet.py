@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from busynth.checkpoint import read_safetensors
 from busynth.config import MixedPrecision
 from busynth.data.records import Record
+from busynth.engine import StageConfig, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import (
     Generator,
@@ -89,11 +90,7 @@ from busynth.generators.diffusion.sd_lora import (
     encode_moments,
     records_to_pixels,
 )
-from busynth.generators.diffusion.train import (
-    NoisePredictionStage,
-    StageConfig,
-    train_stage,
-)
+from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import atomic_path, derived_seed, write_dir_atomic
 
 logger = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from busynth.checkpoint import read_safetensors
 from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
+from busynth.engine import StageConfig, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
@@ -61,7 +62,7 @@ from busynth.generators.diffusion.lora import (
     unet_fingerprint,
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
-from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, StageConfig, train_stage
+from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage
 from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)

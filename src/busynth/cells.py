@@ -1,0 +1,209 @@
+"""One cell of the study: a method on one fold with one classifier seed.
+
+``run_cell`` fits (or loads) the method's generator on the fold's training part, writes its
+synthetic set once, trains the classifier on real + synthetic images and scores it on the
+fold's test part, checking before each step that no test image or duplicate of one is used.
+A cell whose ``metrics.json`` exists is finished; an interrupted one resumes from its
+generator's and classifier's checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from busynth.classify.metrics import classification_metrics
+from busynth.classify.predictions import predictions_csv
+from busynth.classify.train import fit_classifier, predict_proba
+from busynth.config import StudyConfig
+from busynth.data.leaks import accepted_groups
+from busynth.data.records import Record
+from busynth.data.splits import Split
+from busynth.data.transforms import label_indices, stack_images
+from busynth.errors import DataError, LeakError
+from busynth.evaluate.adherence import evaluate_adherence
+from busynth.evaluate.cell import evaluate_cell
+from busynth.generators.base import (
+    Generator,
+    build_generator,
+    generator_class,
+    read_manifest,
+    synthetic_counts,
+    write_samples,
+)
+from busynth.io import read_json, remove_tree, write_json, write_text
+from busynth.registry import REFERENCE
+from busynth.rundir import StudyData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of the study: a method on one fold with one classifier seed, using the
+    synthetic set of generator seed ``generator_seed`` (shared by several classifier seeds)."""
+
+    method: str
+    fold: int
+    seed: int
+    generator_seed: int = 0
+
+    @property
+    def key(self) -> str:
+        """Folder name of this cell under its method."""
+        return f"fold{self.fold}_seed{self.seed}"
+
+    @property
+    def generator_key(self) -> str:
+        """Folder name of this cell's generator fit and synthetic set under their method."""
+        return f"fold{self.fold}_seed{self.generator_seed}"
+
+    @property
+    def scores_synthetic_set(self) -> bool:
+        """True for the one cell per generator fit that scores its synthetic set (fidelity,
+        adherence): the cell whose classifier seed equals the generator seed."""
+        return self.seed == self.generator_seed
+
+
+def check_no_leak(split: Split, fold: int, used: dict[str, Sequence[str]], group_of: dict[str, int]) -> None:
+    """Raise LeakError if any test image, or any member of its duplicate group, is among the ids
+    used for training, validation or generator fitting (synthetic ids are ``method:...``); groups a
+    split file leaks and the user accepted with ``split.on_leak=keep`` pass."""
+    test_ids = set(split.ids(fold, "test"))
+    test_groups = {group_of[i] for i in test_ids if i in group_of} - accepted_groups(split, fold)
+    for role, ids in used.items():
+        real = [i for i in ids if ":" not in i]
+        bad = [i for i in real if i in test_ids or group_of.get(i) in test_groups]
+        if bad:
+            raise LeakError(f"fold {fold}: {role} would use {len(bad)} test images or their duplicates "
+                            f"(e.g. {', '.join(bad[:5])}); see data/split.csv")
+
+
+def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record], gen_dir: Path, seed: int) -> Generator:
+    """Fit the method's generator on the training part (resuming inside fit), or load it if done."""
+    cls = generator_class(method)
+    if (gen_dir / "generator.json").exists():
+        return cls.load(gen_dir)
+    generator = build_generator(method, config)
+    generator.fit(train, gen_dir, seed=seed)
+    return generator
+
+
+def synthesize(generator: Generator, method: str, train: list[Record], config: StudyConfig,
+               out_dir: Path, gen_dir: Path, seed: int) -> list[Record]:
+    """Generate the method's images for one cell into ``out_dir`` (once), then read them back."""
+    done = out_dir / "done.json"
+    if not done.exists():
+        remove_tree(out_dir)  # whatever an interrupted sampling run left: start the folder again
+        counts = synthetic_counts(train, config.data.classes, config.synthesis)
+        rng = np.random.default_rng([seed, 7])
+        for k, label in enumerate(config.data.classes):
+            if counts[label] == 0:
+                continue
+            masks = None
+            if generator.needs_masks:
+                pool = [r.mask for r in train if r.label == label and r.mask is not None]
+                masks = [pool[i] for i in rng.integers(len(pool), size=counts[label])] if pool else None
+            samples = generator.sample(label, counts[label], seed=seed * 1000 + k, masks=masks)
+            write_samples(samples, out_dir, method, gen_dir)
+        write_json(done, {"counts": counts})
+    return read_synthetic(out_dir, method)
+
+
+def read_synthetic(folder: Path, method: str) -> list[Record]:
+    """Records for the images listed in a synthetic folder's manifest (see ``read_manifest``)."""
+    records = []
+    for entry in read_manifest(folder):
+        image = _read_gray(folder / entry["image"])
+        mask = _read_gray(folder / entry["mask"]) > 127 if "mask" in entry else None
+        records.append(Record(
+            id=f"{method}:{entry['label']}_{entry['index']}", label=entry["label"], image=image,
+            mask=mask, path=str(Path("synthetic") / method / folder.name / entry["image"]),
+            meta={"synthetic": True, "seed": entry["seed"]},
+        ))
+    return records
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the synthetic image ({exc})") from None
+
+
+def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
+             tracker_log: Callable[[dict, int], None] | None = None) -> dict:
+    """Train and score one cell (resuming if interrupted); returns its metrics row."""
+    cell_dir = run_dir / "cells" / cell.method / cell.key
+    if (cell_dir / "metrics.json").exists():
+        return read_json(cell_dir / "metrics.json")
+    start = time.perf_counter()
+    classes = config.data.classes
+    split = study.split
+    train = split.select(study.records, cell.fold, "train")
+    val = split.select(study.records, cell.fold, "val")
+    test = split.select(study.records, cell.fold, "test")
+    synthetic: list[Record] = []
+    generator_ids: list[str] = []
+    if cell.method != REFERENCE:
+        gen_dir = run_dir / "generators" / cell.method / cell.generator_key
+        check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
+        generator = fit_or_load_generator(cell.method, config, train, gen_dir, cell.generator_seed)
+        generator_ids = list(generator.train_ids)
+        synthetic = synthesize(generator, cell.method, train, config,
+                               run_dir / "synthetic" / cell.method / cell.generator_key, gen_dir, cell.generator_seed)
+    fit_set = train + synthetic
+    used = {"classifier_train": [r.id for r in fit_set], "val": [r.id for r in val],
+            "generator_train": generator_ids, "test": [r.id for r in test]}
+    check_no_leak(split, cell.fold, {k: v for k, v in used.items() if k != "test"}, study.audit.group_of)
+    write_json(cell_dir / "ids.json", used)
+    size = config.classifier.image_size
+    result = fit_classifier(
+        stack_images(fit_set, size), label_indices(fit_set, classes),
+        stack_images(val, size), label_indices(val, classes),
+        config.classifier, len(classes), cell_dir / "classifier", seed=cell.seed,
+        tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"), n_real=len(train),
+    )
+    proba = predict_proba(result.model, stack_images(test, size), tta=config.classifier.tta)
+    y_true = label_indices(test, classes)
+    write_text(cell_dir / "predictions.csv", predictions_csv(test, y_true, proba, classes))
+    row = {
+        "method": cell.method, "fold": cell.fold, "seed": cell.seed, "generator_seed": cell.generator_seed,
+        "n_train_real": len(train), "n_synthetic": len(synthetic), "n_val": len(val), "n_test": len(test),
+        "train_steps": result.steps, "best_epoch": result.best_epoch,
+        "seconds": round(time.perf_counter() - start, 2),
+        **classification_metrics(y_true, proba, classes),
+    }
+    write_json(cell_dir / "metrics.json", row)
+    return row
+
+
+def score_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> dict:
+    """fidelity.json of a generator cell: FID/KID, precision/recall, diversity, memorisation
+    against the fold's real training images (computed once; a note until the real cell exists).
+    Test images enter only the real-vs-real reference, never a fit."""
+    split = study.split
+    return evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config,
+                         split.select(study.records, cell.fold, "train"), split.select(study.records, cell.fold, "test"),
+                         read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
+
+
+def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyConfig) -> dict | None:
+    """adherence.json of a generator cell whose images carry masks (controlnet, classical): how
+    much darker the lesion is than a ring around it, next to the real training pairs."""
+    return evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes,
+                              study.split.select(study.records, cell.fold, "train"),
+                              read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
+
+
+def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:
+    if log_fn is None:
+        return None
+    return lambda values, step: log_fn({f"{prefix}/{k}": v for k, v in values.items()}, step)

@@ -1,0 +1,224 @@
+"""The training engine: one loop (accelerate) for every model busynth trains from a stage.
+
+A :class:`Stage` says *what* trains (``model``, ``trainable_parameters()``) and *how the loss
+is computed* (``loss(batch, generator)``, reading ``stage.step`` when the loss depends on the
+step); :func:`train_stage` does everything else: device placement and mixed precision,
+gradient accumulation and optional clipping, the learning-rate schedule (:func:`learning_rate`,
+a function of the step alone), ``checkpoint-N/`` folders with a cap (``busynth.checkpoint``),
+resume from the latest one, progress (``busynth.progress``: a bar on a terminal, a line every
+~30 s elsewhere) and ``history.csv``. The diffusion stages (``generators/diffusion/train.py``)
+and the cVAE (``generators/cvae.py``) train through it.
+
+Every random draw of optimizer step ``s`` -- the batch, noise, timesteps, prompt dropout,
+crops -- comes from generators seeded by ``(seed, s)``, so a run resumed from
+``checkpoint-s`` continues exactly as an uninterrupted run would.
+
+Checkpoint folder ``checkpoint-N/``: ``trainable.safetensors`` (the trainable parameters),
+``optimizer.safetensors`` (optimizer tensors, param groups in the metadata) and
+``state.json`` (step, seed, stage name, the stage config and ``identity`` of the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from busynth.accel import broadcast_buffers, local_rows, make_accelerator, rank_and_world
+from busynth.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from busynth.errors import RunStateError
+from busynth.io import derived_seed, read_history_csv, read_json, write_rows_csv
+from busynth.progress import log_fit, progress
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+HISTORY_FILE = "history.csv"
+# Streams of per-step randomness: batch order (seeded by epoch) and everything else (by micro-step).
+_STREAM_ORDER, _STREAM_STEP = 0, 1
+# StageConfig fields that do not change what is trained: a run may resume with other values.
+RESUME_FREE_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
+
+
+class StageConfig(BaseModel):
+    """Optimisation settings of one training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=500, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-4, gt=0.0)
+    # Linear warm-up, then cosine decay to lr * min_lr_ratio (Loshchilov & Hutter 2017), or constant.
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=1e-2, ge=0.0)
+    # Gradient-norm clipping threshold; None trains without clipping.
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    # Min-SNR-gamma weighting of the denoising loss (Hang et al. 2023); None = plain MSE.
+    snr_gamma: float | None = Field(default=None, gt=0.0)
+    # Probability of replacing a prompt by the empty prompt (for classifier-free guidance).
+    prompt_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(default=250, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+
+# --- pure math ---------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, cfg: StageConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up to ``cfg.lr`` over
+    ``warmup_steps``, then constant or half a cosine down to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
+    """Row indices of micro-batch ``micro_step``: consecutive slices of a permutation of ``n``
+    rows drawn per epoch from (seed, epoch); returns an int64 tensor of min(batch_size, n) rows."""
+    bs = min(batch_size, n)
+    per_epoch = max(1, n // bs)
+    epoch, pos = divmod(micro_step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_ORDER)))
+    return order[pos * bs:(pos + 1) * bs]
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+
+class Stage:
+    """What one training stage trains and how its loss is computed; ``train_stage`` runs it.
+
+    ``model`` is the module whose parameters train (the loop hands it to ``accelerator.prepare``
+    and stores the prepared module back); ``trainable_parameters`` are the parameters the
+    optimizer updates and checkpoints hold.
+    """
+
+    name: str = "stage"
+    model: nn.Module
+    # The optimizer step whose loss is being computed (0-based): set by train_stage before each
+    # call to ``loss``, for losses that change with the step (e.g. a KL warm-up).
+    step: int = 0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (default: those of ``model`` that require grad)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss of one micro-batch and extra numbers to log; draw randomness from ``generator``."""
+        raise NotImplementedError
+
+
+# --- accelerator and checkpoints -------------------------------------------------------------------
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    weights = load_checkpoint(folder, optimizer)
+    expected = {k for k, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise RunStateError(f"{folder}: trainable parameters differ from this stage's "
+                            f"({len(set(weights) ^ expected)} names differ)")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+
+
+def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig, out_dir: Path, seed: int = 0,
+                mixed_precision: str = "no", identity: Mapping[str, Any] | None = None,
+                cpu: bool = False, precision_field: str = "mixed_precision") -> list[dict[str, Any]]:
+    """Train ``stage`` for ``cfg.steps`` optimizer steps on ``data`` (tensors with equal first
+    dimension; each micro-batch is a row subset) and return the history rows of the whole run.
+
+    Resumes from the latest ``checkpoint-N`` in ``out_dir`` (refusing one written by a stage
+    with another name, seed, config or ``identity``); writes checkpoints every
+    ``cfg.checkpoint_every`` steps and at the end, keeping the newest ``cfg.keep_checkpoints``.
+    On return ``stage.model`` holds the trained (unwrapped) module.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_rows = {len(v) for v in data.values()}
+    if len(n_rows) != 1 or 0 in n_rows:
+        raise ValueError(f"{stage.name}: training data must be non-empty tensors of equal length, got {n_rows}")
+    n = n_rows.pop()
+    run = {"version": CHECKPOINT_VERSION, "stage": stage.name, "seed": seed,
+           "config": cfg.model_dump(mode="json"), "identity": dict(identity or {}), "rows": n}
+    accelerator = make_accelerator(mixed_precision, cfg.grad_accum, cpu, field=precision_field)
+    rank = rank_and_world()[0]
+    params = stage.trainable_parameters()
+    if not params:
+        raise ValueError(f"{stage.name}: no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if found := list_checkpoints(out_dir):
+        start, folder = found[-1]
+        saved = read_json(folder / "state.json")
+        differ = [k for k in run if k not in ("version", "config") and saved.get(k) != run[k]]
+        theirs = saved.get("config", {})
+        differ += [f"config.{k}" for k, v in run["config"].items() if k not in RESUME_FREE_FIELDS and theirs.get(k) != v]
+        if saved.get("version") != CHECKPOINT_VERSION or differ:
+            raise RunStateError(f"{folder} was written by a different {stage.name} run "
+                                f"({', '.join(differ) or 'version'} differ); use a new folder or delete it")
+        _load_checkpoint(folder, stage.model, optimizer)
+        logger.info("%s: resuming from %s", stage.name, folder)
+    stage.model, optimizer = accelerator.prepare(stage.model, optimizer)
+    data = {k: v.to(accelerator.device) for k, v in data.items()}
+    history = read_history_csv(out_dir / HISTORY_FILE, start)
+    stage.model.train()
+    bar = progress(cfg.steps, stage.name, initial=start, enabled=accelerator.is_local_main_process, log=logger)
+    for step in range(start, cfg.steps):
+        started = time.perf_counter()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, extras = 0.0, {}
+        for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+            # Every process draws the same global batch and computes its share of the rows, with
+            # its own noise stream (process 0's is the single-process one); DDP averages gradients.
+            stream = _STREAM_STEP + 2 * rank
+            generator = torch.Generator().manual_seed(derived_seed(seed, micro, stream))
+            torch.manual_seed(derived_seed(seed, micro, stream + 1))  # any dropout inside the model
+            idx = batch_indices(n, cfg.batch_size, micro, seed)
+            idx = idx[local_rows(len(idx))].to(accelerator.device)
+            batch = {k: v[idx] for k, v in data.items()}
+            stage.step = step
+            with accelerator.accumulate(stage.model), accelerator.autocast():
+                loss, extras = stage.loss(batch, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(accelerator.reduce(loss.detach(), "mean")) / cfg.grad_accum
+        row = {"step": step, "loss": loss_sum, **extras, "lr": lr, "seconds": round(time.perf_counter() - started, 4)}
+        history.append(row)
+        bar.update(1, loss=loss_sum, **extras)
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the main process commits the files
+            write_rows_csv(out_dir / HISTORY_FILE, history)
+            save_checkpoint(out_dir, done, _trainable_state(accelerator.unwrap_model(stage.model)),
+                            optimizer, run, cfg.keep_checkpoints)
+    bar.close()
+    stage.model = accelerator.unwrap_model(stage.model)
+    broadcast_buffers(stage.model)
+    stage.model.eval()
+    if history:
+        resumed = {"resumed_at_step": start} if start else {}
+        log_fit(stage.name, bar.count, bar.elapsed, log=logger, **resumed, last_loss=float(history[-1]["loss"]))
+    return history

@@ -1,0 +1,146 @@
+"""The run folder's bookkeeping: the data stages that fill ``data/``, and the fingerprints that keep
+one folder to one set of settings.
+
+``data/load_summary.json``, ``audit.json``, ``split.csv`` and ``split_leaks.json`` are written once;
+a rerun reads the stored split back. ``run.json`` holds the fingerprint of the sections every cell
+shares (``SHARED_SECTIONS``) and ``cells/<method>/settings.json`` each method's own settings: a
+rerun that changes either is refused, naming the fields, so results are never mixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from busynth import __version__
+from busynth.config import StudyConfig, dump_config
+from busynth.data.audit import AuditReport, audit_records
+from busynth.data.busi import load_dataset
+from busynth.data.leaks import leak_report
+from busynth.data.phantom import make_phantom
+from busynth.data.records import Record
+from busynth.data.splits import Split, make_split, read_split
+from busynth.errors import RunStateError
+from busynth.generators.base import generator_class
+from busynth.io import read_json, write_json, write_text
+from busynth.registry import REFERENCE
+
+log = logging.getLogger(__name__)
+
+
+# Config sections every cell depends on; a run folder refuses a rerun that changes them.
+SHARED_SECTIONS = ("data", "phantom", "audit", "split", "classifier", "synthesis")
+
+
+@dataclass
+class StudyData:
+    """The records of a run and what the data stages found."""
+
+    records: list[Record]
+    audit: AuditReport
+    split: Split
+    source: str
+
+
+def load_records(config: StudyConfig, data: Path | None) -> tuple[list[Record], dict | None, str]:
+    """Records from a data set folder, or the built-in phantom when ``data`` is None."""
+    if data is None:
+        return make_phantom(config.phantom, config.data.classes), None, "phantom"
+    result = load_dataset(data, config.data)
+    log.info("%s", result.summary.format())
+    return result.records, result.summary.to_dict(), str(Path(data).resolve())
+
+
+def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_file: Path | None = None) -> StudyData:
+    """Load, audit and split (writing data/*.json and split.csv once); reuse the stored split."""
+    records, load_summary, source = load_records(config, data)
+    audit = audit_records(records, config.audit, load=load_summary)
+    data_dir = run_dir / "data"
+    if load_summary is not None and not (data_dir / "load_summary.json").exists():
+        write_json(data_dir / "load_summary.json", load_summary)
+    if not (data_dir / "audit.json").exists():
+        write_json(data_dir / "audit.json", audit.to_dict())
+    stored = data_dir / "split.csv"
+    if stored.exists():
+        split = read_split(stored, records, audit, config.split)
+    else:
+        if split_file is not None:
+            split = read_split(split_file, records, audit, config.split)  # refuses a leaky file by default
+        else:
+            split = make_split(records, audit, config.split)
+        source = Path(split_file).name if split_file is not None else "generated"
+        write_json(data_dir / "split_leaks.json", leak_report(split, config.split.on_leak, source))
+        split.write(stored)
+    for note in split.notes:
+        log.warning("split: %s", note)
+    return StudyData(records=records, audit=audit, split=split, source=source)
+
+
+def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
+    """Create the run folder, or check that an existing one was made with the same settings.
+
+    The fingerprint covers the sections every cell shares (data, split, classifier, ...);
+    ``run`` (methods, seeds, tracker) may change between invocations, adding cells, and each
+    method's own settings are checked per method by ``check_method_settings``.
+    """
+    fingerprint = config.fingerprint(*SHARED_SECTIONS)
+    info_path = run_dir / "run.json"
+    if info_path.exists():
+        info = read_json(info_path)
+        if info.get("fingerprint") != fingerprint or info.get("data") != source:
+            old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+            changed = changed_keys(old, config.model_dump(mode="json"))
+            if info.get("data") != source:
+                changed.insert(0, f"data source ({info.get('data')} -> {source})")
+            raise RunStateError(
+                f"run folder {run_dir} was started with different settings; changed: "
+                f"{', '.join(changed[:8]) or 'unknown'}. Use a new --out folder (results are never mixed)."
+            )
+    else:
+        write_json(info_path, {
+            "data": source, "fingerprint": fingerprint, "busynth_version": __version__,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
+    write_text(run_dir / "config.yaml", dump_config(config))
+
+
+def method_settings(method: str, config: StudyConfig) -> dict:
+    """The resolved settings of one method (its generator config with defaults filled in)."""
+    if method == REFERENCE:
+        return {}
+    return generator_class(method).parse_config(config.generators.get(method, {})).model_dump(mode="json")
+
+
+def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
+    """Record each method's settings in ``cells/<method>/settings.json`` on first use; refuse a
+    rerun whose settings for a method differ, naming the changed fields."""
+    for method in methods:
+        path = run_dir / "cells" / method / "settings.json"
+        mine = method_settings(method, config)
+        if path.exists():
+            changed = changed_keys(read_json(path), mine)
+            if changed:
+                raise RunStateError(
+                    f"run folder {run_dir}: method {method!r} was run with other settings; changed: "
+                    f"{', '.join(f'generators.{method}.{c}' for c in changed[:8])}. Use a new --out folder."
+                )
+        else:
+            write_json(path, mine)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if prefix == "" and key not in SHARED_SECTIONS and key in StudyConfig.model_fields:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
