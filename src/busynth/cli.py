@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 
 from busynth.accel import is_main_process
 from busynth.config import StudyConfig, dump_config, load_config
-from busynth.errors import BusynthError, ConfigError
+from busynth.errors import BusynthError, ConfigError, RunStateError
 
 app = typer.Typer(
     help="Does synthetic training data help a breast-ultrasound classifier? Train generators, "
@@ -36,6 +36,9 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config field, e.g. --set classifier.epochs=5 (repeatable)."),
 ]
 DataArg = Annotated[str, typer.Argument(help="Data set folder in the BUSI layout, or 'phantom' for built-in data.")]
+ExternalOpt = Annotated[list[str] | None, typer.Option(
+    "--external", help="NAME=PATH: a test set from another hospital (BUSI layout, may lack classes) that every "
+    "classifier scores; never trained on (repeatable).")]
 
 
 # Library messages that are harmless here but would open or clutter every run: (logger, text in it).
@@ -206,12 +209,15 @@ def run(
     split_file: Annotated[Path | None, typer.Option(help="Use this split CSV instead of making one.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config>-<data>).")] = None,
     tracker: Annotated[str | None, typer.Option(help="none, wandb or tensorboard (local CSV/JSON always).")] = None,
+    external: ExternalOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the study (resumes in the same --out folder): every fold x seed x method, then the report."""
     from busynth.experiment import run_study
+    from busynth.external import parse_external
     from busynth.results import format_summary
 
+    external_sets = parse_external(external or [])
     method_list = None if methods is None else "[" + ",".join(m.strip() for m in methods.split(",") if m.strip()) + "]"
     data_path = _data_path(data)
     if config is None:
@@ -222,9 +228,46 @@ def run(
                                     "run.tracker": tracker})
     if out is None:
         out = Path("runs") / f"{Path(config).stem}-{data_path.name if data_path else 'phantom'}"
-    summary = run_study(cfg, out, data_path, split_file)
+    summary = run_study(cfg, out, data_path, split_file, external=external_sets)
     typer.echo(format_summary(summary))
+    _echo_external(out, external_sets)
     typer.echo(f"\nrun folder: {out}\nreport: {out / 'report.html'}")
+
+
+def _echo_external(run_dir: Path, names: Iterable[str]) -> None:
+    from busynth.io import read_json
+    from busynth.results import format_summary
+
+    for name in names:
+        summary = read_json(Path(run_dir) / "results" / "external" / f"{name}.json")
+        ext = summary["external"]
+        typer.echo(f"\nexternal set {name} ({ext['n_images']} images: {', '.join(ext['classes_present'])}; "
+                   f"resampled by {ext['duplicate_groups']} duplicate groups):")
+        typer.echo(format_summary(summary))
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder of `busynth run`.")],
+    external: ExternalOpt = None,
+) -> None:
+    """Score a finished run's classifiers on external test sets (nothing is trained), then rebuild the report."""
+    from busynth.external import evaluate_external, parse_external
+    from busynth.report import build_report
+    from busynth.results import Protocol
+    from busynth.rundir import run_config
+
+    sets = parse_external(external or [])
+    if not sets:
+        raise ConfigError("busynth evaluate: give at least one --external NAME=PATH")
+    if not (run_dir / "results" / "summary.json").is_file():
+        raise RunStateError(f"{run_dir} is not a finished run folder (results/summary.json is written by busynth run)")
+    cfg = run_config(run_dir)
+    evaluate_external(run_dir, cfg, sets, cfg.run.methods, Protocol.from_config(cfg.run))
+    build_report(run_dir)
+    _echo_external(run_dir, sets)
+    typer.echo(f"\nreport: {run_dir / 'report.html'}")
 
 
 @data_app.command("audit")

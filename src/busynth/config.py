@@ -92,6 +92,9 @@ class PhantomConfig(_Strict):
     seed: int = 0
     # Share of images that get a near-duplicate twin (to exercise the audit and grouped splits).
     near_duplicate_rate: float = Field(default=0.05, ge=0.0, le=0.5)
+    # The simulated scanner (busynth.data.phantom.SCANNERS): "second" renders the same anatomy as
+    # another scanner would (speckle, gain, attenuation, TGC), e.g. for an external test set.
+    scanner: Literal["default", "second"] = "default"
 
     @field_validator("n_per_class")
     @classmethod

@@ -30,6 +30,7 @@ from busynth.cells import Cell, run_cell, score_adherence, score_fidelity
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
+from busynth.external import load_external, score_cells, summarize_external
 from busynth.generators.base import generator_class
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE
@@ -92,9 +93,12 @@ def remaining_seconds(kinds: Sequence[tuple[str, bool]], seconds: dict[tuple[str
 
 
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
-              build_html: bool = True) -> dict:
-    """Run (or resume) the whole study in ``run_dir``; returns the results summary."""
+              build_html: bool = True, external: dict[str, Path] | None = None) -> dict:
+    """Run (or resume) the whole study in ``run_dir``; returns the results summary. ``external``
+    ({name: folder}) are test sets from elsewhere that every cell's classifier scores at the end
+    (``busynth.external``; loaded first, so a bad folder stops the run before any training)."""
     validate_methods(config)
+    external_sets = [load_external(name, path, config) for name, path in (external or {}).items()]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     source = "phantom" if data is None else str(Path(data).resolve())
@@ -131,6 +135,10 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
             score_adherence(cell, study, run_dir, config)
     summarize_fidelity(run_dir, config.run.methods)
     summary = summarize_run(run_dir, config.run.methods, config.data.classes, Protocol.from_config(config.run))
+    if external_sets:
+        score_cells(run_dir, config, external_sets, config.run.methods)
+        for ext in external_sets:
+            summarize_external(run_dir, ext, config.run.methods, config.data.classes, Protocol.from_config(config.run))
     if build_html:
         from busynth.report import build_report
 

@@ -101,23 +101,31 @@ def within_fold_sd(rows: Sequence[dict], metric: str) -> float | None:
 
 
 class PredictionStore:
-    """Test predictions of a run folder's cells, read once: ``get(method, fold, seed)``."""
+    """Predictions of a run folder's cells, read once: ``get(method, fold, seed)``.
 
-    def __init__(self, run_dir: Path, classes: Sequence[str], rows: Sequence[dict]) -> None:
-        self.run_dir, self.classes = Path(run_dir), list(classes)
+    ``filename`` is the predictions file inside each cell folder: ``predictions.csv`` (the fold's
+    test part) or ``external/<name>.csv`` (an external set); ``groups`` maps image ids to their
+    resampling unit (duplicate group) where images are not drawn one by one."""
+
+    def __init__(self, run_dir: Path, classes: Sequence[str], rows: Sequence[dict],
+                 filename: str = "predictions.csv", groups: dict[str, int] | None = None) -> None:
+        self.run_dir, self.classes, self.filename, self.groups = Path(run_dir), list(classes), filename, groups
         self.n_train = {(r["method"], r["fold"]): r["n_train_real"] for r in rows}
         self._cache: dict[tuple[str, int, int], tuple[list[str], np.ndarray, np.ndarray]] = {}
 
+    def _cell(self, method: str, fold: int, seed: int) -> Path:
+        return self.run_dir / "cells" / method / f"fold{fold}_seed{seed}"
+
     def has(self, method: str, fold: int, seed: int) -> bool:
-        """True when the cell finished (its metrics.json exists)."""
-        return (self.run_dir / "cells" / method / f"fold{fold}_seed{seed}" / "metrics.json").is_file()
+        """True when the cell finished (its metrics.json exists) and has this predictions file."""
+        cell = self._cell(method, fold, seed)
+        return (cell / "metrics.json").is_file() and (cell / self.filename).is_file()
 
     def get(self, method: str, fold: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """ids, y_true and probabilities of one cell's predictions.csv."""
+        """ids, y_true and probabilities of one cell's predictions file."""
         key = (method, fold, seed)
         if key not in self._cache:
-            path = self.run_dir / "cells" / method / f"fold{fold}_seed{seed}" / "predictions.csv"
-            self._cache[key] = read_predictions(path, self.classes)
+            self._cache[key] = read_predictions(self._cell(method, fold, seed) / self.filename, self.classes)
         return self._cache[key]
 
 
@@ -141,7 +149,8 @@ def paired_folds(store: PredictionStore, a: tuple[str, Sequence[int]], b: tuple[
                     raise RunStateError(f"{store.run_dir}: cells {a[0]} and {method} of fold {fold} were not "
                                         "scored on the same test images; the run folder is inconsistent")
                 dest.append(p)
-        out.append(FoldScores(ids, y, np.stack(pa), np.stack(pb), store.n_train.get((a[0], fold), 0)))
+        groups = None if store.groups is None else [store.groups[i] for i in ids]
+        out.append(FoldScores(ids, y, np.stack(pa), np.stack(pb), store.n_train.get((a[0], fold), 0), groups))
     return out
 
 
@@ -176,10 +185,21 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
     """Write results/cells.csv and results/summary.json; returns the summary dict."""
     protocol = protocol or Protocol()
     run_dir = Path(run_dir)
-    ref = protocol.reference
     every_row = read_cells(run_dir, methods)  # also the A/A row's extra reference seed
+    summary = build_summary(PredictionStore(run_dir, classes, every_row), every_row, methods, protocol)
+    write_text(run_dir / "results" / "cells.csv", cells_csv(every_row, summary["metrics"]))
+    write_json(run_dir / "results" / "summary.json", summary)
+    return summary
+
+
+def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Sequence[str],
+                  protocol: Protocol) -> dict:
+    """Mean ± sd per method, paired comparisons with verdicts and the A/A row, from the metric rows
+    of the cells (``every_row``) and their predictions in ``store``; metrics undefined in every
+    cell (e.g. an AUC of a class the test images lack) are left out."""
+    ref, classes = protocol.reference, store.classes
     rows = [r for r in every_row if r["seed"] in protocol.seeds]
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
+    metrics = [m for m in METRICS if any(isinstance(r.get(m), int | float) and math.isfinite(r[m]) for r in rows)]
     folds = sorted({r["fold"] for r in rows})
     summary: dict = {
         "classes": list(classes), "metrics": metrics, "reference": ref, "baseline": BASELINE,
@@ -195,7 +215,6 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
                 m: {**summarize([r[m] for r in mine]), "within_fold_sd": within_fold_sd(mine, m)} for m in metrics
             }
             summary["methods"][method]["train_steps"] = sorted({r.get("train_steps") for r in mine} - {None})
-    store = PredictionStore(run_dir, classes, every_row)
     seeds = protocol.seeds
     if ref in summary["methods"]:
         for method in summary["methods"]:
@@ -212,8 +231,6 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
                 summary["vs_baseline"][method] = compare_methods(store, (method, seeds), (BASELINE, seeds), folds,
                                                                  metrics, protocol)
         add_verdicts(summary["vs_baseline"], protocol)
-    write_text(run_dir / "results" / "cells.csv", cells_csv(every_row, metrics))
-    write_json(run_dir / "results" / "summary.json", summary)
     return summary
 
 

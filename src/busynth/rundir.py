@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from busynth import __version__
-from busynth.config import StudyConfig, dump_config
+from busynth.config import StudyConfig, build_config, dump_config
 from busynth.data.audit import AuditReport, audit_records
 from busynth.data.busi import load_dataset
 from busynth.data.leaks import leak_report
@@ -94,19 +94,34 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
         info = read_json(info_path)
         if info.get("fingerprint") != fingerprint or info.get("data") != source:
             old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-            changed = changed_keys(old, config.model_dump(mode="json"))
+            # a setting added to busynth since the folder was started counts as unchanged at its default
+            changed = changed_keys(old, config.model_dump(mode="json"), StudyConfig().model_dump(mode="json"))
             if info.get("data") != source:
                 changed.insert(0, f"data source ({info.get('data')} -> {source})")
-            raise RunStateError(
-                f"run folder {run_dir} was started with different settings; changed: "
-                f"{', '.join(changed[:8]) or 'unknown'}. Use a new --out folder (results are never mixed)."
-            )
+            if changed or not old:
+                raise RunStateError(
+                    f"run folder {run_dir} was started with different settings; changed: "
+                    f"{', '.join(changed[:8]) or 'unknown'}. Use a new --out folder (results are never mixed)."
+                )
+            write_json(info_path, {**info, "fingerprint": fingerprint})
     else:
         write_json(info_path, {
             "data": source, "fingerprint": fingerprint, "busynth_version": __version__,
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
         })
     write_text(run_dir / "config.yaml", dump_config(config))
+
+
+def run_config(run_dir: Path) -> StudyConfig:
+    """The resolved config a run folder was made with (its config.yaml), for commands that train
+    nothing; a folder written before ``classical`` moved under ``generators`` is read as well."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunStateError(f"{run_dir} is not a run folder: {path.name} is missing")
+    data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and "classical" in data:
+        data.setdefault("generators", {})["classical"] = data.pop("classical")
+    return build_config(data, where=str(path))
 
 
 def method_settings(method: str, config: StudyConfig) -> dict:
@@ -133,14 +148,19 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
             write_json(path, mine)
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of the shared settings that differ between two config dicts; with ``defaults``
+    a key missing from ``old`` whose new value is its default does not count."""
     out = []
     for key in sorted(set(old) | set(new)):
-        if prefix == "" and key not in SHARED_SECTIONS and key in StudyConfig.model_fields:
+        if prefix == "" and key not in SHARED_SECTIONS:  # run and method sections are checked elsewhere
             continue
         a, b = old.get(key), new.get(key)
+        default = (defaults or {}).get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(changed_keys(a, b, f"{prefix}{key}."))
+            out.extend(changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{key}."))
+        elif key not in old and defaults is not None and key in defaults and b == default:
+            continue
         elif a != b:
             out.append(f"{prefix}{key}")
     return out

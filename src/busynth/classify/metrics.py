@@ -230,10 +230,19 @@ def weighted_metric(
 
 
 def resample_counts(
-    strata: np.ndarray, n_boot: int, rng: np.random.Generator
+    strata: np.ndarray, n_boot: int, rng: np.random.Generator, clusters: np.ndarray | None = None
 ) -> np.ndarray:
     """Return (n_boot, n) multiplicities: each stratum's rows drawn with replacement,
-    as many draws as the stratum has rows."""
+    as many draws as the stratum has rows.
+
+    With ``clusters`` (n,) the unit drawn is the cluster (rows sharing a label, e.g. a duplicate
+    group): each stratum's clusters are drawn with replacement, as many draws as it has clusters,
+    and every row of a drawn cluster counts once per draw (the cluster bootstrap, Davison &
+    Hinkley 1997, sec. 3.8). A cluster belongs to the stratum of its first row."""
+    if clusters is not None:
+        _, first, inverse = np.unique(np.asarray(clusters), return_index=True, return_inverse=True)
+        per_cluster = resample_counts(np.asarray(strata)[first], n_boot, rng)  # (n_boot, clusters)
+        return per_cluster[:, inverse.ravel()]
     n = strata.size
     counts = np.zeros((n_boot, n), dtype=np.float64)
     offsets = (np.arange(n_boot) * n)[:, None]

@@ -27,6 +27,7 @@ import logging
 import re
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagehash
@@ -258,25 +259,44 @@ def _apply_lesion(rng: np.random.Generator, echo: np.ndarray, p: dict) -> tuple[
     return out, mask
 
 
-def render_bmode(rng: np.random.Generator, echo: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Scanner:
+    """How a simulated scanner renders echoes: ranges of attenuation and time-gain compensation
+    (per unit depth), a speckle-size factor, a gain offset (dB) and the display's dynamic range."""
+
+    attenuation: tuple[float, float] = (1.0, 2.2)
+    tgc: tuple[float, float] = (0.3, 0.9)
+    speckle_scale: float = 1.0
+    gain_db: float = 0.0
+    dynamic_range: tuple[float, float] = (45.0, 60.0)
+
+
+# "default" renders the built-in data set; "second" is another scanner for external-set tests:
+# coarser speckle, more attenuation with weaker TGC (darker depths), brighter gain, less dynamic range.
+SCANNERS = {"default": Scanner(), "second": Scanner(attenuation=(1.8, 2.8), tgc=(0.1, 0.4), speckle_scale=1.6,
+                                                    gain_db=5.0, dynamic_range=(36.0, 46.0))}
+
+
+def render_bmode(rng: np.random.Generator, echo: np.ndarray, scanner: Scanner = SCANNERS["default"]) -> np.ndarray:
     """B-mode display of an echogenicity map: speckle, attenuation, TGC, log compression."""
     size = echo.shape[0]
     s = size / 128.0
     y = (np.arange(size) + 0.5)[:, None] / size
-    attenuation = np.exp(-rng.uniform(1.0, 2.2) * y) * np.exp(rng.uniform(0.3, 0.9) * y)
+    attenuation = np.exp(-rng.uniform(*scanner.attenuation) * y) * np.exp(rng.uniform(*scanner.tgc) * y)
     focus = 1.0 + 0.25 * np.exp(-((y - rng.uniform(0.3, 0.6)) / 0.15) ** 2)
     x = (np.arange(size) + 0.5)[None, :] / size
     contact = 1.0 - rng.uniform(0.0, 0.4) * np.exp(-np.minimum(x, 1 - x) / 0.06)  # dim edges
-    grain = speckle(rng, echo.shape, (0.9 * s + 0.3, 2.2 * s + 0.3), looks=int(rng.integers(2, 4)))
+    grain_sigma = (scanner.speckle_scale * (0.9 * s + 0.3), scanner.speckle_scale * (2.2 * s + 0.3))
+    grain = speckle(rng, echo.shape, grain_sigma, looks=int(rng.integers(2, 4)))
     envelope = echo * attenuation * focus * contact * grain
     db = 20 * np.log10(envelope + 1e-6)
-    dynamic_range = rng.uniform(45.0, 60.0)
-    gain = rng.uniform(-4.0, 4.0)
+    dynamic_range = rng.uniform(*scanner.dynamic_range)
+    gain = rng.uniform(-4.0, 4.0) + scanner.gain_db
     gray = (db + gain) / dynamic_range + 0.62
     return np.clip(np.round(gray * 255), 0, 255).astype(np.uint8)
 
 
-def phantom_image(seed: int, label: str, n: int, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def phantom_image(seed: int, label: str, n: int, size: int, scanner: str = "default") -> tuple[np.ndarray, np.ndarray, dict]:
     """One simulated image: (uint8 image, bool mask, meta facts about the lesion)."""
     if label not in PHANTOM_CLASSES:
         raise ValueError(f"phantom knows classes {PHANTOM_CLASSES}, not {label!r}")
@@ -290,7 +310,7 @@ def phantom_image(seed: int, label: str, n: int, size: int) -> tuple[np.ndarray,
         echo, mask = _apply_lesion(rng, echo, params)
         meta["posterior"] = ("shadowing" if params["posterior"] < -0.15
                              else "enhancement" if params["posterior"] > 0.15 else "none")
-    return render_bmode(rng, echo), mask, meta
+    return render_bmode(rng, echo, SCANNERS[scanner]), mask, meta
 
 
 def _perturb(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
@@ -351,7 +371,7 @@ def make_phantom(config: PhantomConfig | None = None,
         for n in range(1, count + 1):
             if n in twins:
                 continue
-            made[n] = phantom_image(config.seed, label, n, config.size)
+            made[n] = phantom_image(config.seed, label, n, config.size, config.scanner)
         for n, source in twins.items():
             image, mask = near_duplicate(image_rng(config.seed, label, n, stream=2), *made[source][:2])
             meta = dict(made[source][2], near_duplicate_of=f"{label}_{source}")

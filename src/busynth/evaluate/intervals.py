@@ -54,7 +54,9 @@ class FoldScores:
     ``ids`` (n,) name the test images (shared across folds when folds are repeated), ``y``
     (n,) their class indices, ``a`` and ``b`` (seeds, n, classes) the probabilities of the
     two methods, seed ``s`` of ``a`` paired with seed ``s`` of ``b``. ``n_train`` is the size
-    of the fold's training part (for :func:`corrected_t`).
+    of the fold's training part (for :func:`corrected_t`). ``groups`` (n,), when given, are the
+    resampling units of the test images (e.g. duplicate groups of an external set): images with
+    one label are drawn together.
     """
 
     ids: Sequence[str]
@@ -62,6 +64,7 @@ class FoldScores:
     a: np.ndarray
     b: np.ndarray
     n_train: int = 0
+    groups: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         self.y = np.asarray(self.y, dtype=np.int64)
@@ -72,6 +75,8 @@ class FoldScores:
             raise ValueError("need at least one seed per fold")
         if len(self.ids) != self.y.size:
             raise ValueError(f"{len(self.ids)} ids for {self.y.size} test images")
+        if self.groups is not None and len(self.groups) != self.y.size:
+            raise ValueError(f"{len(self.groups)} groups for {self.y.size} test images")
 
 
 def cell_differences(metric: str, folds: Sequence[FoldScores], pos: int | None) -> list[np.ndarray]:
@@ -107,6 +112,20 @@ def _image_strata(folds: Sequence[FoldScores]) -> tuple[list[str], np.ndarray, l
     return list(index), np.array(strata), positions
 
 
+def _image_clusters(folds: Sequence[FoldScores], n_distinct: int, positions: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The resampling unit of each distinct test image (its group label; None when no fold has groups)."""
+    if all(f.groups is None for f in folds):
+        return None
+    clusters = np.full(n_distinct, -1, dtype=np.int64)
+    own = iter(range(-2, -2 - n_distinct, -1))  # images without a group are units of their own
+    for f, where in zip(folds, positions, strict=True):
+        labels = f.groups if f.groups is not None else [next(own) for _ in where]
+        for k, label in zip(where, labels, strict=True):
+            if clusters[k] == -1:
+                clusters[k] = int(label)
+    return clusters
+
+
 def _weighted_differences(metric: str, f: FoldScores, w: np.ndarray, pos: int | None) -> np.ndarray:
     """(seeds, b): per seed, ``M(a) - M(b)`` on the fold's test images under each row of weights ``w``."""
     return np.stack([weighted_metric(metric, f.y, f.a[s], w, pos) - weighted_metric(metric, f.y, f.b[s], w, pos)
@@ -126,12 +145,13 @@ def two_level_bootstrap(metric: str, folds: Sequence[FoldScores], pos: int | Non
     if not folds:
         raise ValueError("no folds to compare")
     distinct, strata, positions = _image_strata(folds)
+    clusters = _image_clusters(folds, len(distinct), positions)
     diff = point_difference(metric, folds, pos)
     rng = np.random.default_rng(seed)
     draws: list[np.ndarray] = []
     for start in range(0, n_boot, _CHUNK):
         b = min(_CHUNK, n_boot - start)
-        w_all = resample_counts(strata, b, rng)  # (b, distinct images): one draw of the test images
+        w_all = resample_counts(strata, b, rng, clusters)  # (b, distinct images): one draw of the test images
         total = np.zeros(b)
         for f, where in zip(folds, positions, strict=True):
             d = _weighted_differences(metric, f, w_all[:, where], pos)  # (seeds, b)
@@ -212,7 +232,7 @@ def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | Non
     nan = {"diff": diff, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), **base}
     if min(len(f.a) for f in folds) < 2 or not math.isfinite(diff):
         return nan
-    w_all = resample_counts(strata, n_boot, np.random.default_rng(seed))
+    w_all = resample_counts(strata, n_boot, np.random.default_rng(seed), _image_clusters(folds, len(distinct), positions))
     total = np.zeros(n_boot)
     excess = []
     for f, where, d_obs in zip(folds, positions, cell_differences(metric, folds, pos), strict=True):

@@ -143,11 +143,12 @@ def cell_dirs(run: Run, method: str) -> list[Path]:
     return sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: natural_key(p.name))
 
 
-def pooled_predictions(run: Run, method: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The test predictions of all cells of a method, concatenated: y_true (N,) and probabilities
-    (N, C) in ``run.classes`` order, read as the results read them; None when no cell has any."""
-    cells = [read_predictions(d / "predictions.csv", run.classes)[1:] for d in cell_dirs(run, method)
-             if (d / "predictions.csv").is_file()]
+def pooled_predictions(run: Run, method: str, filename: str = "predictions.csv") -> tuple[np.ndarray, np.ndarray] | None:
+    """The predictions (``filename`` in each cell folder: the test part, or ``external/<name>.csv``)
+    of all cells of a method, concatenated: y_true (N,) and probabilities (N, C) in ``run.classes``
+    order, read as the results read them; None when no cell has any."""
+    cells = [read_predictions(d / filename, run.classes)[1:] for d in cell_dirs(run, method)
+             if (d / filename).is_file()]
     if not cells:
         return None
     return np.concatenate([y for y, _ in cells]), np.concatenate([p for _, p in cells])

@@ -192,23 +192,24 @@ def section_metric_bars(run: Run) -> str:
     )
 
 
-def section_roc(run: Run) -> str:
-    """ROC curves, positive class vs rest, one curve per method pooled over its cells."""
+def section_roc(run: Run, filename: str = "predictions.csv", heading: str = "h2") -> str:
+    """ROC curves, positive class vs rest, one curve per method pooled over its cells (from each
+    cell's ``filename``: the test part, or an external set's predictions)."""
     fig = Figure(figsize=(5.2, 4.6))
     ax = fig.subplots()
     drawn = 0
     k = run.classes.index(run.positive)
     for method in run.methods:
-        pooled = pooled_predictions(run, method)
+        pooled = pooled_predictions(run, method, filename)
         if pooled is None or len(np.unique(pooled[0])) < 2:
             continue
         y, p = pooled
         fpr, tpr, _ = roc_curve(y == k, p[:, k])
         ax.plot(fpr, tpr, label=f"{method} (AUC {auc(fpr, tpr):.3f}, n={len(y)})")
         drawn += 1
-    title = f"<h2>ROC curves ({esc(run.positive)} vs rest)</h2>"
+    title = f"<{heading}>ROC curves ({esc(run.positive)} vs rest)</{heading}>"
     if not drawn:
-        return title + note("no predictions.csv found under cells/")
+        return title + note(f"no {filename} found under cells/")
     ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)

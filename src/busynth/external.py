@@ -1,0 +1,192 @@
+"""External test sets: images from another hospital or scanner, scored by every classifier of a run.
+
+``busynth run ... --external NAME=PATH`` (after the cells) and ``busynth evaluate RUN_DIR --external
+NAME=PATH`` (on a finished run, training nothing) load a folder in the BUSI layout -- it may lack
+classes, e.g. benign and malignant only, but may not hold a class the study does not know --
+audit it for duplicates of its own, and let the classifier of every finished cell score every
+image: ``cells/<method>/<cell>/external/<NAME>.csv``, in the format of ``predictions.csv``.
+An external set never enters training, validation or model selection.
+
+Per set, ``results/external/<NAME>.json`` holds the same summary as the study's own test folds
+(:func:`busynth.results.build_summary`): mean ± sd per method, paired intervals against ``real``
+and ``classical`` with verdicts on the primary metric, and the A/A row. Every fold's classifiers
+score the same external images, so a resample draws the images once for all folds, seeds and
+both methods; the unit drawn is the image's duplicate group (the set's own audit), so near-
+duplicates do not count as independent evidence. Metrics a set cannot define (the AUC of a class
+it lacks) are left out of its summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from busynth.classify.metrics import classification_metrics
+from busynth.classify.predictions import predictions_csv, read_predictions
+from busynth.classify.train import load_classifier, predict_proba
+from busynth.config import StudyConfig, is_plain_name
+from busynth.data.audit import audit_records
+from busynth.data.busi import load_dataset
+from busynth.data.records import Record
+from busynth.data.transforms import label_indices, stack_images
+from busynth.errors import ConfigError, DataError, RunStateError
+from busynth.io import read_json, write_json, write_text
+from busynth.progress import progress
+from busynth.results import PredictionStore, Protocol, build_summary, read_cells
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "source.json"
+
+
+@dataclass
+class ExternalSet:
+    """An external test set: its records (labels among the study's classes) and duplicate groups."""
+
+    name: str
+    path: Path
+    records: list[Record]
+    groups: dict[str, int]
+
+    @property
+    def classes_present(self) -> list[str]:
+        """The classes the set holds, in the order of its records."""
+        return list(dict.fromkeys(r.label for r in self.records))
+
+    def fingerprint(self) -> dict:
+        """What identifies the set's content: its path, image ids and labels."""
+        return {"path": str(self.path.resolve()), "ids": [r.id for r in self.records],
+                "labels": [r.label for r in self.records]}
+
+
+def parse_external(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=PATH`` options as {name: folder}; a ConfigError names the bad option."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--external {spec!r}: expected NAME=PATH, e.g. busbra=../shared/data/BUS-BRA-dev")
+        if not is_plain_name(name) or name.startswith("."):
+            raise ConfigError(f"--external {spec!r}: the name {name!r} must be a plain file name (no path)")
+        if name in out:
+            raise ConfigError(f"--external {spec!r}: the name {name!r} is given twice")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"--external {spec!r}: {folder} is not a folder")
+        out[name] = folder
+    return out
+
+
+def load_external(name: str, path: Path, config: StudyConfig) -> ExternalSet:
+    """Load and audit one external set: the study's classes that have a folder there (at least
+    one), refusing folders of classes the study does not know and bad files as the loader does."""
+    path = Path(path)
+    folders = {p.name for p in path.iterdir() if p.is_dir()}
+    unknown = sorted(folders - set(config.data.classes))
+    if unknown:
+        raise DataError(f"external set {name} ({path}): folder(s) {', '.join(map(repr, unknown))} are not classes "
+                        f"of this study {config.data.classes}")
+    present = [c for c in config.data.classes if c in folders]
+    if not present:
+        raise DataError(f"external set {name} ({path}): no folder of a study class {config.data.classes}")
+    result = load_dataset(path, config.data.model_copy(update={"classes": present}))
+    missing = [c for c in config.data.classes if c not in present]
+    log.info("external set %s: %d images (%s)%s", name, len(result.records),
+             ", ".join(f"{c} {n}" for c, n in result.summary.per_class.items()),
+             f"; no {', '.join(missing)} images" if missing else "")
+    for line in result.summary.format().splitlines():
+        if "warning" in line or "skipped " in line:
+            log.warning("external set %s: %s", name, line.strip())
+    audit = audit_records(result.records, config.audit, load=result.summary.to_dict())
+    n_groups = len({audit.group_of[r.id] for r in result.records})
+    if n_groups < len(result.records):
+        log.info("external set %s: %d duplicate groups among %d images; a group is resampled as one unit",
+                 name, n_groups, len(result.records))
+    return ExternalSet(name=name, path=path, records=result.records, groups=dict(audit.group_of))
+
+
+def finished_cells(run_dir: Path, methods: Sequence[str]) -> list[Path]:
+    """Folders of the finished cells (metrics.json written) of ``methods``, in order."""
+    return [p.parent for m in methods for p in sorted((Path(run_dir) / "cells" / m).glob("*/metrics.json"))]
+
+
+def _check_source(run_dir: Path, ext: ExternalSet) -> None:
+    """Record the set's content once; refuse scores of another set under the same name."""
+    path = Path(run_dir) / "results" / "external" / ext.name / SOURCE_FILE
+    mine = ext.fingerprint()
+    if path.is_file():
+        theirs = read_json(path)
+        if theirs.get("ids") != mine["ids"] or theirs.get("labels") != mine["labels"]:
+            raise RunStateError(f"{run_dir}: external set {ext.name!r} was scored from other images "
+                                f"({theirs.get('path')}); use another name")
+    else:
+        write_json(path, mine)
+
+
+def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet], methods: Sequence[str]) -> int:
+    """Let every finished cell's classifier score every external set it has not scored yet;
+    returns the number of (cell, set) predictions written."""
+    classes, cfg = config.data.classes, config.classifier
+    for ext in sets:
+        _check_source(run_dir, ext)
+    cells = finished_cells(run_dir, methods)
+    todo = [(cell, ext) for cell in cells for ext in sets if not (cell / "external" / f"{ext.name}.csv").is_file()]
+    if not todo:
+        return 0
+    images = {ext.name: stack_images(ext.records, cfg.image_size) for ext in sets}
+    labels = {ext.name: label_indices(ext.records, classes) for ext in sets}
+    bar = progress(len(todo), "external scoring", log=log)
+    model_of: tuple[Path, object] | None = None
+    for cell, ext in todo:
+        if model_of is None or model_of[0] != cell:
+            model_of = (cell, load_classifier(cell / "classifier", cfg, len(classes)))
+        proba = predict_proba(model_of[1], images[ext.name], tta=cfg.tta)
+        write_text(cell / "external" / f"{ext.name}.csv", predictions_csv(ext.records, labels[ext.name], proba, classes))
+        bar.update(1)
+    bar.close()
+    return len(todo)
+
+
+def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Sequence[str]) -> list[dict]:
+    """Per finished cell with predictions of set ``name``: its metrics on that set (plus the
+    cell's method, fold, seed and training size from metrics.json)."""
+    rows = []
+    for row in read_cells(run_dir, methods):
+        path = Path(run_dir) / "cells" / row["method"] / f"fold{row['fold']}_seed{row['seed']}" / "external" / f"{name}.csv"
+        if not path.is_file():
+            continue
+        _, y, proba = read_predictions(path, classes)
+        keep = {k: row[k] for k in ("method", "fold", "seed", "generator_seed", "n_train_real", "n_synthetic",
+                                    "train_steps") if k in row}
+        rows.append({**keep, "n_test": len(y), **classification_metrics(y, proba, classes)})
+    return rows
+
+
+def summarize_external(run_dir: Path, ext: ExternalSet, methods: Sequence[str], classes: Sequence[str],
+                       protocol: Protocol) -> dict:
+    """Write and return ``results/external/<name>.json``: the study's summary on this set."""
+    rows = external_rows(run_dir, ext.name, methods, classes)
+    if not rows:
+        raise RunStateError(f"{run_dir}: no cell has scored external set {ext.name!r}")
+    store = PredictionStore(run_dir, classes, rows, filename=f"external/{ext.name}.csv", groups=ext.groups)
+    summary = build_summary(store, rows, methods, protocol)
+    summary["external"] = {"name": ext.name, "path": str(ext.path), "n_images": len(ext.records),
+                           "classes_present": ext.classes_present,
+                           "duplicate_groups": len({ext.groups[r.id] for r in ext.records})}
+    write_json(Path(run_dir) / "results" / "external" / f"{ext.name}.json", summary)
+    return summary
+
+
+def evaluate_external(run_dir: Path, config: StudyConfig, specs: dict[str, Path], methods: Sequence[str],
+                      protocol: Protocol) -> dict[str, dict]:
+    """Load, score (what is not scored yet) and summarise every external set of ``specs``."""
+    sets = [load_external(name, path, config) for name, path in specs.items()]
+    written = score_cells(run_dir, config, sets, methods)
+    log.info("external sets: %d new cell predictions", written)
+    out = {}
+    for ext in sets:
+        out[ext.name] = summarize_external(run_dir, ext, methods, config.data.classes, protocol)
+    return out
