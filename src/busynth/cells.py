@@ -29,6 +29,7 @@ from busynth.data.transforms import label_indices, stack_images
 from busynth.errors import DataError, LeakError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cell import evaluate_cell
+from busynth.evaluate.labels import evaluate_label_fidelity
 from busynth.generators.base import (
     Generator,
     build_generator,
@@ -201,6 +202,14 @@ def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyCo
     return evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes,
                               study.split.select(study.records, cell.fold, "train"),
                               read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
+
+
+def score_label_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> dict:
+    """label_fidelity.json of a generator cell: the fold's real-only classifier on its synthetic
+    images, next to the same classifier on the fold's real test images."""
+    return evaluate_label_fidelity(run_dir, cell.method, cell.fold, cell.seed, config,
+                                   study.split.select(study.records, cell.fold, "test"),
+                                   read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
 
 
 def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:

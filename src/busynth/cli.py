@@ -230,8 +230,24 @@ def run(
         out = Path("runs") / f"{Path(config).stem}-{data_path.name if data_path else 'phantom'}"
     summary = run_study(cfg, out, data_path, split_file, external=external_sets)
     typer.echo(format_summary(summary))
+    _echo_label_fidelity(out)
     _echo_external(out, external_sets)
     typer.echo(f"\nrun folder: {out}\nreport: {out / 'report.html'}")
+
+
+def _echo_label_fidelity(run_dir: Path) -> None:
+    from busynth.io import read_json
+
+    path = Path(run_dir) / "results" / "fidelity.json"
+    labels = read_json(path).get("label_fidelity", {}) if path.is_file() else {}
+    if not labels:
+        return
+    typer.echo("\nlabel fidelity: share of a generator's images the fold's real-only classifier puts in the "
+               "intended class (real test images in brackets)")
+    for method, entry in labels.items():
+        parts = [f"{c} {v['accuracy']['mean']:.2f} ({entry['real_test'].get(c, {}).get('accuracy', {}).get('mean', float('nan')):.2f})"
+                 for c, v in entry["synthetic"].items() if c != "overall"]
+        typer.echo(f"  {method:<12} " + ", ".join(parts))
 
 
 def _echo_external(run_dir: Path, names: Iterable[str]) -> None:

@@ -230,6 +230,9 @@ class RunConfig(_Strict):
     # Generator fits per fold and method; each synthetic set is reused by the classifier seeds
     # i with i mod generator_seeds equal to its index (at most `seeds`).
     generator_seeds: int = Field(default=1, ge=1)
+    # Run only the cells of these folds (None: all), e.g. to share one study between processes or
+    # machines on one run folder (each fold in one process); every invocation summarises what is done.
+    only_folds: list[int] | None = None
     base_seed: int = 0
     bootstrap: int = Field(default=2000, ge=100)
     # The metric verdicts are decided on (Holm-adjusted across the methods compared).

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from busynth.accel import is_main_process
-from busynth.cells import Cell, run_cell, score_adherence, score_fidelity
+from busynth.cells import Cell, run_cell, score_adherence, score_fidelity, score_label_fidelity
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
@@ -106,7 +106,13 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     check_method_settings(run_dir, config.run.methods, config)
     study = prepare_data(config, data, run_dir, split_file)
     log.info("split:\n%s", study.split.format(config.data.classes))
-    cells = study_cells(config, study.split.folds)
+    folds = study.split.folds
+    if config.run.only_folds is not None:
+        unknown = sorted(set(config.run.only_folds) - set(folds))
+        if unknown:
+            raise ConfigError(f"run.only_folds: fold(s) {unknown} are not in the split (folds {list(folds)})")
+        folds = [f for f in folds if f in config.run.only_folds]
+    cells = study_cells(config, folds)
     if config.run.seeds < 3:
         log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
                     "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
@@ -132,6 +138,7 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     for cell in cells:
         if cell.method != REFERENCE and cell.scores_synthetic_set:
             score_fidelity(cell, config, study, run_dir)
+            score_label_fidelity(cell, config, study, run_dir)
             score_adherence(cell, study, run_dir, config)
     summarize_fidelity(run_dir, config.run.methods)
     summary = summarize_run(run_dir, config.run.methods, config.data.classes, Protocol.from_config(config.run))

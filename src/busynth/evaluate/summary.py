@@ -17,6 +17,7 @@ from busynth.registry import REFERENCE
 logger = logging.getLogger(__name__)
 
 FIDELITY_JSON = "fidelity.json"
+LABEL_FIDELITY_JSON = "label_fidelity.json"  # written by busynth.evaluate.labels
 SUMMARY_METRICS = ("fid", "kid_mean", "precision", "recall", "diversity", "memorization_share",
                    "memorization_share_feature")
 
@@ -69,7 +70,40 @@ def _natural_key(text: str) -> list:
 
 def summarize_fidelity(run_dir: Path, methods: Sequence[str]) -> dict:
     """Write ``results/fidelity.json`` (mean ± sd over cells per method and the real-vs-real
-    reference, from the cells' fidelity.json files) and return it."""
-    summary = aggregate_fidelity(read_cell_fidelity(run_dir, [m for m in methods if m != REFERENCE]))
+    reference, from the cells' fidelity.json files; label fidelity from their label_fidelity.json)
+    and return it."""
+    generators = [m for m in methods if m != REFERENCE]
+    summary = aggregate_fidelity(read_cell_fidelity(run_dir, generators))
+    summary["label_fidelity"] = aggregate_label_fidelity(read_cell_label_fidelity(run_dir, generators))
     write_json(Path(run_dir) / "results" / "fidelity.json", summary)
     return summary
+
+
+def aggregate_label_fidelity(cells: dict[str, list[dict]]) -> dict:
+    """Mean ± sd over a method's cells of the per-class accuracy and mean probability, for its
+    synthetic images and for the real test images of the same cells (the reference)."""
+    out = {}
+    for method, results in cells.items():
+        ok = [r for r in results if r.get("status") == "ok"]
+        if not ok:
+            continue
+        entry: dict = {"cells": len(ok)}
+        for part in ("synthetic", "real_test"):
+            classes = list(dict.fromkeys(c for r in ok for c in r[part]["per_class"]))
+            entry[part] = {
+                c: {m: summarize([r[part]["per_class"][c][m] for r in ok if c in r[part]["per_class"]])
+                    for m in ("accuracy", "mean_probability")} for c in classes}
+            entry[part]["overall"] = {m: summarize([r[part]["overall"][m] for r in ok])
+                                      for m in ("accuracy", "mean_probability")}
+        out[method] = entry
+    return out
+
+
+def read_cell_label_fidelity(run_dir: Path, methods: Sequence[str]) -> dict[str, list[dict]]:
+    """method -> label_fidelity.json contents of its cells."""
+    out = {}
+    for method in methods:
+        paths = sorted((Path(run_dir) / "cells" / method).glob(f"*/{LABEL_FIDELITY_JSON}"))
+        if paths:
+            out[method] = [read_json(p) for p in paths]
+    return out

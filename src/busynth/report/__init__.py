@@ -20,7 +20,13 @@ from pathlib import Path
 from busynth.io import write_text
 from busynth.report.common import CSS, Run, esc, load_run, note
 from busynth.report.external import section_external
-from busynth.report.fidelity import section_adherence, section_closest_pairs, section_fidelity, section_mask_pairs
+from busynth.report.fidelity import (
+    section_adherence,
+    section_closest_pairs,
+    section_fidelity,
+    section_label_fidelity,
+    section_mask_pairs,
+)
 from busynth.report.sections import (
     section_config,
     section_confusion,
@@ -41,7 +47,7 @@ logger = logging.getLogger(__name__)
 SECTIONS: list[Callable[[Run], str]] = [
     section_header, section_verdicts, section_results, section_metric_bars, section_roc, section_confusion,
     section_external,
-    section_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
+    section_fidelity, section_label_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
     section_adherence, section_data, section_config,
 ]
 _REQUIRED = {section_header, section_verdicts, section_results, section_config}

@@ -23,6 +23,7 @@ from busynth.report.common import (
     esc,
     figure_to_img,
     fmt,
+    html_table,
     natural_key,
     note,
     num,
@@ -109,6 +110,34 @@ def section_fidelity(run: Run) -> str:
         "size (the test set is smaller than the synthetic set); KID does not."
     ))
     return "".join(parts)
+
+
+def section_label_fidelity(run: Run) -> str:
+    """Per generator and intended class: the share of its images the fold's real-only classifier
+    puts in that class and the mean probability it gives the class, next to the same numbers on
+    the real test images of the same cells; mean ± sd over cells."""
+    title = "<h2>Label fidelity: do the synthetic images carry their class?</h2>"
+    summary, source = load_fidelity_summary(run)
+    labels = (summary or {}).get("label_fidelity") or {}
+    if not labels:
+        return title + note("no label_fidelity.json in the generator cells" if summary else source)
+    classes = [c for c in [*run.classes, "overall"] if any(c in v.get("synthetic", {}) for v in labels.values())]
+    head = ["method", "cells", *[f"{c}: accuracy (real test)" for c in classes],
+            *[f"{c}: mean p (real test)" for c in classes]]
+
+    def cell(entry: dict, c: str, m: str) -> str:
+        syn, real = entry.get("synthetic", {}).get(c, {}).get(m), entry.get("real_test", {}).get(c, {}).get(m)
+        if not syn:
+            return "–"
+        return f"{fmt(syn['mean'], 2)} ± {fmt(syn['sd'], 2)} ({fmt((real or {}).get('mean'), 2)})"
+
+    methods = [m for m in run.methods if m in labels] + [m for m in labels if m not in run.methods]
+    rows = [[m, labels[m].get("cells", "?"), *[cell(labels[m], c, "accuracy") for c in classes],
+             *[cell(labels[m], c, "mean_probability") for c in classes]] for m in methods]
+    return title + html_table(head, rows) + note(
+        "The real-only classifier of the same fold and seed scores every synthetic image: accuracy is the share "
+        "classified as the intended class, mean p the probability it gives that class. In brackets: the same "
+        "classifier on the fold's real test images. Far below the brackets, the synthetic set is partly label noise.")
 
 
 def _first_scored_cell(run: Run, method: str) -> tuple[Path, dict[str, Any]] | None:
