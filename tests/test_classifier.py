@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import busynth.classify.train as train_mod
+from busynth.classify.checkpoints import load_classifier, read_safetensors_json
 from busynth.classify.models import CompactResNet, build_classifier
 from busynth.classify.train import (
     fit_classifier,
-    load_classifier,
     lr_factor,
     predict_proba,
     random_hflip,
@@ -219,7 +219,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(data, tmp_path, monkeypatc
 
     result = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "run", seed=0, tracker_log=keep_last, cpu=True)
     assert result.best_epoch == 1 and result.best_score == 0.9
-    epoch1 = train_mod._read_safetensors(snapshots[1])[0]
+    epoch1 = read_safetensors_json(snapshots[1])[0]
     for key, value in result.model.state_dict().items():
         assert torch.equal(value, epoch1[f"model.{key}"]), key
     loaded = load_classifier(tmp_path / "run", tiny_config(), N_CLASSES)
@@ -284,8 +284,8 @@ def test_fixed_budget_keeps_the_final_moving_average(data, tmp_path) -> None:
     cfg = tiny_config(ema_epochs=1.0, select="last", patience=1)
     result = fit_classifier(*data, cfg, N_CLASSES, tmp_path, seed=0, cpu=True)
     assert result.best_epoch == 2 and len(result.history) == 3  # no early stop, the last epoch kept
-    last = train_mod._read_safetensors(tmp_path / "last.safetensors")[0]
-    best = train_mod._read_safetensors(tmp_path / "best.safetensors")[0]
+    last = read_safetensors_json(tmp_path / "last.safetensors")[0]
+    best = read_safetensors_json(tmp_path / "best.safetensors")[0]
     for key, value in best.items():  # the kept weights are the average, not the trained ones
         torch.testing.assert_close(value, last[f"ema.module.{key}"])
     assert any(not torch.equal(best[k], last[f"model.{k}"]) for k in best if best[k].is_floating_point())

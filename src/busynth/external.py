@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from busynth.classify.checkpoints import load_classifier
 from busynth.classify.metrics import classification_metrics
 from busynth.classify.predictions import predictions_csv, read_predictions
-from busynth.classify.train import load_classifier, predict_proba
+from busynth.classify.train import predict_proba
 from busynth.config import StudyConfig, is_plain_name
 from busynth.data.audit import audit_records
 from busynth.data.busi import load_dataset

@@ -11,7 +11,6 @@ order, flips, dropout -- is seeded from ``(seed, e)``, so a run resumed after ep
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
@@ -31,23 +29,31 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from busynth.accel import broadcast_buffers, local_rows, make_accelerator
-from busynth.checkpoint import load_optimizer_tensors, optimizer_tensors, read_safetensors
+from busynth.classify.checkpoints import (
+    STATE_VERSION,
+    check_same_run,
+    finite_or_none,
+    load_best_weights,
+    load_classifier,
+    load_last,
+    load_resume_state,
+    records_behind,
+    save_epoch,
+    write_epoch_records,
+)
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
-from busynth.errors import DataError, RunStateError
-from busynth.io import atomic_path, derived_seed, read_json, write_json, write_rows_csv
+from busynth.errors import DataError
+from busynth.io import derived_seed
 from busynth.progress import Progress, log_fit, progress
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: fixed budget on the real images, EMA, steps
 # Independent random streams derived from (seed, epoch).
 _STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT, _STREAM_SYNTHETIC, _STREAM_MIX = 0, 1, 2, 3, 4
-# Config fields that do not change results, so they may differ when a run resumes.
-_RESUME_FREE_FIELDS = {"num_workers", "eval_every", "checkpoint_every"}
 # The validation scores of one epoch (None in an epoch that was not scored; see eval_every).
 VAL_KEYS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_auc")
 
@@ -217,85 +223,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-
-
-def _read_safetensors(path: Path, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and JSON metadata; a pickle or any non-safetensors file raises RunStateError naming it."""
-    tensors, meta = read_safetensors(path, load_tensors)
-    return tensors, {k: json.loads(v) for k, v in meta.items()}
-
-
-def _save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-               ema: AveragedModel | None = None) -> None:
-    """Model, EMA and optimizer tensors under flat keys (``model.*``, ``ema.*``, ``optim.<param>.<name>``)."""
-    optim, groups = optimizer_tensors(optimizer, prefix="optim.")
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optim}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    _save_safetensors(path, tensors, {"state": state, "optim_param_groups": json.loads(groups)})
-
-
-def _load_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None = None) -> None:
-    tensors, meta = _read_safetensors(path)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema is not None:
-        ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
-    load_optimizer_tensors(optimizer, tensors, json.dumps(meta["optim_param_groups"]), prefix="optim.")
-
-
-def _load_resume_state(out_dir: Path) -> dict[str, Any] | None:
-    """The state of the last finished epoch: state.json, or the copy inside last.safetensors
-    when that is newer (a run killed between writing the two)."""
-    state = read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else None
-    last = out_dir / "last.safetensors"
-    if last.exists():
-        embedded = _read_safetensors(last, load_tensors=False)[1]["state"]
-        if state is None or embedded["epoch"] > state["epoch"]:
-            state = embedded
-    return state
-
-
-def _check_same_run(state: dict[str, Any], run: dict[str, Any], out_dir: Path) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise RunStateError(f"{out_dir}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
-    changed = [k for k in ("seed", "n_classes", "data_hash", "n_real") if state["run"].get(k) != run[k]]
-    old_cfg, new_cfg = state["run"]["config"], run["config"]
-    defaults = ClassifierConfig().model_dump(mode="json")  # a field added since counts as its default
-    changed += [
-        f"classifier.{k}" for k in sorted(set(old_cfg) | set(new_cfg))
-        if k not in _RESUME_FREE_FIELDS and old_cfg.get(k, defaults.get(k)) != new_cfg.get(k, defaults.get(k))
-    ]
-    if changed:
-        raise RunStateError(
-            f"{out_dir} holds a classifier run with different {', '.join(changed)}; "
-            "use a new folder or delete this one to start over"
-        )
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def load_best_weights(model: nn.Module, out_dir: Path) -> nn.Module:
-    """Load ``out_dir/best.safetensors`` into ``model``; returns it in eval mode."""
-    path = Path(out_dir) / "best.safetensors"
-    if not path.exists():
-        raise RunStateError(f"{path} does not exist: no finished classifier epoch in {out_dir}")
-    tensors, _ = _read_safetensors(path)
-    model.load_state_dict(tensors)
-    return model.eval()
-
-
-def load_classifier(out_dir: Path, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
-    """The best model of a classifier run folder (on CPU, eval mode); never downloads weights."""
-    model = build_classifier(cfg.model_copy(update={"pretrained": False}), n_classes)
-    return load_best_weights(model, Path(out_dir))
-
-
 def _mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.Generator
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al. 2018, arXiv:1710.09412): a convex combination of the batch with a
@@ -417,13 +344,13 @@ def fit_classifier(
         "seed": seed, "n_classes": n_classes, "config": cfg.model_dump(mode="json"), "n_real": n_real,
         "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
     }
-    state = _load_resume_state(out_dir)
+    state = load_resume_state(out_dir)
     if state is not None:
-        _check_same_run(state, run, out_dir)
+        check_same_run(state, run, out_dir)
         if state["done"]:
             logger.debug("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
-            if _records_behind(out_dir, state):  # killed after the last epoch's commit point
-                _write_epoch_records(out_dir, state)
+            if records_behind(out_dir, state):  # killed after the last epoch's commit point
+                write_epoch_records(out_dir, state)
             model = load_classifier(out_dir, cfg, n_classes)
             return FitResult(model, state["best_epoch"], _score(state), state["history"], state["steps"])
 
@@ -452,7 +379,7 @@ def fit_classifier(
                  "bad_epochs": 0, "done": False, "history": [], "steps": 0,
                  "rng": "epoch e draws order, flips and dropout from SeedSequence([seed, e, stream])"}
     else:
-        _load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer, ema)
+        load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer, ema)
         logger.info("resuming classifier in %s after epoch %d", out_dir, state["epoch"] + 1)
 
     started_fit, first_epoch = time.perf_counter(), state["epoch"] + 1
@@ -473,7 +400,7 @@ def fit_classifier(
         score = metrics[f"val_{cfg.select_metric}"]
         improved = last_epoch if cfg.select == "last" else _is_better(score, state, cfg.select_metric)
         if improved:
-            state.update(best_epoch=epoch, best_score=_finite_or_none(score), bad_epochs=0)
+            state.update(best_epoch=epoch, best_score=finite_or_none(score), bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
@@ -483,7 +410,7 @@ def fit_classifier(
         stop = cfg.select == "best" and state["bad_epochs"] >= cfg.patience
         state.update(epoch=epoch, done=last_epoch or stop)
         checkpoint = state["done"] or (epoch + 1) % cfg.checkpoint_every == 0
-        _save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema,  # main process commits
+        save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema,  # main process commits
                     checkpoint=checkpoint)
         logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, train_loss,
                      cfg.select_metric, "-" if score is None else f"{score:.4f}", " (best)" if improved else "")
@@ -502,29 +429,3 @@ def _score(state: dict[str, Any]) -> float:
     return float("-inf") if state["best_score"] is None else float(state["best_score"])
 
 
-def _save_epoch(out_dir: Path, kept: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                state: dict[str, Any], improved: bool, epoch: int, score: float | None,
-                ema: AveragedModel | None = None, checkpoint: bool = True) -> None:
-    """Write best (the ``kept`` weights, if improved), then, at a ``checkpoint`` epoch, last (the
-    commit point), history.csv and state.json. A run killed between checkpoints replays the
-    epochs since the last one exactly (every epoch's randomness depends on (seed, epoch))."""
-    if improved:
-        meta = {"config": state["run"]["config"], "n_classes": state["run"]["n_classes"],
-                "epoch": epoch, "score": _finite_or_none(score)}
-        _save_safetensors(out_dir / "best.safetensors", kept.state_dict(), meta)
-    if checkpoint:
-        _save_last(out_dir / "last.safetensors", model, optimizer, state, ema)
-        _write_epoch_records(out_dir, state)
-
-
-def _write_epoch_records(out_dir: Path, state: dict[str, Any]) -> None:
-    """history.csv and state.json of the last finished epoch (written after last.safetensors)."""
-    write_rows_csv(out_dir / "history.csv", state["history"])
-    write_json(out_dir / "state.json", state)
-
-
-def _records_behind(out_dir: Path, state: dict[str, Any]) -> bool:
-    """True when state.json is missing or older than ``state`` (the copy in last.safetensors): a run
-    was killed between the commit point and these records, which a rerun must then complete."""
-    path = out_dir / "state.json"
-    return not path.exists() or read_json(path)["epoch"] < state["epoch"]

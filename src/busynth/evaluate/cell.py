@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busynth.classify.train import load_classifier
+from busynth.classify.checkpoints import load_classifier
 from busynth.config import StudyConfig
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images

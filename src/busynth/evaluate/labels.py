@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from busynth.classify.train import load_classifier, predict_proba
+from busynth.classify.checkpoints import load_classifier
+from busynth.classify.train import predict_proba
 from busynth.config import StudyConfig
 from busynth.data.records import Record
 from busynth.data.transforms import label_indices, stack_images
