@@ -165,3 +165,13 @@ def test_a_run_folder_from_before_a_new_setting_or_the_classical_move_is_still_r
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(RunStateError, match="phantom.scanner"):  # a new setting away from its default
         open_run_dir(tmp_path, load_config("smoke", ["phantom.scanner=second"]), "phantom")
+
+
+def test_an_external_set_holding_the_study_s_own_images_is_refused(tmp_path: Path) -> None:
+    smoke = load_config("smoke").phantom
+    copies = write_busi_layout(make_phantom(smoke.model_copy(update={"n_per_class": {"malignant": 3}}), ["malignant"]),
+                               tmp_path / "copies")
+    result = runner.invoke(app, ["run", "-c", "smoke", "--out", str(tmp_path / "run"), "--external", f"own={copies}"])
+    assert result.exit_code == 2, result.output
+    assert "exact copies of the study's own images" in result.output and "external:malignant_1" in result.output
+    assert not list((tmp_path / "run").glob("cells/*/*/metrics.json"))  # refused before any training

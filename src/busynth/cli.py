@@ -272,7 +272,7 @@ def evaluate(
     from busynth.external import evaluate_external, parse_external
     from busynth.report import build_report
     from busynth.results import Protocol
-    from busynth.rundir import run_config
+    from busynth.rundir import run_config, run_records
 
     sets = parse_external(external or [])
     if not sets:
@@ -280,7 +280,7 @@ def evaluate(
     if not (run_dir / "results" / "summary.json").is_file():
         raise RunStateError(f"{run_dir} is not a finished run folder (results/summary.json is written by busynth run)")
     cfg = run_config(run_dir)
-    evaluate_external(run_dir, cfg, sets, cfg.run.methods, Protocol.from_config(cfg.run))
+    evaluate_external(run_dir, cfg, sets, cfg.run.methods, Protocol.from_config(cfg.run), run_records(run_dir, cfg))
     build_report(run_dir)
     _echo_external(run_dir, sets)
     typer.echo(f"\nreport: {run_dir / 'report.html'}")

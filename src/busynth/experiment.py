@@ -30,7 +30,7 @@ from busynth.cells import Cell, run_cell, score_adherence, score_fidelity, score
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
-from busynth.external import load_external, score_cells, summarize_external
+from busynth.external import check_study_overlap, load_external, score_cells, summarize_external
 from busynth.generators.base import generator_class
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE
@@ -105,6 +105,8 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     open_run_dir(run_dir, config, source)
     check_method_settings(run_dir, config.run.methods, config)
     study = prepare_data(config, data, run_dir, split_file)
+    for ext in external_sets:
+        check_study_overlap(ext, study.records, config)
     log.info("split:\n%s", study.split.format(config.data.classes))
     folds = study.split.folds
     if config.run.only_folds is not None:

@@ -18,9 +18,10 @@ it lacks) are left out of its summary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from busynth.classify.checkpoints import load_classifier
@@ -50,6 +51,9 @@ class ExternalSet:
     path: Path
     records: list[Record]
     groups: dict[str, int]
+    # Groups of near-duplicates between this set and the study's own images (ids prefixed
+    # "external:" and "study:"), found by check_study_overlap.
+    study_near_duplicates: list[list[str]] = field(default_factory=list)
 
     @property
     def classes_present(self) -> list[str]:
@@ -107,6 +111,30 @@ def load_external(name: str, path: Path, config: StudyConfig) -> ExternalSet:
         log.info("external set %s: %d duplicate groups among %d images; a group is resampled as one unit",
                  name, n_groups, len(result.records))
     return ExternalSet(name=name, path=path, records=result.records, groups=dict(audit.group_of))
+
+
+def check_study_overlap(ext: ExternalSet, study_records: Sequence[Record], config: StudyConfig) -> None:
+    """An external set must hold other images than the study: refuse one with exact copies of the
+    study's images (naming them); record (and warn about) near-duplicates, which the audit's
+    perceptual hashes can also find between merely similar scans of two sites."""
+    tagged = [dataclasses.replace(r, id=f"study:{r.id}") for r in study_records]
+    tagged += [dataclasses.replace(r, id=f"external:{r.id}") for r in ext.records]
+    audit = audit_records(tagged, config.audit)
+
+    def mixed(group: list[str]) -> bool:
+        return any(i.startswith("study:") for i in group) and any(i.startswith("external:") for i in group)
+
+    exact = [g for g in audit.exact_groups if mixed(g)]
+    if exact:
+        example = ", ".join(exact[0])
+        raise DataError(f"external set {ext.name} ({ext.path}): {sum(map(len, exact))} images in {len(exact)} groups "
+                        f"are exact copies of the study's own images (e.g. {example}); an external test set "
+                        "must hold other images")
+    ext.study_near_duplicates = [g for g in audit.near_groups if mixed(g)]
+    if ext.study_near_duplicates:
+        log.warning("external set %s: %d groups of near-duplicates with the study's images (e.g. %s); listed in "
+                    "results/external/%s.json", ext.name, len(ext.study_near_duplicates),
+                    ", ".join(ext.study_near_duplicates[0]), ext.name)
 
 
 def finished_cells(run_dir: Path, methods: Sequence[str]) -> list[Path]:
@@ -176,15 +204,19 @@ def summarize_external(run_dir: Path, ext: ExternalSet, methods: Sequence[str], 
     summary = build_summary(store, rows, methods, protocol)
     summary["external"] = {"name": ext.name, "path": str(ext.path), "n_images": len(ext.records),
                            "classes_present": ext.classes_present,
-                           "duplicate_groups": len({ext.groups[r.id] for r in ext.records})}
+                           "duplicate_groups": len({ext.groups[r.id] for r in ext.records}),
+                           "near_duplicates_of_study": ext.study_near_duplicates}
     write_json(Path(run_dir) / "results" / "external" / f"{ext.name}.json", summary)
     return summary
 
 
 def evaluate_external(run_dir: Path, config: StudyConfig, specs: dict[str, Path], methods: Sequence[str],
-                      protocol: Protocol) -> dict[str, dict]:
-    """Load, score (what is not scored yet) and summarise every external set of ``specs``."""
+                      protocol: Protocol, study_records: Sequence[Record]) -> dict[str, dict]:
+    """Load, check against the study's images, score (what is not scored yet) and summarise
+    every external set of ``specs``."""
     sets = [load_external(name, path, config) for name, path in specs.items()]
+    for ext in sets:
+        check_study_overlap(ext, study_records, config)
     written = score_cells(run_dir, config, sets, methods)
     log.info("external sets: %d new cell predictions", written)
     out = {}

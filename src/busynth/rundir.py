@@ -124,6 +124,15 @@ def run_config(run_dir: Path) -> StudyConfig:
     return build_config(data, where=str(path))
 
 
+def run_records(run_dir: Path, config: StudyConfig) -> list[Record]:
+    """The images a run folder's study was made from (its data source in run.json, or the phantom)."""
+    info = read_json(Path(run_dir) / "run.json") if (Path(run_dir) / "run.json").is_file() else {}
+    source = info.get("data", "phantom")
+    if source != "phantom" and not Path(source).is_dir():
+        raise RunStateError(f"{run_dir}: its data set {source} (run.json) is not there any more")
+    return load_records(config, None if source == "phantom" else Path(source))[0]
+
+
 def method_settings(method: str, config: StudyConfig) -> dict:
     """The resolved settings of one method (its generator config with defaults filled in)."""
     if method == REFERENCE:
