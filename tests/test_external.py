@@ -159,8 +159,8 @@ def test_a_run_folder_from_before_a_new_setting_or_the_classical_move_is_still_r
     assert run_config(tmp_path).generators["classical"] == config.generators["classical"]
     open_run_dir(tmp_path, config, "phantom")  # accepted: the new setting is at its default
     assert json.loads((tmp_path / "run.json").read_text())["fingerprint"] == info["fingerprint"]
-    assert changed_keys(old, load_config("smoke", ["phantom.size=40"]).model_dump(mode="json"),
-                        config.model_dump(mode="json")) == ["phantom.size"]
+    assert changed_keys(old["phantom"], load_config("smoke", ["phantom.size=40"]).phantom.model_dump(mode="json"),
+                        config.phantom.model_dump(mode="json")) == ["size"]
     (tmp_path / "run.json").write_text(json.dumps({**info, "fingerprint": "from-an-older-busynth"}))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(RunStateError, match="phantom.scanner"):  # a new setting away from its default

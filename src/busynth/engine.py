@@ -111,6 +111,10 @@ class Stage:
     # The optimizer step whose loss is being computed (0-based): set by train_stage before each
     # call to ``loss``, for losses that change with the step (e.g. a KL warm-up).
     step: int = 0
+    # True: every process gets the generator of process 0 (the single-process one); a stage that
+    # draws its randomness for the whole global batch and keeps its own rows (``local_rows``) then
+    # trains under N processes exactly as under one.
+    shared_randomness: bool = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (default: those of ``model`` that require grad)."""
@@ -190,8 +194,9 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
         loss_sum, extras = 0.0, {}
         for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
             # Every process draws the same global batch and computes its share of the rows, with
-            # its own noise stream (process 0's is the single-process one); DDP averages gradients.
-            stream = _STREAM_STEP + 2 * rank
+            # its own noise stream (process 0's is the single-process one), or, for a stage with
+            # shared_randomness, process 0's stream; DDP averages the gradients.
+            stream = _STREAM_STEP + (0 if stage.shared_randomness else 2 * rank)
             generator = torch.Generator().manual_seed(derived_seed(seed, micro, stream))
             torch.manual_seed(derived_seed(seed, micro, stream + 1))  # any dropout inside the model
             idx = batch_indices(n, cfg.batch_size, micro, seed)

@@ -95,7 +95,9 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
         if info.get("fingerprint") != fingerprint or info.get("data") != source:
             old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
             # a setting added to busynth since the folder was started counts as unchanged at its default
-            changed = changed_keys(old, config.model_dump(mode="json"), StudyConfig().model_dump(mode="json"))
+            new, defaults = config.model_dump(mode="json"), StudyConfig().model_dump(mode="json")
+            changed = changed_keys({k: old.get(k) or {} for k in SHARED_SECTIONS}, {k: new[k] for k in SHARED_SECTIONS},
+                                   {k: defaults[k] for k in SHARED_SECTIONS})
             if info.get("data") != source:
                 changed.insert(0, f"data source ({info.get('data')} -> {source})")
             if changed or not old:
@@ -158,12 +160,10 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
 
 
 def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
-    """Dotted names of the shared settings that differ between two config dicts; with ``defaults``
+    """Dotted names of the settings that differ between two config dicts; with ``defaults``
     a key missing from ``old`` whose new value is its default does not count."""
     out = []
     for key in sorted(set(old) | set(new)):
-        if prefix == "" and key not in SHARED_SECTIONS:  # run and method sections are checked elsewhere
-            continue
         a, b = old.get(key), new.get(key)
         default = (defaults or {}).get(key)
         if isinstance(a, dict) and isinstance(b, dict):

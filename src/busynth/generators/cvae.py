@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
+from busynth.accel import local_rows
 from busynth.checkpoint import list_checkpoints, read_safetensors
 from busynth.config import MixedPrecision
 from busynth.data.records import Record
@@ -204,17 +205,21 @@ class CVAEStage(Stage):
     """The cVAE's objective for :func:`busynth.engine.train_stage`: reconstruction (BCE) plus the
     KL term weighted by the warm-up of ``kl_weight`` at ``self.step``. Batches hold ``images``
     (N, 1, S, S) in [0, 1] and ``labels`` (N,); the reparameterisation noise comes from the
-    step's generator, so a resumed fit continues exactly."""
+    step's generator, so a resumed fit continues exactly. The noise is drawn for the whole global
+    batch of ``global_batch`` rows and each process keeps its rows, so several processes train
+    step by step as one does."""
 
     name = "cvae"
+    shared_randomness = True
 
-    def __init__(self, model: CVAE, cfg: CVAEConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: CVAE, cfg: CVAEConfig, global_batch: int) -> None:
+        self.model, self.cfg, self.global_batch = model, cfg, global_batch
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """recon + kl_weight * KL, averaged over the batch; logs recon, kl and the weight."""
         images, labels = batch["images"], batch["labels"]
-        noise = torch.randn(len(images), self.cfg.latent_dim, generator=generator).to(images.device)
+        noise = torch.randn(self.global_batch, self.cfg.latent_dim, generator=generator)[local_rows(self.global_batch)]
+        noise = noise.to(images.device)
         logits, mu, logvar = self.model(images, labels, noise)
         recon = reconstruction_loss(logits, images).mean()
         kl = gaussian_kl(mu.float(), logvar.float()).mean()
@@ -268,7 +273,7 @@ class CVAEGenerator(Generator):
             model = CVAE(cfg, len(self.classes))
         if found := list_checkpoints(out_dir):  # a checkpoint of another fit is refused naming what differs
             self.check_same_fit(found[-1][1], read_json(found[-1][1] / "state.json").get("identity", {}), seed)
-        stage = CVAEStage(model, cfg)
+        stage = CVAEStage(model, cfg, global_batch=min(cfg.batch_size, len(images)))
         # Adam (AdamW without decay), no clipping: the optimisation of Kingma & Welling.
         stage_cfg = StageConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
                                 weight_decay=0.0, max_grad_norm=None, prompt_dropout=0.0,
