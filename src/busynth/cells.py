@@ -186,30 +186,18 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     return row
 
 
-def score_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> dict:
-    """fidelity.json of a generator cell: FID/KID, precision/recall, diversity, memorisation
-    against the fold's real training images (computed once; a note until the real cell exists).
-    Test images enter only the real-vs-real reference, never a fit."""
-    split = study.split
-    return evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config,
-                         split.select(study.records, cell.fold, "train"), split.select(study.records, cell.fold, "test"),
-                         read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
-
-
-def score_adherence(cell: Cell, study: StudyData, run_dir: Path, config: StudyConfig) -> dict | None:
-    """adherence.json of a generator cell whose images carry masks (controlnet, classical): how
-    much darker the lesion is than a ring around it, next to the real training pairs."""
-    return evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes,
-                              study.split.select(study.records, cell.fold, "train"),
-                              read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
-
-
-def score_label_fidelity(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> dict:
-    """label_fidelity.json of a generator cell: the fold's real-only classifier on its synthetic
-    images, next to the same classifier on the fold's real test images."""
-    return evaluate_label_fidelity(run_dir, cell.method, cell.fold, cell.seed, config,
-                                   study.split.select(study.records, cell.fold, "test"),
-                                   read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method))
+def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    """The scores of a generator cell's synthetic set, read from disk once: fidelity.json (FID/KID,
+    precision/recall, diversity, memorisation against the fold's real training images; test images
+    enter only the real-vs-real reference), label_fidelity.json (the fold's real-only classifier on
+    the synthetic images and on the real test images) and, for images with masks, adherence.json.
+    Each is computed once; a note until the real cell exists."""
+    train = study.split.select(study.records, cell.fold, "train")
+    test = study.split.select(study.records, cell.fold, "test")
+    synthetic = read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method)
+    evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config, train, test, synthetic)
+    evaluate_label_fidelity(run_dir, cell.method, cell.fold, cell.seed, config, test, synthetic)
+    evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
 
 
 def _prefixed(log_fn: Callable[[dict, int], None] | None, prefix: str) -> Callable[[dict, int], None] | None:

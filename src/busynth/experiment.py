@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from busynth.accel import is_main_process
-from busynth.cells import Cell, run_cell, score_adherence, score_fidelity, score_label_fidelity
+from busynth.cells import Cell, run_cell, score_synthetic_set
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
-from busynth.external import check_study_overlap, load_external, score_cells, summarize_external
+from busynth.external import check_study_overlap, load_external, score_and_summarize
 from busynth.generators.base import generator_class
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE
@@ -139,15 +139,11 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
             tracker.finish()
     for cell in cells:
         if cell.method != REFERENCE and cell.scores_synthetic_set:
-            score_fidelity(cell, config, study, run_dir)
-            score_label_fidelity(cell, config, study, run_dir)
-            score_adherence(cell, study, run_dir, config)
+            score_synthetic_set(cell, config, study, run_dir)
     summarize_fidelity(run_dir, config.run.methods)
-    summary = summarize_run(run_dir, config.run.methods, config.data.classes, Protocol.from_config(config.run))
-    if external_sets:
-        score_cells(run_dir, config, external_sets, config.run.methods)
-        for ext in external_sets:
-            summarize_external(run_dir, ext, config.run.methods, config.data.classes, Protocol.from_config(config.run))
+    protocol = Protocol.from_config(config.run)
+    summary = summarize_run(run_dir, config.run.methods, config.data.classes, protocol)
+    score_and_summarize(run_dir, config, external_sets, config.run.methods, protocol)
     if build_html:
         from busynth.report import build_report
 

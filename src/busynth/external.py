@@ -217,9 +217,14 @@ def evaluate_external(run_dir: Path, config: StudyConfig, specs: dict[str, Path]
     sets = [load_external(name, path, config) for name, path in specs.items()]
     for ext in sets:
         check_study_overlap(ext, study_records, config)
+    return score_and_summarize(run_dir, config, sets, methods, protocol)
+
+
+def score_and_summarize(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet], methods: Sequence[str],
+                        protocol: Protocol) -> dict[str, dict]:
+    """Score what is not scored yet of the (loaded, checked) sets and summarise each: {name: summary}."""
+    if not sets:
+        return {}
     written = score_cells(run_dir, config, sets, methods)
     log.info("external sets: %d new cell predictions", written)
-    out = {}
-    for ext in sets:
-        out[ext.name] = summarize_external(run_dir, ext, methods, config.data.classes, protocol)
-    return out
+    return {ext.name: summarize_external(run_dir, ext, methods, config.data.classes, protocol) for ext in sets}
