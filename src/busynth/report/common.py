@@ -103,15 +103,13 @@ def fmt(x: Any, digits: int = 3, sign: bool = False) -> str:
     return "–" if np.isnan(v) else f"{v:{'+' if sign else ''}.{digits}f}"
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write a figure as a PNG file (atomically) so it can be used outside the report; returns the path."""
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-
-
-def figure_to_img(fig: Figure, alt: str) -> str:
-    """Render a matplotlib figure (Agg) to PNG and return an ``<img>`` tag with a data URI."""
+def figure_to_img(fig: Figure, alt: str, save_to: Path | None = None) -> str:
+    """Render a matplotlib figure (Agg) to PNG once and return an ``<img>`` tag with a data URI;
+    with ``save_to`` the same PNG is also written there (atomically), for use outside the report."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    if save_to is not None:
+        write_atomic(save_to, lambda tmp: tmp.write_bytes(buf.getvalue()))
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 

@@ -31,7 +31,6 @@ from busynth.report.common import (
     note,
     pooled_predictions,
     read_csv_or_none,
-    save_figure,
 )
 from busynth.results import summary_interval_text
 
@@ -305,8 +304,9 @@ def section_samples(run: Run) -> str:
     for method in ordered:
         for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
             if (fig := _sample_grid(cell, run.classes)) is not None:
-                save_figure(fig, run.root / "results" / "samples" / f"{method}.png")
-                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>" + figure_to_img(fig, method))
+                png = run.root / "results" / "samples" / f"{method}.png"
+                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>"
+                             + figure_to_img(fig, method, save_to=png))
                 break
         else:
             parts.append(f"<h3>{esc(method)}</h3>" + note("no images found"))
