@@ -35,8 +35,9 @@ from diffusers import ControlNetModel
 
 from busynth.engine import StageConfig, train_stage
 from busynth.generators.diffusion.components import build_tiny_components, freeze
-from busynth.generators.diffusion.controlnet import ControlNetStage, conditioning_channels_for
+from busynth.generators.diffusion.controlnet import conditioning_channels_for
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
+from busynth.generators.diffusion.train import ControlNetStage
 from busynth.io import write_json
 
 logger = logging.getLogger("bench_controlnet")

@@ -15,16 +15,18 @@ import torch
 from torch import nn
 
 import busynth.classify.train as train_mod
+from busynth.checkpoint import list_checkpoints
 from busynth.classify.checkpoints import load_classifier, read_safetensors_json
 from busynth.classify.models import CompactResNet, build_classifier
 from busynth.classify.train import (
+    ClassifierStage,
     fit_classifier,
-    lr_factor,
     predict_proba,
     random_hflip,
     validation_metrics,
 )
 from busynth.config import ClassifierConfig
+from busynth.engine import StageConfig, learning_rate
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json
 
@@ -100,12 +102,16 @@ def test_timm_model_wrapped_and_weight_failure_is_config_error(monkeypatch) -> N
         build_classifier(tiny_config(arch="timm:fake", pretrained=True), N_CLASSES)
 
 
-def test_lr_schedule_warmup_then_cosine() -> None:
-    factors = [lr_factor(s, total_steps=6, warmup_steps=2) for s in range(6)]
-    assert factors[:3] == [0.5, 1.0, 1.0]
-    assert factors[3] == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
-    assert factors[4] == pytest.approx(0.5)
-    assert factors[5] == pytest.approx(0.5 * (1 + np.cos(3 * np.pi / 4)))
+def test_lr_follows_the_engine_schedule_warmup_then_cosine_to_zero(full_run) -> None:
+    steps = [r for r in full_run[0].history]  # epoch rows carry the lr of the epoch's last step
+    schedule = StageConfig(steps=15, lr=1e-2, warmup_steps=round(0.5 * 5), min_lr_ratio=0.0)
+    assert [r["lr"] for r in steps] == pytest.approx([learning_rate(s, schedule) for s in (4, 9, 14)])
+    assert learning_rate(0, schedule) == pytest.approx(0.5e-2) and learning_rate(14, schedule) == pytest.approx(0.0)
+
+
+def last_state(out: Path) -> dict:
+    """state.json of the newest checkpoint in a classifier folder."""
+    return read_json(list_checkpoints(out)[-1][1] / "state.json")
 
 
 def test_random_hflip_flips_some_images_exactly() -> None:
@@ -139,14 +145,17 @@ def test_learns_separable_set(full_run, data) -> None:
 
 def test_run_folder_contents(full_run, full_dir) -> None:
     out = full_dir
-    for name in ("last.safetensors", "best.safetensors", "state.json", "history.csv"):
-        assert (out / name).exists(), name
-    state = read_json(out / "state.json")
-    assert state["done"] and state["epoch"] == 2 and state["best_epoch"] == full_run[0].best_epoch
+    assert (out / "best.safetensors").exists() and (out / "history.csv").exists()
+    assert [step for step, _ in list_checkpoints(out)] == [15]  # 3 epochs x 5 steps, the newest kept
+    state = last_state(out)
+    assert state["stage"] == "classifier" and not state["stopped"]
+    assert state["stage_state"]["best_epoch"] == full_run[0].best_epoch
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert {"train_loss", "val_balanced_accuracy", "val_macro_auc", "lr", "seconds"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == list(range(15))
+    assert [r["epoch"] for r in rows if r["epoch"]] == ["0", "1", "2"] and rows[4]["epoch"] == "0"
+    assert {"loss", "train_loss", "val_balanced_accuracy", "val_macro_auc", "lr", "seconds"} <= set(rows[0])
+    assert full_run[0].steps == 15
 
 
 def test_same_seed_identical_other_seed_differs(full_run, data, tmp_path) -> None:
@@ -169,28 +178,19 @@ def _interrupt_at(stop_epoch: int):
 
 
 def test_resume_equals_uninterrupted_run(full_run, data, tmp_path) -> None:
-    with pytest.raises(Interrupt):  # killed after epoch 1 was checkpointed
-        fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, tracker_log=_interrupt_at(0), cpu=True)
-    assert read_json(tmp_path / "state.json")["epoch"] == 0
+    with pytest.raises(Interrupt):  # killed at the end of epoch 2, after epoch 1 was checkpointed
+        fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, tracker_log=_interrupt_at(1), cpu=True)
+    assert last_state(tmp_path)["step"] == 5
     resumed = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, cpu=True)
     np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full_run[0].model, data[2]))
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(resumed.history) == drop(full_run[0].history)
 
 
-def test_resume_from_last_checkpoint_when_state_json_is_stale(full_run, data, tmp_path) -> None:
-    with pytest.raises(Interrupt):
-        fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, tracker_log=_interrupt_at(1), cpu=True)
-    (tmp_path / "state.json").unlink()  # killed between last.safetensors and state.json
-    resumed = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path, seed=0, cpu=True)
-    assert len(resumed.history) == 3
-    np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full_run[0].model, data[2]))
-
-
 def test_finished_run_is_loaded_not_retrained(full_run, data, monkeypatch, full_dir) -> None:
-    monkeypatch.setattr(train_mod, "_train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(ClassifierStage, "loss", lambda *a, **k: pytest.fail("retrained"))
     again = fit_classifier(*data, tiny_config(), N_CLASSES, full_dir, seed=0, cpu=True)
-    assert again.best_epoch == full_run[0].best_epoch
+    assert again.best_epoch == full_run[0].best_epoch and again.steps == 15
     np.testing.assert_array_equal(predict_proba(again.model, data[2]), predict_proba(full_run[0].model, data[2]))
 
 
@@ -211,17 +211,14 @@ def _scripted_scores(monkeypatch, scores: list[float]) -> None:
 
 def test_best_checkpoint_is_the_best_validation_epoch(data, tmp_path, monkeypatch) -> None:
     _scripted_scores(monkeypatch, [0.5, 0.9, 0.7])
-    snapshots: dict[int, Path] = {}
-
-    def keep_last(row: dict, epoch: int) -> None:
-        snapshots[epoch] = tmp_path / f"last_{epoch}.safetensors"
-        snapshots[epoch].write_bytes((tmp_path / "run" / "last.safetensors").read_bytes())
-
-    result = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "run", seed=0, tracker_log=keep_last, cpu=True)
+    result = fit_classifier(*data, tiny_config(), N_CLASSES, tmp_path / "run", seed=0, cpu=True)
     assert result.best_epoch == 1 and result.best_score == 0.9
-    epoch1 = read_safetensors_json(snapshots[1])[0]
+    best, meta = read_safetensors_json(tmp_path / "run" / "best.safetensors")
+    assert meta["epoch"] == 1 and meta["score"] == 0.9
+    last = read_safetensors_json(list_checkpoints(tmp_path / "run")[-1][1] / "weights.safetensors")[0]
     for key, value in result.model.state_dict().items():
-        assert torch.equal(value, epoch1[f"model.{key}"]), key
+        assert torch.equal(value, best[key]), key
+    assert any(not torch.equal(best[k], last[k]) for k in last if best[k].is_floating_point())  # not epoch 3
     loaded = load_classifier(tmp_path / "run", tiny_config(), N_CLASSES)
     np.testing.assert_array_equal(predict_proba(loaded, data[2]), predict_proba(result.model, data[2]))
 
@@ -229,8 +226,11 @@ def test_best_checkpoint_is_the_best_validation_epoch(data, tmp_path, monkeypatc
 def test_early_stopping_after_patience(data, tmp_path, monkeypatch) -> None:
     _scripted_scores(monkeypatch, [0.9, 0.5, 0.5, 0.5, 0.5])
     result = fit_classifier(*data, tiny_config(epochs=5, patience=2), N_CLASSES, tmp_path, seed=0, cpu=True)
-    assert len(result.history) == 3 and result.best_epoch == 0
-    assert read_json(tmp_path / "state.json")["done"]
+    assert len(result.history) == 3 and result.best_epoch == 0 and result.steps == 15
+    assert last_state(tmp_path)["stopped"]
+    monkeypatch.setattr(ClassifierStage, "loss", lambda *a, **k: pytest.fail("a stopped run was continued"))
+    again = fit_classifier(*data, tiny_config(epochs=5, patience=2), N_CLASSES, tmp_path, seed=0, cpu=True)
+    assert again.best_epoch == 0 and len(again.history) == 3
 
 
 def test_bf16_and_gradient_accumulation_run(data, tmp_path) -> None:
@@ -259,10 +259,11 @@ def test_run_saved_before_a_field_existed_is_loaded_when_the_field_has_its_defau
                                                                                   monkeypatch, full_dir) -> None:
     out = tmp_path / "old"
     shutil.copytree(full_dir, out)
-    state = read_json(out / "state.json")
-    del state["run"]["config"]["channels_last"]  # written before classifier.channels_last was added
-    write_json(out / "state.json", state)
-    monkeypatch.setattr(train_mod, "_train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    state_file = list_checkpoints(out)[-1][1] / "state.json"
+    state = read_json(state_file)
+    del state["identity"]["classifier.channels_last"]  # written before classifier.channels_last was added
+    write_json(state_file, state)
+    monkeypatch.setattr(ClassifierStage, "loss", lambda *a, **k: pytest.fail("retrained"))
     again = fit_classifier(*data, tiny_config(), N_CLASSES, out, seed=0, cpu=True)
     assert again.best_epoch == full_run[0].best_epoch
     with pytest.raises(RunStateError, match="classifier.channels_last"):
@@ -284,18 +285,20 @@ def test_fixed_budget_keeps_the_final_moving_average(data, tmp_path) -> None:
     cfg = tiny_config(ema_epochs=1.0, select="last", patience=1)
     result = fit_classifier(*data, cfg, N_CLASSES, tmp_path, seed=0, cpu=True)
     assert result.best_epoch == 2 and len(result.history) == 3  # no early stop, the last epoch kept
-    last = read_safetensors_json(tmp_path / "last.safetensors")[0]
+    folder = list_checkpoints(tmp_path)[-1][1]
+    ema = read_safetensors_json(folder / "ema.safetensors")[0]
+    trained = read_safetensors_json(folder / "weights.safetensors")[0]
     best = read_safetensors_json(tmp_path / "best.safetensors")[0]
     for key, value in best.items():  # the kept weights are the average, not the trained ones
-        torch.testing.assert_close(value, last[f"ema.module.{key}"])
-    assert any(not torch.equal(best[k], last[f"model.{k}"]) for k in best if best[k].is_floating_point())
+        torch.testing.assert_close(value, ema[f"module.{key}"])
+    assert any(not torch.equal(best[k], trained[k]) for k in best if best[k].is_floating_point())
 
 
 def test_resume_with_a_moving_average_equals_an_uninterrupted_run(data, tmp_path) -> None:
     cfg = tiny_config(ema_epochs=1.0, select="last")
     full = fit_classifier(*data, cfg, N_CLASSES, tmp_path / "full", seed=0, cpu=True)
     with pytest.raises(Interrupt):
-        fit_classifier(*data, cfg, N_CLASSES, tmp_path / "cut", seed=0, tracker_log=_interrupt_at(0), cpu=True)
+        fit_classifier(*data, cfg, N_CLASSES, tmp_path / "cut", seed=0, tracker_log=_interrupt_at(1), cpu=True)
     resumed = fit_classifier(*data, cfg, N_CLASSES, tmp_path / "cut", seed=0, cpu=True)
     np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full.model, data[2]))
     assert resumed.steps == full.steps == 15
@@ -315,9 +318,9 @@ def test_scoring_and_checkpoints_every_few_epochs_change_no_result(data, tmp_pat
     base = tiny_config(ema_epochs=1.0, select="last", epochs=5)
     full = fit_classifier(*data, base, N_CLASSES, tmp_path / "full", seed=0, cpu=True)
     sparse = base.model_copy(update={"eval_every": 2, "checkpoint_every": 2})
-    with pytest.raises(Interrupt):  # killed after epoch 3: the checkpoint of epoch 2 is the last one written
+    with pytest.raises(Interrupt):  # killed in epoch 3: the checkpoint after epoch 2 is the last one written
         fit_classifier(*data, sparse, N_CLASSES, tmp_path / "cut", seed=0, tracker_log=_interrupt_at(2), cpu=True)
-    assert read_json(tmp_path / "cut" / "state.json")["epoch"] == 1
+    assert last_state(tmp_path / "cut")["step"] == 10
     resumed = fit_classifier(*data, sparse, N_CLASSES, tmp_path / "cut", seed=0, cpu=True)
     np.testing.assert_array_equal(predict_proba(resumed.model, data[2]), predict_proba(full.model, data[2]))
     assert resumed.steps == full.steps
@@ -325,7 +328,8 @@ def test_scoring_and_checkpoints_every_few_epochs_change_no_result(data, tmp_pat
     assert scored == [1, 3, 4]  # epochs 2 and 4 (every second) and the last
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     with open(tmp_path / "cut" / "history.csv", newline="") as fh:
-        assert [row["val_loss"] == "" for row in csv.DictReader(fh)] == [True, False, True, False, False]
+        ends = [row for row in csv.DictReader(fh) if row["epoch"]]
+    assert [row["val_loss"] == "" for row in ends] == [True, False, True, False, False]
 
 
 def test_scoring_every_few_epochs_needs_the_fixed_budget() -> None:

@@ -26,9 +26,10 @@ from busynth.errors import ConfigError
 from busynth.evaluate.adherence import contrast_to_noise, control_adherence, evaluate_adherence
 from busynth.generators.base import read_generator_info
 from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, freeze
-from busynth.generators.diffusion.controlnet import ControlNetGenerator, ControlNetStage
+from busynth.generators.diffusion.controlnet import ControlNetGenerator
 from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+from busynth.generators.diffusion.train import ControlNetStage
 
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},

@@ -151,11 +151,11 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_results(tmp_path):
     # Kill once the second cell (classical, fold 0) has finished an epoch but not the cell.
     target = killed / "cells" / "classical" / "fold0_seed0"
     deadline = time.time() + 300
-    while time.time() < deadline and not (target / "classifier" / "state.json").exists():
+    while time.time() < deadline and not list((target / "classifier").glob("checkpoint-*/state.json")):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (target / "classifier" / "state.json").exists(), "the run ended before it could be killed"
+    assert list((target / "classifier").glob("checkpoint-*/state.json")), "the run ended before it could be killed"
     assert not (target / "metrics.json").exists(), "killed too late: the cell had finished"
 
     again = subprocess.run([sys.executable, "-m", "busynth.cli", "run", *args, "--out", str(killed)],

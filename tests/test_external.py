@@ -147,12 +147,13 @@ def test_evaluate_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--external" in result.output
 
 
-def test_a_run_folder_from_before_a_new_setting_or_the_classical_move_is_still_read(tmp_path: Path) -> None:
+def test_a_run_folder_from_before_a_new_setting_a_retired_one_or_the_classical_move_is_still_read(tmp_path: Path) -> None:
     config = load_config("smoke")
     open_run_dir(tmp_path, config, "phantom")
     old = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del old["phantom"]["scanner"]  # a folder written before phantom.scanner existed
     old["classical"] = old["generators"].pop("classical")  # ... and before classical moved
+    old["classifier"]["num_workers"] = 0  # ... and with a setting busynth no longer has
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     info = json.loads((tmp_path / "run.json").read_text())
     (tmp_path / "run.json").write_text(json.dumps({**info, "fingerprint": "from-an-older-busynth"}))

@@ -283,7 +283,7 @@ STAGES = [
         Hazard("open", f"generators/sd-lora/{CELL}/stages/lora/.history.csv.*"),
         Hazard("safetensors.save_file", "generators/sd-lora/*lora*/pytorch_lora_weights.safetensors", tear=True),
     ), "sd-lora-hazards"),
-    # The last epoch's weights are committed but its history.csv is not written yet.
+    # Killed while writing the last history.csv, before the final checkpoint commits the run.
     Stage("classifier-last-history", "run", CLASSIFIER.writes, CLASSIFIER.finished, CLASSIFIER.redo,
           (Hazard("open", f"cells/real/{CELL}/classifier/.history.csv.*", index=-1),)),
 ]

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from busynth.classify.metrics import paired_difference
-from busynth.classify.train import MixedBatchSampler, cyclic_indices, steps_per_epoch
+from busynth.classify.train import cyclic_indices, mixed_batch, steps_per_epoch, synthetic_per_batch
 from busynth.evaluate.intervals import (
     HELPS,
     HURTS,
@@ -213,24 +213,22 @@ def test_cyclic_indices_are_a_stream_of_permutations():
 
 
 def test_budget_is_counted_on_real_images_whatever_is_added():
-    real_only = MixedBatchSampler(50, 0, 16, steps_per_epoch(50, 16), seed=0)
-    doubled = MixedBatchSampler(50, 50, 16, steps_per_epoch(50, 16), seed=0)
-    assert len(real_only) == len(doubled) == 4
-    assert all(len(b) == 16 for b in doubled)
-    for epoch in range(3):
-        real_only.set_epoch(epoch)
-        seen = [i for b in real_only for i in b]
-        assert len(seen) == 64 and set(seen) <= set(range(50))
+    assert steps_per_epoch(50, 16) == 4  # the same whether 0 or 50 synthetic images are added
+    k = synthetic_per_batch(16, 50, None)
+    assert k is None and synthetic_per_batch(16, 0, 0.5) is None
+    doubled = [mixed_batch(i, 50, 50, 16, seed=0, k_synthetic=k) for i in range(4)]
+    assert all(len(b) == 16 for b in doubled) and any(i >= 50 for b in doubled for i in b)
+    real_only = [i for step in range(12) for i in mixed_batch(step, 50, 0, 16, seed=0, k_synthetic=None)]
+    assert len(real_only) == 192 and set(real_only) == set(range(50))
 
 
 def test_synthetic_share_sets_each_batch():
-    sampler = MixedBatchSampler(40, 100, 10, 4, seed=1, synthetic_share=0.3)
-    sampler.set_epoch(2)
-    batches = list(sampler)
+    k = synthetic_per_batch(10, 100, 0.3)
+    assert k == 3 and synthetic_per_batch(10, 100, 0.01) == 1 and synthetic_per_batch(10, 100, 0.99) == 9
+    batches = [mixed_batch(i, 40, 100, 10, seed=1, k_synthetic=k) for i in range(8, 12)]
     assert all(sum(i >= 40 for i in b) == 3 for b in batches)
-    again = MixedBatchSampler(40, 100, 10, 4, seed=1, synthetic_share=0.3)
-    again.set_epoch(2)
-    assert list(again) == batches  # a resumed run draws the same batches
+    again = [mixed_batch(i, 40, 100, 10, seed=1, k_synthetic=k) for i in range(8, 12)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, batches))  # a resumed run draws the same batches
 
 
 def test_repeated_cross_validation_makes_r_times_k_grouped_folds():

@@ -164,14 +164,14 @@ def test_classical_load_refuses_a_pickled_image_store(records, tmp_path: Path, m
 
 
 def test_classifier_resume_and_load_never_unpickle(tmp_path: Path, marker: Path) -> None:
-    """A pickle under the classifier's ``best.safetensors`` / ``last.safetensors`` is refused with a
-    message naming the file, and never run."""
+    """A pickle under the classifier's ``best.safetensors`` or its checkpoint's weights is refused
+    with a message naming the file, and never run."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (12, 16, 16), dtype=np.uint8)
     labels = np.arange(12) % 3
     cfg = ClassifierConfig(image_size=16, width=4, depth=[1], epochs=1, batch_size=4, tta=False)
     fit_classifier(images, labels, images, labels, cfg, 3, tmp_path, seed=0, cpu=True)
-    for name in ("best.safetensors", "last.safetensors"):
+    for name in ("best.safetensors", "checkpoint-3/weights.safetensors"):
         plant_pickle(tmp_path / name, marker)
         with pytest.raises(RunStateError, match=name):
             fit_classifier(images, labels, images, labels, cfg, 3, tmp_path, seed=0, cpu=True)

@@ -12,6 +12,7 @@ file (a pickle under a ``.safetensors`` name included) with a RunStateError nami
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +64,29 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
+                    state: dict[str, Any], keep: int, extra_files: Mapping[str, Mapping[str, torch.Tensor]] = {}
+                    ) -> Path:
     """Write ``checkpoint-<step>/`` atomically (temporary folder, then rename), prune to the newest
-    ``keep``; returns the folder."""
+    ``keep``; returns the folder. ``extra_files`` maps further safetensors file names to tensors."""
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        for name, tensors in {WEIGHTS: weights, **extra_files}.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
         tensors, groups = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER), metadata={"param_groups": groups})
         write_json(tmp / STATE, {**state, "step": step})
 
     final = write_dir_atomic(Path(out_dir) / f"checkpoint-{step}", write)
-    for _, old in list_checkpoints(out_dir)[:-keep]:
-        remove_tree(old)
+    prune_checkpoints(out_dir, keep)
     return final
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    """Delete every ``checkpoint-*`` folder but the newest ``keep`` complete ones: older ones and
+    any a killed process left half-deleted (also called on resume, so such leftovers never stay)."""
+    kept = {p for _, p in list_checkpoints(out_dir)[-keep:]}
+    for p in sorted(Path(out_dir).glob("checkpoint-*")):
+        if p.is_dir() and p not in kept:
+            remove_tree(p)
 
 
 def read_safetensors(path: Path, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -181,12 +181,11 @@ class ClassifierConfig(_Strict):
     # Keep the model's weights and activations in channels_last (NHWC) memory layout: ~0.8x the
     # epoch time of NCHW on this CPU (bench/bench_speed.py), the same results up to rounding.
     channels_last: bool = False
-    num_workers: int = Field(default=0, ge=0)
     # Score the validation part every this many epochs (and after the last). With select=last it only
     # feeds the training curves, so scoring less often saves time and changes no result.
     eval_every: int = Field(default=1, ge=1)
-    # Write the resumable checkpoint (last.safetensors, history.csv, state.json) every this many
-    # epochs and after the last; a killed run replays the epochs since, with the same result.
+    # Write the resumable checkpoint (the engine's checkpoint-N/ folder and history.csv) every this
+    # many epochs and after the last; a killed run replays the epochs since, with the same result.
     checkpoint_every: int = Field(default=1, ge=1)
 
     @field_validator("depth")

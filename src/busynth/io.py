@@ -179,13 +179,27 @@ def write_rows_csv(path: str | Path, rows: list[dict[str, Any]], fieldnames: lis
     return write_text(path, buf.getvalue())
 
 
-def read_history_csv(path: str | Path, before_step: int) -> list[dict[str, str]]:
-    """Rows of a per-step history CSV whose ``step`` is below ``before_step`` ([] when absent)."""
+def read_history_csv(path: str | Path, before_step: int) -> list[dict[str, Any]]:
+    """Rows of a per-step history CSV whose ``step`` is below ``before_step`` ([] when absent), with
+    numbers read back as the int or float that was written (an empty cell as None), so a resumed
+    run's history equals an uninterrupted one's."""
     path = Path(path)
     if not path.is_file():
         return []
     with path.open(newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) < before_step]
+        rows = [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    return [row for row in rows if row["step"] < before_step]
+
+
+def _csv_value(text: str) -> Any:
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def derived_seed(seed: int, *keys: int) -> int:

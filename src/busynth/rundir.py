@@ -116,13 +116,16 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
 
 def run_config(run_dir: Path) -> StudyConfig:
     """The resolved config a run folder was made with (its config.yaml), for commands that train
-    nothing; a folder written before ``classical`` moved under ``generators`` is read as well."""
+    nothing; a folder written before ``classical`` moved under ``generators`` (or with the retired
+    ``classifier.num_workers``) is read as well."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunStateError(f"{run_dir} is not a run folder: {path.name} is missing")
     data = yaml.safe_load(path.read_text()) or {}
     if isinstance(data, dict) and "classical" in data:
         data.setdefault("generators", {})["classical"] = data.pop("classical")
+    if isinstance(data, dict) and isinstance(data.get("classifier"), dict):
+        data["classifier"].pop("num_workers", None)  # gone since the classifier trains on the engine
     return build_config(data, where=str(path))
 
 
@@ -170,6 +173,8 @@ def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str
             out.extend(changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{key}."))
         elif key not in old and defaults is not None and key in defaults and b == default:
             continue
+        elif key not in new and defaults is not None and key not in defaults and not isinstance(a, dict):
+            continue  # a setting busynth no longer has (e.g. classifier.num_workers)
         elif a != b:
             out.append(f"{prefix}{key}")
     return out

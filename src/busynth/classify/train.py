@@ -1,11 +1,12 @@
-"""One training loop for the classifier (accelerate), with checkpoints, resume and model selection.
+"""The classifier's training: a stage of the training engine (``busynth.engine``), with validation,
+model selection and the chosen weights.
 
-A run folder holds ``last.safetensors`` (model + optimizer tensors, the run state
-in its metadata), ``best.safetensors`` (the weights chosen on the real validation
-set, config in its metadata), ``state.json`` (a readable copy of the run state) and
-``history.csv`` (one row per epoch). Everything random in epoch ``e`` -- data
-order, flips, dropout -- is seeded from ``(seed, e)``, so a run resumed after epoch
-``e`` continues exactly as an uninterrupted run would.
+A run folder holds the engine's ``checkpoint-N/`` folders (weights with batch-norm statistics,
+optimizer, moving average, ``state.json``) and ``history.csv`` (one row per optimizer step; the
+last step of an epoch also carries the epoch's mean training loss and, when scored, the validation
+numbers), and ``best.safetensors``: the weights kept (config in its metadata). Everything random
+in a step -- the batch, flips and crops, mixup, dropout -- is seeded from ``(seed, step)``, so a
+run resumed from a checkpoint continues exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -13,50 +14,36 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from busynth.accel import broadcast_buffers, local_rows, make_accelerator
-from busynth.classify.checkpoints import (
-    STATE_VERSION,
-    check_same_run,
-    finite_or_none,
-    load_best_weights,
-    load_classifier,
-    load_last,
-    load_resume_state,
-    records_behind,
-    save_epoch,
-    write_epoch_records,
-)
+from busynth.accel import broadcast_buffers, local_rows
+from busynth.classify.checkpoints import BEST, finite_or_none, load_best_weights, save_safetensors
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
-from busynth.engine import adamw
+from busynth.engine import Stage, StageConfig, train_stage
 from busynth.errors import DataError
 from busynth.io import derived_seed
-from busynth.progress import Progress, log_fit, progress
 
 logger = logging.getLogger(__name__)
 
-# Independent random streams derived from (seed, epoch).
-_STREAM_ORDER, _STREAM_FLIP, _STREAM_DROPOUT, _STREAM_SYNTHETIC, _STREAM_MIX = 0, 1, 2, 3, 4
+# Independent streams of batch order: real rows and synthetic rows.
+_STREAM_ORDER, _STREAM_SYNTHETIC = 0, 3
 # The validation scores of one epoch (None in an epoch that was not scored; see eval_every).
 VAL_KEYS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_auc")
+# ClassifierConfig fields that do not change what is trained: a run may resume with other values.
+RESUME_FREE_FIELDS = frozenset({"eval_every", "checkpoint_every"})
 
 
 @dataclass
@@ -93,59 +80,28 @@ def steps_per_epoch(n_real: int, batch_size: int) -> int:
     return max(1, math.ceil(n_real / batch_size))
 
 
-class MixedBatchSampler(Sampler[list[int]]):
-    """``steps`` batches of ``batch_size`` indices per epoch, drawn from real rows ``0..n_real-1``
-    and synthetic rows ``n_real..n_real+n_synthetic-1``; call ``set_epoch`` first.
-
-    ``synthetic_share`` None draws every batch from one shuffled stream over all rows (each
-    image equally often); a number puts ``round(share * batch_size)`` synthetic rows in every
-    batch (the rest real), each pool cycling through its own permutations. Batch ``i`` of epoch
-    ``e`` depends on ``(seed, e, i)`` only, so a resumed run draws exactly the same batches.
-    """
-
-    def __init__(self, n_real: int, n_synthetic: int, batch_size: int, steps: int, seed: int,
-                 synthetic_share: float | None = None) -> None:
-        self.n_real, self.n_synthetic, self.batch_size = n_real, n_synthetic, batch_size
-        self.steps, self.seed, self.epoch = steps, seed, 0
-        if synthetic_share is None or n_synthetic == 0:
-            self.k_synthetic = None
-        else:
-            self.k_synthetic = min(batch_size - 1, max(1 if synthetic_share > 0 else 0,
-                                                       round(synthetic_share * batch_size)))
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose batches ``__iter__`` yields."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        b, steps = self.batch_size, self.steps
-        if self.k_synthetic is None:
-            flat = cyclic_indices(self.n_real + self.n_synthetic, self.seed, _STREAM_ORDER,
-                                  self.epoch * steps * b, steps * b)
-            batches = flat.reshape(steps, b)
-        else:
-            k_syn, k_real = self.k_synthetic, b - self.k_synthetic
-            real = cyclic_indices(self.n_real, self.seed, _STREAM_ORDER, self.epoch * steps * k_real, steps * k_real)
-            syn = self.n_real + cyclic_indices(self.n_synthetic, self.seed, _STREAM_SYNTHETIC,
-                                               self.epoch * steps * k_syn, steps * k_syn)
-            batches = np.concatenate([real.reshape(steps, k_real), syn.reshape(steps, k_syn)], axis=1)
-        return iter(batches.tolist())
+def synthetic_per_batch(batch_size: int, n_synthetic: int, synthetic_share: float | None) -> int | None:
+    """Synthetic rows in every batch: None (one shuffled stream over all rows, each image equally
+    often) or ``round(share * batch_size)``, at least 1 for a positive share and at most batch - 1."""
+    if synthetic_share is None or n_synthetic == 0:
+        return None
+    return min(batch_size - 1, max(1 if synthetic_share > 0 else 0, round(synthetic_share * batch_size)))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+def mixed_batch(micro_step: int, n_real: int, n_synthetic: int, batch_size: int, seed: int,
+                k_synthetic: int | None) -> np.ndarray:
+    """Row indices of batch ``micro_step``: real rows ``0..n_real-1`` and synthetic rows after them.
 
-    Linear warm-up over ``warmup_steps`` (reaching 1 at the last warm-up step),
-    then half a cosine from 1 to 0 over the remaining steps (Loshchilov & Hutter 2017,
-    arXiv:1608.03983, without restarts).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    ``k_synthetic`` None draws the batch from one stream over all rows; a number puts that many
+    synthetic rows in every batch (the rest real), each pool cycling through its own permutations.
+    Batch ``i`` depends on ``(seed, i)`` only, so a resumed run draws exactly the same batches."""
+    b = batch_size
+    if k_synthetic is None:
+        return cyclic_indices(n_real + n_synthetic, seed, _STREAM_ORDER, micro_step * b, b)
+    k_real = b - k_synthetic
+    real = cyclic_indices(n_real, seed, _STREAM_ORDER, micro_step * k_real, k_real)
+    syn = n_real + cyclic_indices(n_synthetic, seed, _STREAM_SYNTHETIC, micro_step * k_synthetic, k_synthetic)
+    return np.concatenate([real, syn])
 
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -233,57 +189,97 @@ def _mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.G
     return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
 
 
-def _train_one_epoch(
-    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    loss_fn: nn.Module, cfg: ClassifierConfig, seed: int, epoch: int, ema: AveragedModel | None = None,
-    bar: Progress | None = None,
-) -> tuple[float, float, int]:
-    """One epoch of the budget (``len(loader)`` batches); returns (mean training loss, last
-    learning rate, optimizer steps taken).
+class ClassifierStage(Stage):
+    """The classifier for :func:`busynth.engine.train_stage`: class-weighted cross-entropy on
+    augmented (and optionally mixed-up) batches; at the end of every epoch (``steps_per_epoch``
+    optimizer steps) the kept weights -- the moving average when there is one -- are scored on the
+    validation images (every ``eval_every`` epochs and after the last), the best or last epoch's
+    weights written to ``best.safetensors``, and training stopped after ``patience`` epochs without
+    improvement under ``select=best``.
 
-    Every process reads and augments the same global batch and computes its own share of
-    rows (``local_rows``); DDP averages the gradients, so N processes take the steps of one.
-    """
-    model.train()
-    loader.batch_sampler.set_epoch(epoch)
-    torch.manual_seed(derived_seed(seed, epoch, _STREAM_DROPOUT))
-    flips = torch.Generator().manual_seed(derived_seed(seed, epoch, _STREAM_FLIP))
-    mixing = np.random.default_rng(derived_seed(seed, epoch, _STREAM_MIX))
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    loss_sum, n_seen, lr, steps = 0.0, 0, cfg.lr, 0
-    for i, (images, labels) in enumerate(loader):
-        lr = cfg.lr * lr_factor(epoch * steps_per_epoch + i // cfg.grad_accum, total_steps, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = images.float().div_(255.0)
+    Every process augments the same global batch with process 0's generator and computes the
+    loss on its own rows, so N processes take the steps of one."""
+
+    name = "classifier"
+    global_batch = True
+
+    def __init__(self, model: nn.Module, cfg: ClassifierConfig, loss_fn: nn.Module, n_real: int, n_synthetic: int,
+                 batches_per_epoch: int, val: tuple[np.ndarray, np.ndarray], out_dir: Path, best_meta: dict[str, Any],
+                 tracker_log: Callable[[dict[str, Any], int], None] | None = None) -> None:
+        self.model = self.net = model  # ``net``: the module itself, whatever wrapper ``model`` gets
+        self.cfg, self.loss_fn, self.val, self.out_dir, self.best_meta = cfg, loss_fn, val, out_dir, best_meta
+        self.n_real, self.n_synthetic, self.batches_per_epoch = n_real, n_synthetic, batches_per_epoch
+        self.k_synthetic = synthetic_per_batch(cfg.batch_size, n_synthetic, cfg.synthetic_share)
+        self.tracker_log = tracker_log
+        self.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+        self.best_epoch, self.best_score, self.bad_epochs = -1, None, 0
+        self._losses: list[float] = []
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return param_groups(self.net, weight_decay)
+
+    def batch_rows(self, n: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
+        rows = mixed_batch(micro_step, self.n_real, self.n_synthetic, batch_size, seed, self.k_synthetic)
+        return torch.from_numpy(rows)
+
+    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, labels = self.cfg, batch["labels"]
+        mixing = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        x = batch["images"].float().div_(255.0)
         if cfg.augment == "flip":
-            x = random_hflip(x, flips)
+            x = random_hflip(x, generator)
         elif cfg.augment == "light":
-            x, _ = augment_batch(x, LIGHT, flips)
+            x, _ = augment_batch(x, LIGHT, generator)
+        y_a, y_b, lam = labels, labels, 1.0
         if cfg.mixup_alpha > 0:
             x, y_a, y_b, lam = _mixup(x, labels, cfg.mixup_alpha, mixing)
-        else:
-            y_a, y_b, lam = labels, labels, 1.0
         rows = local_rows(len(labels))
-        with accelerator.accumulate(model):
-            logits = model(x[rows].to(accelerator.device))
-            loss = lam * loss_fn(logits, y_a[rows].to(accelerator.device))
-            if lam < 1.0:
-                loss = loss + (1 - lam) * loss_fn(logits, y_b[rows].to(accelerator.device))
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            steps += 1
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
-        loss_sum += float(accelerator.reduce(loss.detach(), "mean")) * len(labels)
-        n_seen += len(labels)
-        if bar is not None:
-            bar.update(1, epoch=epoch + 1, loss=loss_sum / n_seen)
-    return loss_sum / max(n_seen, 1), lr, steps
+        logits = self.model(x[rows])
+        self.loss_fn.to(logits.device)  # its class weights
+        loss = lam * self.loss_fn(logits, y_a[rows])
+        if lam < 1.0:
+            loss = loss + (1 - lam) * self.loss_fn(logits, y_b[rows])
+        return loss, {}
+
+    def end_step(self, step: int, row: dict[str, Any]) -> bool:
+        self._losses.append(row["loss"])
+        if (step + 1) % self.steps_per_epoch:
+            return False
+        cfg, epoch = self.cfg, (step + 1) // self.steps_per_epoch - 1
+        broadcast_buffers(self.net)
+        kept = self.net if self.ema is None else self.ema.module
+        last_epoch = epoch + 1 >= cfg.epochs
+        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
+            metrics = validation_metrics(self.val[1], predict_proba(kept, self.val[0], tta=cfg.tta))
+        else:
+            metrics = dict.fromkeys(VAL_KEYS)
+        score = metrics[f"val_{cfg.select_metric}"]
+        improved = last_epoch if cfg.select == "last" else _is_better(score, self.best_score, self.best_epoch,
+                                                                       cfg.select_metric)
+        if improved:
+            self.best_epoch, self.best_score, self.bad_epochs = epoch, finite_or_none(score), 0
+            save_safetensors(self.out_dir / BEST, kept.state_dict(),
+                             {**self.best_meta, "epoch": epoch, "score": finite_or_none(score)})
+        else:
+            self.bad_epochs += 1
+        epoch_row = {"epoch": epoch, "train_loss": float(np.mean(self._losses)), **metrics}
+        row.update(epoch_row)
+        self._losses = []
+        logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, epoch_row["train_loss"],
+                     cfg.select_metric, "-" if score is None else f"{score:.4f}", " (best)" if improved else "")
+        if self.tracker_log is not None:
+            self.tracker_log({**epoch_row, "lr": row["lr"]}, epoch)
+        return cfg.select == "best" and self.bad_epochs >= cfg.patience
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best_score": self.best_score, "bad_epochs": self.bad_epochs}
+
+    def load_resume_state(self, state: Mapping[str, Any]) -> None:
+        self.best_epoch, self.best_score, self.bad_epochs = state["best_epoch"], state["best_score"], state["bad_epochs"]
+
+    def fit_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {"epochs": history[-1]["epoch"] + 1, "kept_epoch": self.best_epoch + 1,
+                f"val_{self.cfg.select_metric}": self.best_score}
 
 
 def ema_decay(ema_epochs: float, batches_per_epoch: int) -> float:
@@ -292,14 +288,14 @@ def ema_decay(ema_epochs: float, batches_per_epoch: int) -> float:
     return 1.0 - 1.0 / max(1.0, ema_epochs * batches_per_epoch)
 
 
-def _is_better(score: float, state: dict[str, Any], metric: str) -> bool:
+def _is_better(score: float, best: float | None, best_epoch: int, metric: str) -> bool:
     """True when ``score`` beats the best so far (lower is better for the loss); the first
     finite score always does."""
     if not math.isfinite(score):
-        return state["best_epoch"] < 0
-    if state["best_score"] is None:
+        return best_epoch < 0
+    if best is None:
         return True
-    return score < state["best_score"] if metric == "loss" else score > state["best_score"]
+    return score < best if metric == "loss" else score > best
 
 
 def fit_classifier(
@@ -327,11 +323,10 @@ def fit_classifier(
     validation images (stopping after ``cfg.patience`` epochs without improvement); "last"
     trains all ``cfg.epochs`` and keeps the final weights.
 
-    A folder with a ``state.json`` from an unfinished run of the same config and data
-    is resumed at the next epoch; a finished one is just loaded. ``tracker_log(row,
-    epoch)`` is called after each epoch's checkpoint is written; ``cpu`` forces the
-    CPU even when a GPU is present. Raises RunStateError if the folder holds a
-    different run.
+    Training runs on the engine (:func:`busynth.engine.train_stage`): a folder with a checkpoint
+    of the same config and data resumes from it; a finished one is just loaded. ``tracker_log(row,
+    epoch)`` is called at the end of each epoch; ``cpu`` forces the CPU even when a GPU is present.
+    Raises RunStateError if the folder holds a different run.
     """
     out_dir = Path(out_dir)
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -341,92 +336,33 @@ def fit_classifier(
     n_real = len(train_images) if n_real is None else int(n_real)
     if not 0 < n_real <= len(train_images):
         raise DataError(f"training: n_real={n_real} must lie in 1..{len(train_images)} (the real rows come first)")
-    run = {
-        "seed": seed, "n_classes": n_classes, "config": cfg.model_dump(mode="json"), "n_real": n_real,
-        "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
-    }
-    state = load_resume_state(out_dir)
-    if state is not None:
-        check_same_run(state, run, out_dir)
-        if state["done"]:
-            logger.debug("classifier in %s already trained (best epoch %d)", out_dir, state["best_epoch"])
-            if records_behind(out_dir, state):  # killed after the last epoch's commit point
-                write_epoch_records(out_dir, state)
-            model = load_classifier(out_dir, cfg, n_classes)
-            return FitResult(model, state["best_epoch"], _score(state), state["history"], state["steps"])
+    settings = cfg.model_dump(mode="json")
+    identity = {"n_classes": n_classes, "n_real": n_real,
+                "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
+                **{f"classifier.{k}": v for k, v in settings.items() if k not in RESUME_FREE_FIELDS}}
+    defaults = {f"classifier.{k}": v for k, v in ClassifierConfig().model_dump(mode="json").items()}
 
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu, field="classifier.mixed_precision")
     torch.manual_seed(seed)
     model = build_classifier(cfg, n_classes)
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
-    optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    batches_per_epoch = steps_per_epoch(n_real, cfg.batch_size)
-    batches = MixedBatchSampler(n_real, len(train_images) - n_real, cfg.batch_size, batches_per_epoch, seed,
-                                cfg.synthetic_share)
-    dataset = TensorDataset(torch.from_numpy(train_images).unsqueeze(1), torch.from_numpy(train_labels))
-    # Not prepared by accelerate: every process iterates the same global batches (see _train_one_epoch).
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
-    ema = None
-    if cfg.ema_epochs > 0:  # torch's own EMA wrapper; batch-norm statistics are averaged too
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay(cfg.ema_epochs, batches_per_epoch)),
-                            use_buffers=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    weights = class_weight_vector(train_labels, n_classes, cfg.class_weights).to(accelerator.device)
+    batches = steps_per_epoch(n_real, cfg.batch_size)
+    weights = class_weight_vector(train_labels, n_classes, cfg.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-
-    if state is None:
-        state = {"version": STATE_VERSION, "run": run, "epoch": -1, "best_epoch": -1, "best_score": None,
-                 "bad_epochs": 0, "done": False, "history": [], "steps": 0,
-                 "rng": "epoch e draws order, flips and dropout from SeedSequence([seed, e, stream])"}
-    else:
-        load_last(out_dir / "last.safetensors", accelerator.unwrap_model(model), optimizer, ema)
-        logger.info("resuming classifier in %s after epoch %d", out_dir, state["epoch"] + 1)
-
-    started_fit, first_epoch = time.perf_counter(), state["epoch"] + 1
-    bar = progress(cfg.epochs * batches_per_epoch, "classifier", initial=(state["epoch"] + 1) * batches_per_epoch,
-                   enabled=accelerator.is_local_main_process, log=logger)
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        started = time.perf_counter()
-        train_loss, lr, steps = _train_one_epoch(accelerator, model, optimizer, loader, loss_fn, cfg, seed, epoch, ema,
-                                                 bar)
-        unwrapped = accelerator.unwrap_model(model)
-        broadcast_buffers(unwrapped)
-        kept = unwrapped if ema is None else ema.module
-        last_epoch = epoch + 1 >= cfg.epochs
-        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
-            metrics = validation_metrics(val_labels, predict_proba(kept, val_images, tta=cfg.tta))
-        else:
-            metrics = dict.fromkeys(VAL_KEYS)
-        score = metrics[f"val_{cfg.select_metric}"]
-        improved = last_epoch if cfg.select == "last" else _is_better(score, state, cfg.select_metric)
-        if improved:
-            state.update(best_epoch=epoch, best_score=finite_or_none(score), bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
-               "seconds": round(time.perf_counter() - started, 3)}
-        state["history"].append(row)
-        state["steps"] += steps
-        stop = cfg.select == "best" and state["bad_epochs"] >= cfg.patience
-        state.update(epoch=epoch, done=last_epoch or stop)
-        checkpoint = state["done"] or (epoch + 1) % cfg.checkpoint_every == 0
-        save_epoch(out_dir, kept, unwrapped, optimizer, state, improved, epoch, score, ema,  # main process commits
-                    checkpoint=checkpoint)
-        logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, train_loss,
-                     cfg.select_metric, "-" if score is None else f"{score:.4f}", " (best)" if improved else "")
-        if tracker_log is not None:
-            tracker_log(row, epoch)
-        if state["done"]:
-            break
-    bar.close()
-    log_fit("classifier", state["epoch"] + 1 - first_epoch, time.perf_counter() - started_fit, unit="epoch", log=logger,
-            steps=state["steps"], kept_epoch=state["best_epoch"] + 1, **{f"val_{cfg.select_metric}": _score(state)})
-    model = load_best_weights(accelerator.unwrap_model(model), out_dir)
-    return FitResult(model, state["best_epoch"], _score(state), state["history"], state["steps"])
-
-
-def _score(state: dict[str, Any]) -> float:
-    return float("-inf") if state["best_score"] is None else float(state["best_score"])
-
-
+    stage = ClassifierStage(model, cfg, loss_fn, n_real, len(train_images) - n_real, batches,
+                            (val_images, val_labels), out_dir, {"config": settings, "n_classes": n_classes},
+                            tracker_log)
+    per_epoch = stage.steps_per_epoch
+    schedule = StageConfig(
+        steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+        warmup_steps=round(cfg.warmup_epochs * per_epoch), min_lr_ratio=0.0, weight_decay=cfg.weight_decay,
+        max_grad_norm=None, prompt_dropout=0.0, checkpoint_every=cfg.checkpoint_every * per_epoch,
+        keep_checkpoints=1)
+    data = {"images": torch.from_numpy(train_images).unsqueeze(1), "labels": torch.from_numpy(train_labels)}
+    history = train_stage(stage, data, schedule, out_dir, seed=seed, mixed_precision=cfg.mixed_precision, cpu=cpu,
+                          precision_field="classifier.mixed_precision", identity=identity, identity_defaults=defaults,
+                          ema_decay=ema_decay(cfg.ema_epochs, per_epoch) if cfg.ema_epochs > 0 else None)
+    epochs = [row for row in history if row.get("epoch") is not None]
+    best = float("-inf") if stage.best_score is None else float(stage.best_score)
+    model = load_best_weights(stage.model, out_dir)
+    return FitResult(model, stage.best_epoch, best, epochs, len(history))

@@ -206,20 +206,19 @@ class CVAEStage(Stage):
     KL term weighted by the warm-up of ``kl_weight`` at ``self.step``. Batches hold ``images``
     (N, 1, S, S) in [0, 1] and ``labels`` (N,); the reparameterisation noise comes from the
     step's generator, so a resumed fit continues exactly. The noise is drawn for the whole global
-    batch of ``global_batch`` rows and each process keeps its rows, so several processes train
-    step by step as one does."""
+    batch and each process keeps its rows, so several processes train step by step as one does."""
 
     name = "cvae"
-    shared_randomness = True
+    global_batch = True
 
-    def __init__(self, model: CVAE, cfg: CVAEConfig, global_batch: int) -> None:
-        self.model, self.cfg, self.global_batch = model, cfg, global_batch
+    def __init__(self, model: CVAE, cfg: CVAEConfig) -> None:
+        self.model, self.cfg = model, cfg
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """recon + kl_weight * KL, averaged over the batch; logs recon, kl and the weight."""
-        images, labels = batch["images"], batch["labels"]
-        noise = torch.randn(self.global_batch, self.cfg.latent_dim, generator=generator)[local_rows(self.global_batch)]
-        noise = noise.to(images.device)
+        """recon + kl_weight * KL, averaged over this process's rows; logs recon, kl and the weight."""
+        rows = local_rows(len(batch["labels"]))
+        images, labels = batch["images"][rows], batch["labels"][rows]
+        noise = torch.randn(len(batch["labels"]), self.cfg.latent_dim, generator=generator)[rows].to(images.device)
         logits, mu, logvar = self.model(images, labels, noise)
         recon = reconstruction_loss(logits, images).mean()
         kl = gaussian_kl(mu.float(), logvar.float()).mean()
@@ -273,7 +272,7 @@ class CVAEGenerator(Generator):
             model = CVAE(cfg, len(self.classes))
         if found := list_checkpoints(out_dir):  # a checkpoint of another fit is refused naming what differs
             self.check_same_fit(found[-1][1], read_json(found[-1][1] / "state.json").get("identity", {}), seed)
-        stage = CVAEStage(model, cfg, global_batch=min(cfg.batch_size, len(images)))
+        stage = CVAEStage(model, cfg)
         # Adam (AdamW without decay), no clipping: the optimisation of Kingma & Welling.
         stage_cfg = StageConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
                                 weight_decay=0.0, max_grad_norm=None, prompt_dropout=0.0,

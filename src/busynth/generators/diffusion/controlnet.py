@@ -7,7 +7,7 @@ enter the frozen UNet through zero-initialised 1x1 convolutions
 exactly at the base model. Here the base is the fold's ``sd-lora`` fit with its LoRA fused
 into the UNet; the conditioning image is the lesion mask (repeated to the ControlNet's
 input channels, 0 = background, 1 = lesion); UNet, VAE and text encoder stay frozen. Training
-runs the shared loop ``train.train_stage`` with :class:`ControlNetStage`, which differs from
+runs on the engine (``busynth.engine.train_stage``) with ``train.ControlNetStage``, which differs from
 the LoRA stage only in its trainable module and in ``predict_noise``.
 
 The base is, in this order: the folder in config ``base``; the same cell's ``sd-lora`` fit
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ from diffusers import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from busynth.checkpoint import read_safetensors
 from busynth.config import MixedPrecision
@@ -81,7 +80,7 @@ from busynth.generators.diffusion.masks import (
     resize_masks,
     sampling_masks,
 )
-from busynth.generators.diffusion.sample import rgb_to_gray_uint8, with_dpm_solver
+from busynth.generators.diffusion.sample import sample_gray_with_masks, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import (
     SDLoraConfig,
     SDLoraGenerator,
@@ -90,8 +89,8 @@ from busynth.generators.diffusion.sd_lora import (
     encode_moments,
     records_to_pixels,
 )
-from busynth.generators.diffusion.train import NoisePredictionStage
-from busynth.io import atomic_path, derived_seed, write_dir_atomic
+from busynth.generators.diffusion.train import ControlNetStage
+from busynth.io import atomic_path, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -157,37 +156,6 @@ class ControlNetConfig(BaseModel):
         return v
 
 
-class ControlNetStage(NoisePredictionStage):
-    """Noise prediction of the frozen UNet plus the residuals of a trainable ControlNet on ``batch["mask"]``.
-
-    Batches hold ``moments``, ``prompt`` (see :class:`NoisePredictionStage`) and ``mask``
-    (N, 1, H, W) at pixel resolution, repeated here to the ControlNet's conditioning channels.
-    """
-
-    def __init__(self, controlnet: ControlNetModel, unet: UNet2DConditionModel, noise_scheduler: Any,
-                 prompt_embeddings: torch.Tensor, empty_prompt: int, scaling_factor: float,
-                 prompt_dropout: float = 0.0, snr_gamma: float | None = None, name: str = "controlnet") -> None:
-        super().__init__(name, controlnet, unet, noise_scheduler, prompt_embeddings, empty_prompt, scaling_factor,
-                         prompt_dropout, snr_gamma)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The ControlNet's parameters (the UNet is frozen)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def predict_noise(self, batch: Mapping[str, torch.Tensor], noisy_latents: torch.Tensor,
-                      timesteps: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction with the ControlNet's residuals added to its skip connections and middle block."""
-        controlnet = getattr(self.model, "module", self.model)
-        cond = batch["mask"].to(noisy_latents.dtype)
-        cond = cond.expand(-1, controlnet.config.conditioning_channels, -1, -1)
-        down, mid = self.model(noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
-                               controlnet_cond=cond, return_dict=False)
-        dtype = noisy_latents.dtype
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
-                         down_block_additional_residuals=[d.to(dtype) for d in down],
-                         mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
-
-
 def fused_base_pipeline(source: str | Path, lora_dir: Path, dtype: torch.dtype = torch.float32,
                         base_model: dict[str, Any] | None = None) -> StableDiffusionPipeline:
     """The Stable Diffusion pipeline in ``source`` with the LoRA of ``lora_dir`` fused into its UNet
@@ -211,30 +179,6 @@ def conditioning_channels_for(vae_factor: int, pretrained: bool) -> tuple[int, .
     if pretrained and k == 4:
         return (16, 32, 96, 256)
     return tuple(min(8 * 2**i, 64) for i in range(k))
-
-
-@torch.no_grad()
-def sample_gray_with_masks(pipe: StableDiffusionControlNetPipeline, prompt: str, masks: np.ndarray, seed: int,
-                           stream: int, *, steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 16,
-                           conditioning_scale: float = 1.0, progress: bool = False) -> np.ndarray:
-    """One image per mask (bool (n, S, S)) for ``prompt``: uint8 grayscale (n, S, S). Image i starts from
-    the noise of ``derived_seed(seed, stream, i)`` (as ``sample.sample_gray``), so only the mask differs
-    between two calls with the same seed and different masks."""
-    n, size = len(masks), masks.shape[-1] if len(masks) else 0
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    channels = pipe.controlnet.config.conditioning_channels
-    out: list[np.ndarray] = []
-    for start in tqdm(range(0, n, batch_size), desc="sampling", leave=False, disable=not progress):
-        k = min(batch_size, n - start)
-        generators = [torch.Generator().manual_seed(derived_seed(seed, stream, start + i)) for i in range(k)]
-        shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
-        cond = torch.from_numpy(masks[start:start + k].astype(np.float32))[:, None].expand(-1, channels, -1, -1)
-        result = pipe([prompt] * k, image=cond.contiguous(), height=size, width=size, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, controlnet_conditioning_scale=conditioning_scale,
-                      latents=latents, output_type="np", return_dict=True)
-        out.append(rgb_to_gray_uint8(np.asarray(result.images, dtype=np.float32)))
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
 
 
 class ControlNetGenerator(Generator):

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from busynth.io import derived_seed
@@ -65,5 +65,29 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
                 height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
                 latents=latents, output_type="np", return_dict=True,
             )
+        out.append(rgb_to_gray_uint8(np.asarray(result.images, dtype=np.float32)))
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)
+
+
+@torch.no_grad()
+def sample_gray_with_masks(pipe: StableDiffusionControlNetPipeline, prompt: str, masks: np.ndarray, seed: int,
+                           stream: int, *, steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 16,
+                           conditioning_scale: float = 1.0, progress: bool = False) -> np.ndarray:
+    """One image per mask (bool (n, S, S)) for ``prompt``: uint8 grayscale (n, S, S). Image i starts from
+    the noise of ``derived_seed(seed, stream, i)`` (as ``sample.sample_gray``), so only the mask differs
+    between two calls with the same seed and different masks."""
+    n, size = len(masks), masks.shape[-1] if len(masks) else 0
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    channels = pipe.controlnet.config.conditioning_channels
+    out: list[np.ndarray] = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling", leave=False, disable=not progress):
+        k = min(batch_size, n - start)
+        generators = [torch.Generator().manual_seed(derived_seed(seed, stream, start + i)) for i in range(k)]
+        shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+        cond = torch.from_numpy(masks[start:start + k].astype(np.float32))[:, None].expand(-1, channels, -1, -1)
+        result = pipe([prompt] * k, image=cond.contiguous(), height=size, width=size, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, controlnet_conditioning_scale=conditioning_scale,
+                      latents=latents, output_type="np", return_dict=True)
         out.append(rgb_to_gray_uint8(np.asarray(result.images, dtype=np.float32)))
     return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)

@@ -138,3 +138,30 @@ class AutoencoderStage(Stage):
         l1 = (recon.float() - x).abs().mean()
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1).mean()
         return l1 + self.kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+
+
+class ControlNetStage(NoisePredictionStage):
+    """Noise prediction of the frozen UNet plus the residuals of a trainable ControlNet on ``batch["mask"]``.
+
+    Batches hold ``moments``, ``prompt`` (see :class:`NoisePredictionStage`) and ``mask``
+    (N, 1, H, W) at pixel resolution, repeated here to the ControlNet's conditioning channels.
+    """
+
+    def __init__(self, controlnet: nn.Module, unet: nn.Module, noise_scheduler: Any,
+                 prompt_embeddings: torch.Tensor, empty_prompt: int, scaling_factor: float,
+                 prompt_dropout: float = 0.0, snr_gamma: float | None = None, name: str = "controlnet") -> None:
+        super().__init__(name, controlnet, unet, noise_scheduler, prompt_embeddings, empty_prompt, scaling_factor,
+                         prompt_dropout, snr_gamma)
+
+    def predict_noise(self, batch: Mapping[str, torch.Tensor], noisy_latents: torch.Tensor,
+                      timesteps: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction with the ControlNet's residuals added to its skip connections and middle block."""
+        controlnet = getattr(self.model, "module", self.model)
+        cond = batch["mask"].to(noisy_latents.dtype)
+        cond = cond.expand(-1, controlnet.config.conditioning_channels, -1, -1)
+        down, mid = self.model(noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
+                               controlnet_cond=cond, return_dict=False)
+        dtype = noisy_latents.dtype
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
+                         down_block_additional_residuals=[d.to(dtype) for d in down],
+                         mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
