@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from busynth.classify.checkpoints import save_safetensors
 from busynth.classify.metrics import classification_metrics
-from busynth.classify.predictions import predictions_csv
+from busynth.classify.predictions import predictions_csv, scores_csv
 from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import StudyConfig
 from busynth.data.leaks import accepted_groups
 from busynth.data.records import Record
 from busynth.data.splits import Split
-from busynth.data.transforms import label_indices, stack_images
+from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import DataError, LeakError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cell import evaluate_cell
@@ -41,8 +43,11 @@ from busynth.generators.base import (
 from busynth.io import read_json, remove_tree, write_json, write_text
 from busynth.registry import REFERENCE
 from busynth.rundir import StudyData
+from busynth.segment.metrics import SCORES, segmentation_scores
+from busynth.segment.train import fit_segmenter, predict_masks
 
 log = logging.getLogger(__name__)
+EXAMPLES = 8  # test images per segmentation cell kept with their masks for the report
 
 
 @dataclass(frozen=True)
@@ -160,11 +165,20 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         generator_ids = list(generator.train_ids)
         synthetic = synthesize(generator, cell.method, train, config,
                                run_dir / "synthetic" / cell.method / cell.generator_key, gen_dir, cell.generator_seed)
+    if config.run.task == "segmentation":
+        train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))
     fit_set = train + synthetic
     used = {"classifier_train": [r.id for r in fit_set], "val": [r.id for r in val],
             "generator_train": generator_ids, "test": [r.id for r in test]}
     check_no_leak(split, cell.fold, {k: v for k, v in used.items() if k != "test"}, study.audit.group_of)
     write_json(cell_dir / "ids.json", used)
+    row = {"method": cell.method, "fold": cell.fold, "seed": cell.seed, "generator_seed": cell.generator_seed,
+           "n_train_real": len(train), "n_synthetic": len(synthetic), "n_val": len(val), "n_test": len(test)}
+    if config.run.task == "segmentation":
+        row.update(_segment(fit_set, val, test, len(train), config, cell_dir, cell.seed))
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(cell_dir / "metrics.json", row)
+        return row
     size = config.classifier.image_size
     result = fit_classifier(
         stack_images(fit_set, size), label_indices(fit_set, classes),
@@ -175,26 +189,51 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     proba = predict_proba(result.model, stack_images(test, size), tta=config.classifier.tta)
     y_true = label_indices(test, classes)
     write_text(cell_dir / "predictions.csv", predictions_csv(test, y_true, proba, classes))
-    row = {
-        "method": cell.method, "fold": cell.fold, "seed": cell.seed, "generator_seed": cell.generator_seed,
-        "n_train_real": len(train), "n_synthetic": len(synthetic), "n_val": len(val), "n_test": len(test),
-        "train_steps": result.steps, "best_epoch": result.best_epoch,
-        "seconds": round(time.perf_counter() - start, 2),
-        **classification_metrics(y_true, proba, classes),
-    }
+    row.update(train_steps=result.steps, best_epoch=result.best_epoch, seconds=round(time.perf_counter() - start, 2),
+               **classification_metrics(y_true, proba, classes))
     write_json(cell_dir / "metrics.json", row)
     return row
+
+
+def lesion_pairs(records: Sequence[Record]) -> list[Record]:
+    """The records whose mask marks a lesion: the image-mask pairs of segmentation (normal images and
+    lesion images without a usable mask, which the loader reports, are not segmentation pairs)."""
+    return [r for r in records if r.mask is not None and r.mask.any()]
+
+
+def _segment(fit_set: Sequence[Record], val: Sequence[Record], test: Sequence[Record], n_real: int,
+             config: StudyConfig, cell_dir: Path, seed: int) -> dict:
+    """Train the segmenter on the cell's pairs, score it on the test pairs: ``scores.csv`` (Dice, IoU,
+    HD95 per image), ``examples.safetensors`` (the first test images with true and predicted masks,
+    for the report); returns the metric part of the cell's row (means over the test pairs)."""
+    cfg = config.segmenter
+    size = cfg.image_size
+    result = fit_segmenter(stack_images(fit_set, size), stack_masks(fit_set, size), stack_images(val, size),
+                           stack_masks(val, size), cfg, cell_dir / "segmenter", seed=seed, n_real=n_real)
+    images, true = stack_images(test, size), stack_masks(test, size)
+    pred = predict_masks(result.model, images, cfg.threshold)
+    scores = segmentation_scores(pred, true)
+    write_text(cell_dir / "scores.csv", scores_csv(test, label_indices(test, config.data.classes), scores))
+    k = min(len(test), EXAMPLES)
+    save_safetensors(cell_dir / "examples.safetensors",
+                     {"images": torch.from_numpy(images[:k]), "true": torch.from_numpy(true[:k].astype(np.uint8)),
+                      "pred": torch.from_numpy(pred[:k].astype(np.uint8))}, {"ids": [r.id for r in test[:k]]})
+    return {"train_steps": result.steps, "best_epoch": result.history[-1]["epoch"] if result.history else -1,
+            **{name: float(scores[:, i].mean()) for i, name in enumerate(SCORES)}}
 
 
 def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     """The scores of a generator cell's synthetic set, read from disk once: fidelity.json (FID/KID,
     precision/recall, diversity, memorisation against the fold's real training images; test images
     enter only the real-vs-real reference), label_fidelity.json (the fold's real-only classifier on
-    the synthetic images and on the real test images) and, for images with masks, adherence.json.
-    Each is computed once; a note until the real cell exists."""
+    the synthetic images and on the real test images) and, for images with masks, adherence.json
+    (only this under run.task=segmentation). Each is computed once; a note until the real cell exists."""
     train = study.split.select(study.records, cell.fold, "train")
     test = study.split.select(study.records, cell.fold, "test")
     synthetic = read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method)
+    if config.run.task == "segmentation":  # no classifier to take features or labels from: masks only
+        evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
+        return
     evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config, train, test, synthetic)
     evaluate_label_fidelity(run_dir, cell.method, cell.fold, cell.seed, config, test, synthetic)
     evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from busynth.errors import ConfigError
-from busynth.registry import available_methods, order_methods, unknown_methods
+from busynth.registry import available_methods, makes_masks, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,12 @@ class RunConfig(_Strict):
     base_seed: int = 0
     bootstrap: int = Field(default=2000, ge=100)
     # The metric verdicts are decided on (Holm-adjusted across the methods compared).
+    # "classification" (normal / benign / malignant) or "segmentation" (the lesion mask of the lesion
+    # classes; methods that produce masks only, verdicts on Dice).
+    task: Literal["classification", "segmentation"] = "classification"
     primary_metric: Literal[
         "accuracy", "balanced_accuracy", "macro_f1", "macro_auc",
-        "malignant_sensitivity", "malignant_specificity", "malignant_auc",
+        "malignant_sensitivity", "malignant_specificity", "malignant_auc", "dice", "iou",
     ] = "balanced_accuracy"
     # Paired interval of method - reference: "components" splits the variance into its test-image and
     # training-seed parts (2+ seeds per fold; with one, the bootstrap is used); "bootstrap" resamples
@@ -269,10 +273,57 @@ class RunConfig(_Strict):
 
 
     @model_validator(mode="after")
+    def _task_metrics_and_methods(self) -> RunConfig:
+        segmentation = self.task == "segmentation"
+        if segmentation and self.primary_metric == "balanced_accuracy":  # the classification default
+            self.primary_metric = "dice"
+        if segmentation != (self.primary_metric in ("dice", "iou")):
+            raise ValueError(f"run.primary_metric {self.primary_metric!r} is not a metric of run.task {self.task!r}")
+        if segmentation and (no_masks := [m for m in self.methods if not makes_masks(m)]):
+            raise ValueError(f"run.task=segmentation needs image-mask pairs: {', '.join(no_masks)} make no masks "
+                             "(use real, classical, controlnet)")
+        return self
+
+    @model_validator(mode="after")
     def _generator_seeds_fit(self) -> RunConfig:
         if self.generator_seeds > self.seeds:
             raise ValueError(f"generator_seeds ({self.generator_seeds}) cannot exceed seeds ({self.seeds}): "
                              "every generator fit needs a classifier seed")
+        return self
+
+
+class SegmenterConfig(_Strict):
+    """The model of ``run.task=segmentation``: MONAI's 2-D UNet (residual units) predicting the lesion
+    mask, trained on the engine with Dice + cross-entropy for a fixed budget counted, like the
+    classifier's, on the real training pairs (an epoch = one pass over them)."""
+
+    image_size: int = Field(default=96, ge=16)
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
+    strides: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1)
+    num_res_units: int = Field(default=1, ge=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    warmup_epochs: float = Field(default=1.0, ge=0.0)
+    # Moving average of the weights over this many epochs (0: the trained weights are kept).
+    ema_epochs: float = Field(default=0.0, ge=0.0)
+    augment: Literal["none", "light"] = "light"  # the classifier's warp (image and mask alike) and jitter
+    synthetic_share: float | None = Field(default=None, ge=0.0, lt=1.0)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # on the sigmoid of the logits
+    eval_every: int = Field(default=5, ge=1)
+    checkpoint_every: int = Field(default=5, ge=1)
+    mixed_precision: MixedPrecision = "no"
+
+    @model_validator(mode="after")
+    def _one_stride_per_level(self) -> SegmenterConfig:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"segmenter.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
+                             f"got {len(self.strides)}")
+        if self.image_size % math.prod(self.strides):
+            raise ValueError(f"segmenter.image_size {self.image_size} must be divisible by the product of "
+                             f"segmenter.strides ({math.prod(self.strides)})")
         return self
 
 
@@ -284,6 +335,7 @@ class StudyConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     # Free-form per-generator settings, validated by each generator's own config model.

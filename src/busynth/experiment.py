@@ -98,6 +98,8 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     ({name: folder}) are test sets from elsewhere that every cell's classifier scores at the end
     (``busynth.external``; loaded first, so a bad folder stops the run before any training)."""
     validate_methods(config)
+    if external and config.run.task == "segmentation":
+        raise ConfigError("--external scores classifiers; with run.task=segmentation it is not supported yet")
     external_sets = [load_external(name, path, config) for name, path in (external or {}).items()]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +134,11 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
             row = run_cell(cell, config, study, run_dir, tracker.log if tracker else None)
             if todo[i - 1]:
                 seconds.setdefault(kinds[i - 1], []).append(time.perf_counter() - started)
-            log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
-                     row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
+            if "dice" in row:
+                log.info("  Dice %.3f, IoU %.3f, HD95 %.1f px", row["dice"], row["iou"], row["hd95"])
+            else:
+                log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
+                         row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
     finally:
         if tracker:
             tracker.finish()

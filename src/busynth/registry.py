@@ -25,15 +25,22 @@ class Method:
     name: str
     generator: str
     after: tuple[str, ...] = ()
+    masks: bool = False  # its images come with lesion masks (usable for segmentation)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("classical", "busynth.generators.classical:ClassicalAugmenter"),
+    Method("classical", "busynth.generators.classical:ClassicalAugmenter", masks=True),
     Method("cvae", "busynth.generators.cvae:CVAEGenerator"),
     Method("sd-lora", "busynth.generators.diffusion.sd_lora:SDLoraGenerator"),
     # controlnet builds on the same fold's sd-lora fit when sd-lora is in the run: sd-lora runs first.
-    Method("controlnet", "busynth.generators.diffusion.controlnet:ControlNetGenerator", after=("sd-lora",)),
+    Method("controlnet", "busynth.generators.diffusion.controlnet:ControlNetGenerator", after=("sd-lora",),
+           masks=True),
 )}
+
+
+def makes_masks(name: str) -> bool:
+    """True for ``real`` and for generator methods whose images come with lesion masks."""
+    return name == REFERENCE or (name in METHODS and METHODS[name].masks)
 
 
 def available_methods() -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busynth.classify.metrics import METRIC_NAMES, format_mean_sd, positive_index, summarize
+from busynth.classify.metrics import METRIC_NAMES, SCORE_NAMES, format_mean_sd, positive_index, summarize
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.evaluate.intervals import FoldScores, compare, holm, interval_text, verdict
@@ -33,8 +33,9 @@ from busynth.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-METRICS = METRIC_NAMES
+METRICS = METRIC_NAMES + SCORE_NAMES
 HEADLINE = ("balanced_accuracy", "macro_auc", "malignant_auc")
+SEGMENTATION_HEADLINE = SCORE_NAMES
 BASELINE = "classical"
 CELL_COLUMNS = ("method", "fold", "seed", "generator_seed", "n_train_real", "n_synthetic", "n_val", "n_test",
                 "train_steps", "best_epoch", "seconds")
@@ -50,6 +51,12 @@ class Protocol:
     alpha: float = 0.05
     n_boot: int = 2000
     seeds: list[int] = field(default_factory=lambda: [0])
+    task: str = "classification"
+
+    @property
+    def scores_file(self) -> tuple[str, Sequence[str] | None]:
+        """A cell's per-image results file and its value columns (None: the class probabilities)."""
+        return ("scores.csv", SCORE_NAMES) if self.task == "segmentation" else ("predictions.csv", None)
 
     @property
     def aa_seeds(self) -> tuple[list[int], list[int]]:
@@ -61,7 +68,7 @@ class Protocol:
         """The protocol of a ``RunConfig``."""
         seeds = [run.base_seed + i for i in range(run.seeds)]
         return cls(primary_metric=run.primary_metric, interval=run.interval, alpha=run.alpha,
-                   n_boot=run.bootstrap, seeds=seeds)
+                   n_boot=run.bootstrap, seeds=seeds, task=run.task)
 
 
 def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -108,8 +115,10 @@ class PredictionStore:
     resampling unit (duplicate group) where images are not drawn one by one."""
 
     def __init__(self, run_dir: Path, classes: Sequence[str], rows: Sequence[dict],
-                 filename: str = "predictions.csv", groups: dict[str, int] | None = None) -> None:
+                 filename: str = "predictions.csv", groups: dict[str, int] | None = None,
+                 columns: Sequence[str] | None = None) -> None:
         self.run_dir, self.classes, self.filename, self.groups = Path(run_dir), list(classes), filename, groups
+        self.columns = list(columns or classes)  # the value columns: class probabilities or per-image scores
         self.n_train = {(r["method"], r["fold"]): r["n_train_real"] for r in rows}
         self._cache: dict[tuple[str, int, int], tuple[list[str], np.ndarray, np.ndarray]] = {}
 
@@ -125,7 +134,7 @@ class PredictionStore:
         """ids, y_true and probabilities of one cell's predictions file."""
         key = (method, fold, seed)
         if key not in self._cache:
-            self._cache[key] = read_predictions(self._cell(method, fold, seed) / self.filename, self.classes)
+            self._cache[key] = read_predictions(self._cell(method, fold, seed) / self.filename, self.columns)
         return self._cache[key]
 
 
@@ -186,7 +195,9 @@ def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],
     protocol = protocol or Protocol()
     run_dir = Path(run_dir)
     every_row = read_cells(run_dir, methods)  # also the A/A row's extra reference seed
-    summary = build_summary(PredictionStore(run_dir, classes, every_row), every_row, methods, protocol)
+    filename, columns = protocol.scores_file
+    summary = build_summary(PredictionStore(run_dir, classes, every_row, filename, columns=columns), every_row, methods,
+                            protocol)
     write_text(run_dir / "results" / "cells.csv", cells_csv(every_row, summary["metrics"]))
     write_json(run_dir / "results" / "summary.json", summary)
     return summary
@@ -203,6 +214,7 @@ def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Se
     folds = sorted({r["fold"] for r in rows})
     summary: dict = {
         "classes": list(classes), "metrics": metrics, "reference": ref, "baseline": BASELINE,
+        "task": protocol.task,
         "protocol": {"primary_metric": protocol.primary_metric, "interval": protocol.interval,
                      "alpha": protocol.alpha, "bootstrap": protocol.n_boot, "seeds": protocol.seeds,
                      "folds": folds, "aa_seeds": [list(s) for s in protocol.aa_seeds]},
@@ -253,9 +265,11 @@ def summary_interval_text(summary: dict) -> str:
     return interval_text(interval, procedures_used(summary))
 
 
-def format_summary(summary: dict, metrics: Sequence[str] = HEADLINE) -> str:
-    """A plain-text table: mean ± sd per method and metric, the A/A row, then the paired
-    differences with intervals and the verdicts on the primary metric."""
+def format_summary(summary: dict, metrics: Sequence[str] | None = None) -> str:
+    """A plain-text table: mean ± sd per method and metric (default: the task's headline metrics), the
+    A/A row, then the paired differences with intervals and the verdicts on the primary metric."""
+    if metrics is None:
+        metrics = SEGMENTATION_HEADLINE if summary.get("task") == "segmentation" else HEADLINE
     proto = summary.get("protocol", {})
     primary = proto.get("primary_metric", "balanced_accuracy")
     metrics = [primary, *[m for m in metrics if m != primary]]

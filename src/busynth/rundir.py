@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 # Config sections every cell depends on; a run folder refuses a rerun that changes them.
-SHARED_SECTIONS = ("data", "phantom", "audit", "split", "classifier", "synthesis")
+SHARED_SECTIONS = ("data", "phantom", "audit", "split", "classifier", "segmenter", "synthesis")
 
 
 @dataclass
@@ -88,7 +88,9 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     ``run`` (methods, seeds, tracker) may change between invocations, adding cells, and each
     method's own settings are checked per method by ``check_method_settings``.
     """
-    fingerprint = config.fingerprint(*SHARED_SECTIONS)
+    # run.task decides what every cell is, so a folder holds one task (classification keeps old fingerprints)
+    task = config.run.task
+    fingerprint = config.fingerprint(*SHARED_SECTIONS) + ("" if task == "classification" else f"-{task}")
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = read_json(info_path)
@@ -100,6 +102,9 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
                                    {k: defaults[k] for k in SHARED_SECTIONS})
             if info.get("data") != source:
                 changed.insert(0, f"data source ({info.get('data')} -> {source})")
+            old_task = (old.get("run") or {}).get("task", "classification")
+            if old_task != task:
+                changed.insert(0, f"run.task ({old_task} -> {task})")
             if changed or not old:
                 raise RunStateError(
                     f"run folder {run_dir} was started with different settings; changed: "

@@ -42,6 +42,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "malignant_auc",
 )
 POSITIVE_METRICS: frozenset[str] = frozenset(METRIC_NAMES[4:])
+#: Per-image scores of a segmenter (``busynth.segment.metrics``), in their column order; a cell's
+#: value is their mean, so a resample's is the weighted mean.
+SCORE_NAMES: tuple[str, ...] = ("dice", "iou", "hd95")
 
 _CHUNK = 256  # resamples scored at once; bounds memory at O(_CHUNK x rows)
 
@@ -190,6 +193,8 @@ def weighted_metric(
 
     With ``w`` all ones this equals :func:`classification_metrics` (tested).
     """
+    if metric in SCORE_NAMES:  # p holds per-image scores (N, len(SCORE_NAMES)), not probabilities
+        return (w @ p[:, SCORE_NAMES.index(metric)]) / w.sum(axis=1)
     n_classes = p.shape[1]
     if metric == "macro_auc":
         if n_classes == 2:

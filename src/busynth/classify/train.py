@@ -165,7 +165,7 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig,
         raise DataError(f"{part} labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
 
 
-def _data_hash(*arrays: np.ndarray) -> str:
+def data_hash(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
     for a in arrays:
         digest.update(str((a.dtype, a.shape)).encode())
@@ -338,7 +338,7 @@ def fit_classifier(
         raise DataError(f"training: n_real={n_real} must lie in 1..{len(train_images)} (the real rows come first)")
     settings = cfg.model_dump(mode="json")
     identity = {"n_classes": n_classes, "n_real": n_real,
-                "data_hash": _data_hash(train_images, train_labels, val_images, val_labels),
+                "data_hash": data_hash(train_images, train_labels, val_images, val_labels),
                 **{f"classifier.{k}": v for k, v in settings.items() if k not in RESUME_FREE_FIELDS}}
     defaults = {f"classifier.{k}": v for k, v in ClassifierConfig().model_dump(mode="json").items()}
 

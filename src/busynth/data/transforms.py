@@ -33,6 +33,13 @@ def stack_images(records: Sequence[Record], size: int) -> np.ndarray:
     return np.stack([resize_image(r.image, size) for r in records])
 
 
+def stack_masks(records: Sequence[Record], size: int) -> np.ndarray:
+    """bool array (N, size, size) of the records' masks resized to ``size`` (a missing mask is empty)."""
+    empty = np.zeros((size, size), dtype=bool)
+    return np.stack([resize_mask(r.mask, size) if r.mask is not None else empty for r in records]) \
+        if records else np.zeros((0, size, size), dtype=bool)
+
+
 def label_indices(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
     """int64 array of class indices in ``classes`` order; unknown labels raise ValueError."""
     index = {c: i for i, c in enumerate(classes)}

@@ -39,6 +39,7 @@ from busynth.report.sections import (
     section_training,
     section_verdicts,
 )
+from busynth.report.segmentation import section_segmentation
 
 __all__ = ["SECTIONS", "Run", "build_report", "load_run"]
 
@@ -49,6 +50,11 @@ SECTIONS: list[Callable[[Run], str]] = [
     section_external,
     section_fidelity, section_label_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
     section_adherence, section_data, section_config,
+]
+# run.task=segmentation: no probabilities (ROC, confusion) and no classifier features (fidelity, label fidelity).
+SEGMENTATION_SECTIONS: list[Callable[[Run], str]] = [
+    section_header, section_verdicts, section_results, section_metric_bars, section_segmentation, section_training,
+    section_samples, section_mask_pairs, section_adherence, section_data, section_config,
 ]
 _REQUIRED = {section_header, section_verdicts, section_results, section_config}
 
@@ -67,7 +73,8 @@ def _render(section: Callable[[Run], str], run: Run) -> str:
 def build_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.html`` from the files in the run folder and return its path."""
     run = load_run(run_dir)
-    body = "\n".join(_render(s, run) for s in SECTIONS)
+    sections = SEGMENTATION_SECTIONS if run.summary.get("task") == "segmentation" else SECTIONS
+    body = "\n".join(_render(s, run) for s in sections)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>busynth report: '
             f"{esc(run.root.name)}</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
     # Non-ASCII (±, Δ) as character references: the file is ASCII whatever the locale's encoding.

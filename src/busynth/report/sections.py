@@ -167,7 +167,8 @@ def section_metric_bars(run: Run) -> str:
     """Bar chart per key metric: mean ± sd over cells, with each cell as a point."""
     cells = read_csv_or_none(run.root / "results/cells.csv")
     stats = run.summary.get("methods", {})
-    metrics = [m for m in BAR_METRICS if m in run.summary.get("metrics", BAR_METRICS)]
+    wanted = ("dice", "iou") if run.summary.get("task") == "segmentation" else BAR_METRICS  # HD95 is in pixels
+    metrics = [m for m in wanted if m in run.summary.get("metrics", wanted)]
     methods = [m for m in run.methods if m in stats]
     if not metrics or not methods:
         return "<h2>Metrics per method</h2>" + note("no metrics to plot")
@@ -244,16 +245,16 @@ def section_training(run: Run) -> str:
     """Validation metric per epoch, one small plot per method with a line per cell."""
     panels = []
     for method in run.methods:
-        hists = [(d.name, pd.read_csv(p)) for d in cell_dirs(run, method)
-                 if (p := d / "classifier" / "history.csv").is_file()]
+        model = "segmenter" if run.summary.get("task") == "segmentation" else "classifier"
+        hists = [(d.name, pd.read_csv(p)) for d in cell_dirs(run, method) if (p := d / model / "history.csv").is_file()]
         if hists:
             panels.append((method, hists))
     if not panels:
-        return "<h2>Training curves</h2>" + note("no classifier/history.csv found under cells/")
+        return "<h2>Training curves</h2>" + note("no classifier/ or segmenter/ history.csv found under cells/")
     fig = Figure(figsize=(3.4 * len(panels), 2.9), layout="constrained")
     for ax, (method, hists) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for name, h in hists:
-            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "train_loss") if c in h), None)
+            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "val_dice", "train_loss") if c in h), None)
             if col is None:
                 continue
             x = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))
@@ -376,3 +377,4 @@ def section_data(run: Run) -> str:
 def section_config(run: Run) -> str:
     """The resolved config as written by the run."""
     return "<h2>Config</h2><pre>" + esc(run.config_text) + "</pre>"
+

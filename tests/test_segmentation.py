@@ -1,0 +1,97 @@
+"""Segmentation as the study's second task: MONAI scores, a UNet that learns, and a whole study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from busynth.cells import lesion_pairs
+from busynth.classify.metrics import SCORE_NAMES, weighted_metric
+from busynth.cli import app
+from busynth.config import PhantomConfig, SegmenterConfig, load_config
+from busynth.data.phantom import make_phantom
+from busynth.data.transforms import stack_images, stack_masks
+from busynth.errors import ConfigError
+from busynth.segment.metrics import segmentation_scores
+from busynth.segment.train import fit_segmenter, predict_masks
+
+runner = CliRunner()
+
+
+def test_dice_iou_hd95_pinned_on_a_hand_made_case() -> None:
+    true = np.zeros((3, 16, 16), dtype=bool)
+    true[:, 4:12, 4:12] = True  # an 8 x 8 lesion
+    pred = np.zeros_like(true)
+    pred[0] = true[0]  # perfect
+    pred[1, 4:12, 6:14] = True  # shifted right by 2 px: overlap 8 x 6 = 48 of 64 + 64
+    scores = segmentation_scores(pred, true)  # image 2: nothing predicted
+    assert scores.shape == (3, 3) and SCORE_NAMES == ("dice", "iou", "hd95")
+    np.testing.assert_allclose(scores[0], [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(scores[1], [2 * 48 / 128, 48 / 80, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(scores[2], [0.0, 0.0, np.hypot(16, 16)])  # an empty prediction: the diagonal
+
+
+def test_resampled_score_is_the_weighted_mean_of_the_per_image_scores() -> None:
+    scores = np.array([[0.9, 0.8, 1.0], [0.5, 0.3, 4.0], [0.1, 0.05, 9.0]])
+    y = np.array([1, 2, 2])
+    w = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
+    np.testing.assert_allclose(weighted_metric("dice", y, scores, w, None), [0.5, (1.8 + 0.1) / 3])
+    np.testing.assert_allclose(weighted_metric("hd95", y, scores, w, None), [14 / 3, 11 / 3])
+
+
+def test_unet_learns_lesions_of_32px_phantom_pairs(tmp_path: Path) -> None:
+    pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 4, "benign": 40, "malignant": 40},
+                                                    size=32)))
+    assert len(pairs) == 80  # normal images have no lesion: not segmentation pairs
+    train, test = pairs[:56], pairs[56:]
+    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=40, batch_size=8, lr=5e-3,
+                          eval_every=10, checkpoint_every=10)
+    fit = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
+                        stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)
+    assert fit.steps == 40 * 7 and [r["epoch"] for r in fit.history][-1] == 39
+    images, true = stack_images(test, 32), stack_masks(test, 32)
+    dice = segmentation_scores(predict_masks(fit.model, images), true)[:, 0].mean()
+    trivial = max(segmentation_scores(np.ones_like(true), true)[:, 0].mean(), 0.0)  # all lesion / nothing
+    assert dice > trivial + 0.25, (dice, trivial)
+    again = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
+                          stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)  # finished: loaded, not retrained
+    np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
+
+
+def test_segmentation_takes_only_methods_with_masks_and_verdicts_on_dice() -> None:
+    assert load_config("smoke", ["run.task=segmentation"]).run.primary_metric == "dice"
+    with pytest.raises(ConfigError, match="cvae make no masks"):
+        load_config("smoke", ["run.task=segmentation", "run.methods=[real,cvae]"])
+    with pytest.raises(ConfigError, match="not a metric of run.task"):
+        load_config("smoke", ["run.primary_metric=dice"])
+    with pytest.raises(ConfigError, match="segmenter.strides"):
+        load_config("smoke", ["segmenter.strides=[2]"])
+
+
+def test_a_segmentation_study_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--set", "run.seeds=2",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["task"] == "segmentation" and summary["protocol"]["primary_metric"] == "dice"
+    assert {"dice", "iou", "hd95"} <= set(summary["metrics"]) and "balanced_accuracy" not in summary["metrics"]
+    assert set(summary["aa"]) >= {"dice", "hd95"} and summary["paired"]["classical"]["verdict"]
+    rows = [json.loads(p.read_text()) for p in out.glob("cells/*/*/metrics.json")]
+    assert len(rows) == 8 and len({r["train_steps"] for r in rows}) == 1  # the same budget for every method
+    for cell in out.glob("cells/*/fold*"):
+        ids = json.loads((cell / "ids.json").read_text())
+        scored = (cell / "scores.csv").read_text().splitlines()
+        assert len(scored) == 1 + len(ids["test"]) and not any(i.startswith("normal") for i in ids["test"])
+    report = (out / "report.html").read_text()
+    assert "<h2>Segmentations</h2>" in report and "ROC curves" not in report
+    assert "dice" in result.output and "A/A real" in result.output
+    other = runner.invoke(app, ["run", "-c", "smoke", "--out", str(out)])  # the same folder, another task
+    assert other.exit_code == 2 and "run.task (segmentation -> classification)" in other.output
+    refused = runner.invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--out", str(tmp_path / "x"),
+                                  "--external", f"ext={tmp_path}"])
+    assert refused.exit_code == 2 and "not supported yet" in refused.output
