@@ -45,12 +45,13 @@ from bench_diffusion import (  # bench/ is on sys.path when run as a script
 
 from busynth.classify.metrics import paired_difference, positive_index
 from busynth.classify.train import fit_classifier, predict_proba
-from busynth.config import AuditConfig, ClassifierConfig, PhantomConfig, load_config
+from busynth.config import AuditConfig, ClassifierConfig, PhantomConfig
 from busynth.data.audit import audit_records
 from busynth.data.phantom import make_phantom
 from busynth.data.splits import make_split
 from busynth.data.transforms import label_indices, stack_images
 from busynth.evaluate.intervals import FoldScores, compare
+from busynth.presets import load_config
 
 RESULTS = Path(__file__).parent / "results"
 CLASSES = ["normal", "benign", "malignant"]

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from busynth.config import DEFAULT_CLASSES, DataConfig, PhantomConfig, parse_override
+from busynth.config import DEFAULT_CLASSES, DataConfig, PhantomConfig
 from busynth.data.records import Record, class_counts
 from busynth.data.transforms import resize_image
 from busynth.generators.cvae import CVAEConfig, CVAEGenerator
 from busynth.io import write_json, write_png
+from busynth.presets import parse_override
 
 logger = logging.getLogger("bench_cvae")
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
 
-from busynth.config import DEFAULT_CLASSES, PhantomConfig, parse_override
+from busynth.config import DEFAULT_CLASSES, PhantomConfig
 from busynth.data.records import Record, class_counts
 from busynth.data.transforms import resize_image
 from busynth.engine import StageConfig, train_stage
@@ -43,6 +43,7 @@ from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraConfig, SDLoraGenerator
 from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json, write_png
+from busynth.presets import parse_override
 
 logger = logging.getLogger("bench_diffusion")
 REPO = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ from bench_diffusion import (  # sets HF_HUB_OFFLINE
 
 from busynth.classify.models import build_classifier
 from busynth.classify.train import class_weight_vector, fit_classifier, param_groups
-from busynth.config import ClassifierConfig, load_config
+from busynth.config import ClassifierConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.engine import batch_indices
 from busynth.generators.diffusion.components import build_tiny_components
@@ -58,6 +58,7 @@ from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraConfig
 from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json
+from busynth.presets import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 CL = torch.channels_last

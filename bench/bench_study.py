@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from busynth.config import load_config
 from busynth.experiment import run_study
 from busynth.io import write_json
+from busynth.presets import load_config
 from busynth.results import format_summary
 
 RESULTS = Path(__file__).parent / "results"

@@ -12,12 +12,13 @@ from conftest import TinyBusi
 from typer.testing import CliRunner
 
 from busynth.cli import app
-from busynth.config import StudyConfig, build_config, dump_config, load_config, parse_override, preset_names
+from busynth.config import StudyConfig
 from busynth.data.audit import audit_records
 from busynth.data.busi import load_dataset
 from busynth.data.phantom import make_phantom
 from busynth.data.splits import leaking_groups, read_split
 from busynth.errors import ConfigError
+from busynth.presets import build_config, dump_config, load_config, parse_override, preset_names
 
 runner = CliRunner()
 

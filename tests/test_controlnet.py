@@ -17,7 +17,7 @@ from diffusers import ControlNetModel
 from helpers.tiny import CLASSES, TINY_MODEL
 
 from busynth.checkpoint import list_checkpoints
-from busynth.config import PhantomConfig, load_config
+from busynth.config import PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.transforms import resize_mask
@@ -30,6 +30,7 @@ from busynth.generators.diffusion.controlnet import ControlNetGenerator
 from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
 from busynth.generators.diffusion.train import ControlNetStage
+from busynth.presets import load_config
 
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},

@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from helpers.tiny import CLASSES, TINY_MODEL
 
 from busynth.checkpoint import list_checkpoints
-from busynth.config import PhantomConfig, load_config
+from busynth.config import PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.engine import StageConfig, batch_indices, learning_rate, train_stage
 from busynth.errors import ConfigError, RunStateError
@@ -29,6 +29,7 @@ from busynth.generators.diffusion.lora import LoraSettings, add_unet_lora, load_
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator, records_to_pixels
 from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, min_snr_weights
+from busynth.presets import load_config
 
 TINY = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
         "autoencoder_training": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},

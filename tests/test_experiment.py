@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from busynth import cells, experiment, rundir
 from busynth.cli import app
-from busynth.config import load_config
 from busynth.data.transforms import stack_images
 from busynth.errors import ConfigError, LeakError, RunStateError
+from busynth.presets import load_config
 from busynth.results import aa_seed_halves, format_summary
 
 METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "malignant_auc")

@@ -12,11 +12,13 @@ from typer.testing import CliRunner
 
 from busynth.classify.metrics import resample_counts
 from busynth.cli import app
-from busynth.config import PhantomConfig, load_config
-from busynth.data.phantom import make_phantom, write_busi_layout
+from busynth.config import PhantomConfig
+from busynth.data.busi import write_busi_layout
+from busynth.data.phantom import make_phantom
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.evaluate.intervals import FoldScores, two_level_bootstrap, variance_components
 from busynth.external import load_external, parse_external
+from busynth.presets import load_config
 from busynth.rundir import changed_keys, open_run_dir, run_config
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ import scipy.linalg
 from safetensors.torch import save_file
 
 from busynth.classify.models import build_classifier
-from busynth.config import PhantomConfig, load_config
+from busynth.config import PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.evaluate.cell import evaluate_cell
@@ -27,6 +27,7 @@ from busynth.evaluate.fidelity import (
 )
 from busynth.evaluate.memorization import closest_pairs, mirror_images, nearest_training, pixel_embedding
 from busynth.evaluate.summary import aggregate_fidelity, summarize_fidelity
+from busynth.presets import load_config
 
 
 def _fid_scipy(a: np.ndarray, b: np.ndarray) -> float:

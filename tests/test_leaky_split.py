@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from busynth import cells, experiment, rundir
 from busynth.cli import app
-from busynth.config import SplitConfig, load_config
+from busynth.config import SplitConfig
 from busynth.data.audit import AuditReport, audit_records
 from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.splits import Split, leaking_groups, make_split, read_split
 from busynth.errors import DataError, LeakError
+from busynth.presets import load_config
 
 PARTS_BY_GROUP = ("test", "val", "train", "train", "train")
 

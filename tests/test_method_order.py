@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from busynth import registry
 from busynth.cli import app
-from busynth.config import load_config
 from busynth.errors import ConfigError
 from busynth.experiment import study_cells
 from busynth.generators import order_methods
+from busynth.presets import load_config
 
 
 @pytest.mark.parametrize(("given", "ordered"), [

@@ -11,7 +11,8 @@ from PIL import Image
 from scipy import ndimage
 
 from busynth.config import AuditConfig, PhantomConfig
-from busynth.data.phantom import lesion_mask, make_phantom, speckle, twin_plan, write_busi_layout
+from busynth.data.busi import write_busi_layout
+from busynth.data.phantom import lesion_mask, make_phantom, speckle, twin_plan
 from busynth.data.records import Record
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from busynth import experiment
 from busynth import progress as progress_module
-from busynth.cli import _setup_logging
-from busynth.config import load_config
+from busynth.logs import setup_logging
+from busynth.presets import load_config
 from busynth.progress import format_duration, log_fit, progress
 
 
@@ -136,9 +136,9 @@ def cli_logging(monkeypatch):
     """Set up the CLI's logging (stderr is not a terminal under pytest); restore the root logger after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    monkeypatch.setenv("TQDM_DISABLE", "")  # restored after; _setup_logging sets it only when absent
+    monkeypatch.setenv("TQDM_DISABLE", "")  # restored after; setup_logging sets it only when absent
     monkeypatch.delenv("TQDM_DISABLE")
-    _setup_logging(False)
+    setup_logging(False)
     yield
     logging.captureWarnings(False)
     root.handlers[:] = handlers
@@ -177,7 +177,7 @@ def test_a_fresh_process_shows_no_transformers_or_diffusers_noise() -> None:
     library tqdm bar, with the CLI's logging set up first and stderr not a terminal: nothing but what
     the script logs itself, in the plain format."""
     script = (
-        "import logging; from busynth.cli import _setup_logging; _setup_logging(False)\n"
+        "import logging; from busynth.logs import setup_logging; setup_logging(False)\n"
         "from diffusers import StableDiffusionPipeline\n"
         "from transformers.utils import logging as tl\n"
         "list(tl.tqdm(range(3), desc='Loading weights'))\n"

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from busynth import cells, experiment, rundir
-from busynth.config import load_config
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.summary import summarize_fidelity
+from busynth.presets import load_config
 from busynth.registry import REFERENCE
 from busynth.report import build_report
 

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from busynth.cells import lesion_pairs
 from busynth.classify.metrics import SCORE_NAMES, weighted_metric
 from busynth.cli import app
-from busynth.config import PhantomConfig, SegmenterConfig, load_config
+from busynth.config import PhantomConfig, SegmenterConfig
 from busynth.data.phantom import make_phantom
 from busynth.data.transforms import stack_images, stack_masks
 from busynth.errors import ConfigError
+from busynth.presets import load_config
 from busynth.segment.metrics import segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
 

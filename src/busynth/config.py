@@ -1,9 +1,8 @@
-"""Typed configuration: one pydantic model per concern, YAML in, resolved YAML out.
+"""Typed configuration: one pydantic model per concern, with the defaults that run on a CPU.
 
-Defaults run on a CPU. A preset (``smoke``, ``cpu``) is a YAML file in
-``busynth/configs``; ``load_config`` merges a preset or a user file over the
-defaults and then applies dotted overrides such as ``split.folds=5``. Unknown
-fields are errors, so a typo in a config file never passes silently.
+``busynth.presets`` reads a preset or user YAML file and dotted overrides into a
+:class:`StudyConfig`. Unknown fields are errors, so a typo in a config file never passes
+silently.
 """
 
 from __future__ import annotations
@@ -12,14 +11,10 @@ import hashlib
 import json
 import logging
 import math
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from busynth.errors import ConfigError
 from busynth.registry import available_methods, makes_masks, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
@@ -361,93 +356,3 @@ class StudyConfig(_Strict):
         dump = self.model_dump(mode="json")
         chosen = {k: dump[k] for k in (parts or dump.keys())}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def preset_names() -> list[str]:
-    """Names of the YAML presets shipped with the package."""
-    folder = resources.files("busynth") / "configs"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _read_yaml(source: str | Path) -> dict[str, Any]:
-    path = Path(source)
-    if not path.suffix and str(source) in preset_names():
-        text = (resources.files("busynth") / "configs" / f"{source}.yaml").read_text()
-        where = f"preset '{source}'"
-    elif path.is_file():
-        text = path.read_text()
-        where = str(path)
-    else:
-        raise ConfigError(
-            f"config '{source}' is neither a file nor a preset (presets: {', '.join(preset_names())})"
-        )
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: top level must be a mapping, got {type(data).__name__}")
-    return _unshared(data)
-
-
-def _unshared(node: Any) -> Any:
-    """A copy in which no mapping or list is shared: a YAML alias (``*name``) becomes its own copy,
-    so an override of one section never changes the section it was aliased from."""
-    if isinstance(node, dict):
-        return {k: _unshared(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_unshared(v) for v in node]
-    return node
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``key.path=value`` and parse value as YAML (so numbers and lists work)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.field=value")
-    key, raw = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
-
-
-def _format_validation_error(exc: ValidationError, where: str) -> str:
-    lines = [f"invalid config ({where}):"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def build_config(data: dict[str, Any], where: str = "config") -> StudyConfig:
-    """Validate a plain dict into a StudyConfig, raising ConfigError naming each bad field."""
-    try:
-        return StudyConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, where)) from None
-
-
-def load_config(
-    source: str | Path | None = "cpu", overrides: list[str] | tuple[str, ...] = ()
-) -> StudyConfig:
-    """Read a preset name or YAML file (None = built-in defaults), apply overrides, validate."""
-    data: dict[str, Any] = _read_yaml(source) if source is not None else {}
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
-    return build_config(data, where=str(source) if source is not None else "defaults")
-
-
-def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML text (every field, defaults included)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from busynth import __version__
-from busynth.config import StudyConfig, build_config, dump_config
+from busynth.config import StudyConfig
 from busynth.data.audit import AuditReport, audit_records
 from busynth.data.busi import load_dataset
 from busynth.data.leaks import leak_report
@@ -28,6 +28,7 @@ from busynth.data.splits import Split, make_split, read_split
 from busynth.errors import RunStateError
 from busynth.generators.base import generator_class
 from busynth.io import read_json, write_json, write_text
+from busynth.presets import build_config, dump_config
 from busynth.registry import REFERENCE
 
 log = logging.getLogger(__name__)

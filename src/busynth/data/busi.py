@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from busynth.config import DataConfig
 from busynth.data.records import Record
 from busynth.errors import DataError
+from busynth.io import write_png
 
 log = logging.getLogger(__name__)
 
@@ -319,3 +321,30 @@ def load_dataset(root: str | Path, config: DataConfig | None = None, workers: in
         raise DataError(f"{root}: class(es) {empty} have no readable images left after skipping bad files")
     log.info("loaded %d images from %s (%d skipped)", len(records), root, len(summary.skipped))
     return LoadResult(records=records, summary=summary)
+
+
+# A record id as write_busi_layout names files: '<label>_<n>' -> '<label> (<n>).png'.
+_RECORD_ID = re.compile(r"^(?P<label>.+)_(?P<n>[1-9][0-9]*)$")
+
+
+def write_busi_layout(records: Sequence[Record], root: Path) -> Path:
+    """Write records as ``<root>/<class>/<class> (n).png`` plus ``..._mask.png``; returns root.
+
+    n comes from the record id ``<label>_<n>``. Masks are 0/255 PNGs; an empty mask (normal
+    images) is written as an all-black file, as in BUSI; a record without a mask gets none.
+    """
+    root = Path(root)
+    seen: set[str] = set()
+    for record in records:
+        match = _RECORD_ID.match(record.id)
+        if match is None or match["label"] != record.label:
+            raise ValueError(f"record id {record.id!r} is not '<label>_<n>' with label {record.label!r}")
+        name = f"{record.label} ({match['n']})"
+        if name in seen:
+            raise ValueError(f"two records would both be written as {record.label}/{name}.png")
+        seen.add(name)
+        write_png(root / record.label / f"{name}.png", record.image)
+        if record.mask is not None:
+            write_png(root / record.label / f"{name}_mask.png", record.mask)
+    log.info("wrote %d records in BUSI layout under %s", len(records), root)
+    return root

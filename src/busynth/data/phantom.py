@@ -24,11 +24,9 @@ on how many others were made.
 from __future__ import annotations
 
 import logging
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -37,12 +35,10 @@ from scipy import ndimage
 
 from busynth.config import PhantomConfig
 from busynth.data.records import Record
-from busynth.io import write_png
 
 logger = logging.getLogger(__name__)
 
 PHANTOM_CLASSES = ("normal", "benign", "malignant")
-_ID_PATTERN = re.compile(r"^(?P<label>.+)_(?P<n>[1-9][0-9]*)$")
 
 
 def image_rng(seed: int, label: str, n: int, stream: int = 0) -> np.random.Generator:
@@ -384,25 +380,3 @@ def make_phantom(config: PhantomConfig | None = None,
                 ", ".join(f"{c}={config.n_per_class.get(c, 0)}" for c in classes))
     return records
 
-
-def write_busi_layout(records: Sequence[Record], root: Path) -> Path:
-    """Write records as ``<root>/<class>/<class> (n).png`` plus ``..._mask.png``; returns root.
-
-    n comes from the record id ``<label>_<n>``. Masks are 0/255 PNGs; an empty mask (normal
-    images) is written as an all-black file, as in BUSI; a record without a mask gets none.
-    """
-    root = Path(root)
-    seen: set[str] = set()
-    for record in records:
-        match = _ID_PATTERN.match(record.id)
-        if match is None or match["label"] != record.label:
-            raise ValueError(f"record id {record.id!r} is not '<label>_<n>' with label {record.label!r}")
-        name = f"{record.label} ({match['n']})"
-        if name in seen:
-            raise ValueError(f"two records would both be written as {record.label}/{name}.png")
-        seen.add(name)
-        write_png(root / record.label / f"{name}.png", record.image)
-        if record.mask is not None:
-            write_png(root / record.label / f"{name}_mask.png", record.mask)
-    logger.info("wrote %d records in BUSI layout under %s", len(records), root)
-    return root
