@@ -18,8 +18,9 @@ from busynth.data.phantom import make_phantom
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.evaluate.intervals import FoldScores, two_level_bootstrap, variance_components
 from busynth.external import load_external, parse_external
+from busynth.io import changed_keys
 from busynth.presets import load_config
-from busynth.rundir import changed_keys, open_run_dir, run_config
+from busynth.rundir import open_run_dir, run_config
 
 runner = CliRunner()
 LESIONS = ["benign", "malignant"]

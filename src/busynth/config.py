@@ -7,14 +7,13 @@ silently.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from busynth.io import fit_key
 from busynth.registry import available_methods, makes_masks, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
@@ -354,5 +353,4 @@ class StudyConfig(_Strict):
     def fingerprint(self, *parts: str) -> str:
         """A short hash of the given top-level sections (all when none), for cache keys."""
         dump = self.model_dump(mode="json")
-        chosen = {k: dump[k] for k in (parts or dump.keys())}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+        return fit_key({k: dump[k] for k in (parts or dump.keys())})

@@ -45,7 +45,7 @@ from busynth.checkpoint import (
     save_checkpoint,
 )
 from busynth.errors import RunStateError
-from busynth.io import derived_seed, read_history_csv, read_json, write_rows_csv
+from busynth.io import changed_keys, derived_seed, fit_key, read_history_csv, read_json, write_rows_csv
 from busynth.progress import log_fit, progress
 
 logger = logging.getLogger(__name__)
@@ -197,16 +197,22 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
         ema.load_state_dict(read_safetensors(folder / EMA_FILE)[0])
 
 
+def _what_was_trained(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run (or a checkpoint's ``state.json``) that decides the trained weights: stage,
+    seed, rows, the config but its resume-free fields, and the caller's ``identity``."""
+    config = {k: v for k, v in state.get("config", {}).items() if k not in RESUME_FREE_FIELDS}
+    return {"stage": state.get("stage"), "seed": state.get("seed"), "rows": state.get("rows"), "config": config,
+            **state.get("identity", {})}
+
+
 def _differences(saved: Mapping[str, Any], run: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
-    """Names of what differs between a checkpoint's ``state.json`` and this run: seed, stage, rows,
-    every config field but the resume-free ones, every ``identity`` key (a key the checkpoint lacks
-    counts as its value in ``defaults``: a setting added since)."""
-    out = [k for k in ("stage", "seed", "rows") if saved.get(k) != run[k]]
-    theirs = saved.get("config", {})
-    out += [f"config.{k}" for k, v in run["config"].items() if k not in RESUME_FREE_FIELDS and theirs.get(k) != v]
-    old, new = saved.get("identity", {}), run["identity"]
-    out += [k for k in sorted(set(old) | set(new)) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
-    return out
+    """Names of what differs between a checkpoint's ``state.json`` and this run (none when their fit
+    keys agree); an identity key the checkpoint lacks counts as its value in ``defaults`` (a setting
+    added since)."""
+    mine = _what_was_trained(run)
+    if saved.get("fit_key") == fit_key(mine):
+        return []
+    return changed_keys(_what_was_trained(saved), mine, dict(defaults) or None)
 
 
 def adamw(params: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
@@ -240,6 +246,7 @@ def train_stage(stage: Stage, data: Mapping[str, torch.Tensor], cfg: StageConfig
     n = n_rows.pop()
     run = {"version": CHECKPOINT_VERSION, "stage": stage.name, "seed": seed,
            "config": cfg.model_dump(mode="json"), "identity": dict(identity or {}), "rows": n}
+    run["fit_key"] = fit_key(_what_was_trained(run))
     accelerator = make_accelerator(mixed_precision, cfg.grad_accum, cpu, field=precision_field)
     rank = rank_and_world()[0]
     groups = stage.param_groups(cfg.weight_decay)

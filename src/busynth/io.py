@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -226,3 +227,29 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def fit_key(obj: Any) -> str:
+    """The one key of a fit or artifact: a short hash (16 hex digits) of a JSON-serialisable object,
+    keys sorted -- what it was made from (its config section, its training data as ids or a digest,
+    its seed). The run folder's fingerprint, the checkpoints of every training stage and the latent
+    caches are keyed by it; where two keys differ, ``changed_keys`` on the readable objects says why."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two config dicts; with ``defaults``
+    a key missing from ``old`` whose new value is its default does not count."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        default = (defaults or {}).get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{key}."))
+        elif key not in old and defaults is not None and key in defaults and b == default:
+            continue
+        elif key not in new and defaults is not None and key not in defaults and not isinstance(a, dict):
+            continue  # a setting busynth no longer has (e.g. classifier.num_workers)
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out

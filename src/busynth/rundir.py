@@ -27,7 +27,7 @@ from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.errors import RunStateError
 from busynth.generators.base import generator_class
-from busynth.io import read_json, write_json, write_text
+from busynth.io import changed_keys, read_json, write_json, write_text
 from busynth.presets import build_config, dump_config
 from busynth.registry import REFERENCE
 
@@ -166,21 +166,3 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
                 )
         else:
             write_json(path, mine)
-
-
-def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two config dicts; with ``defaults``
-    a key missing from ``old`` whose new value is its default does not count."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        default = (defaults or {}).get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{key}."))
-        elif key not in old and defaults is not None and key in defaults and b == default:
-            continue
-        elif key not in new and defaults is not None and key not in defaults and not isinstance(a, dict):
-            continue  # a setting busynth no longer has (e.g. classifier.num_workers)
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out

@@ -166,6 +166,8 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig,
 
 
 def data_hash(*arrays: np.ndarray) -> str:
+    """A digest of arrays (dtype, shape, bytes): the training data's part of a fit key where a model
+    is handed arrays rather than image ids (the classifier, the segmenter)."""
     digest = hashlib.sha256()
     for a in arrays:
         digest.update(str((a.dtype, a.shape)).encode())

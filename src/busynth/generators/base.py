@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from busynth.config import StudyConfig, SynthesisConfig, is_plain_name
 from busynth.data.records import Record, check_inside, class_counts
 from busynth.errors import ConfigError, DataError, RunStateError
-from busynth.io import read_json, write_json, write_png, write_text
+from busynth.io import changed_keys, fit_key, read_json, write_json, write_png, write_text
 from busynth.registry import generator_method
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,13 @@ class Generator(abc.ABC):
 
     def check_same_fit(self, where: Path, found: dict[str, Any], seed: int) -> None:
         """Refuse to reuse or resume ``where`` when ``found`` (its saved identity and config) comes
-        from a fit with other data, seed or training settings; sampling fields may differ."""
-        mine = self.fit_identity(seed)
-        differ = [k for k in mine if found.get(k) != mine[k]]
-        theirs = found.get("config", {})
-        differ += [f"config.{k}" for k, v in self.config.model_dump(mode="json").items()
-                   if k not in self.sampling_fields and theirs.get(k) != v]
+        from a fit with other data, seed or training settings (their fit keys differ: the message names
+        the fields); sampling fields may differ, and a setting added since counts at its default."""
+        trained = lambda config: {k: v for k, v in config.items() if k not in self.sampling_fields}
+        mine = {**self.fit_identity(seed), "config": trained(self.config.model_dump(mode="json"))}
+        theirs = {**{k: found.get(k) for k in mine}, "config": trained(found.get("config", {}))}
+        defaults = {"config": trained(self.parse_config(None, fit_inputs=False).model_dump(mode="json"))}
+        differ = [] if fit_key(theirs) == fit_key(mine) else changed_keys(theirs, mine, defaults)
         if differ:
             raise RunStateError(f"{where} was written by a different {self.name} fit ({', '.join(differ)} "
                                 "differ); use a new output folder or delete it")

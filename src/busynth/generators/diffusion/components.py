@@ -17,7 +17,6 @@ only pickled ``*.bin`` weights is refused with a clear error, never unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -303,9 +302,3 @@ def move_to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     module.to(device)
     if dtype != torch.float32:
         module.to(dtype=dtype)
-
-
-def json_digest(obj: Any) -> str:
-    """A short hash (16 hex digits) of a JSON-serialisable object, keys sorted: the identity of a
-    training stage or of a latent cache."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -65,7 +65,6 @@ from busynth.generators.diffusion.components import (
     check_model_source,
     freeze,
     from_pretrained,
-    json_digest,
     move_to,
     weight_dtype,
 )
@@ -90,7 +89,7 @@ from busynth.generators.diffusion.sd_lora import (
     records_to_pixels,
 )
 from busynth.generators.diffusion.train import ControlNetStage
-from busynth.io import atomic_path, write_dir_atomic
+from busynth.io import atomic_path, fit_key, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -279,12 +278,12 @@ class ControlNetGenerator(Generator):
         labels = [r.label for r in with_masks]
         if cfg.random_flip:
             pixels, masks, labels = torch.cat([pixels, pixels.flip(-1)]), torch.cat([masks, masks.flip(-1)]), labels * 2
-        identity = {"train": json_digest(self.train_ids), "classes": self.classes, "seed": seed,
-                    "base": json_digest({k: base_info.get(k)
+        identity = {"train": fit_key(self.train_ids), "classes": self.classes, "seed": seed,
+                    "base": fit_key({k: base_info.get(k)
                                          for k in ("config", "train_ids", "seed", "scaling_factor")}),
-                    "config": json_digest(cfg.model_dump(mode="json", include={"pretrained_controlnet", "random_flip",
+                    "config": fit_key(cfg.model_dump(mode="json", include={"pretrained_controlnet", "random_flip",
                                                                                "conditioning_embedding_channels"}))}
-        moments = cached_moments(out_dir / "latents.safetensors", json_digest(identity), len(pixels),
+        moments = cached_moments(out_dir / "latents.safetensors", fit_key(identity), len(pixels),
                                  lambda: encode_moments(comps.vae, pixels, cfg.encode_batch_size))
         prompts = [*(self.prompt(c) for c in self.classes), ""]
         embeddings = embed_prompts(comps, prompts)

@@ -45,7 +45,6 @@ from busynth.generators.diffusion.components import (
     check_model_source,
     freeze,
     from_pretrained,
-    json_digest,
     load_components,
     load_pretrained_components,
     local_vae_factor,
@@ -63,7 +62,7 @@ from busynth.generators.diffusion.lora import (
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage
-from busynth.io import atomic_path, write_dir_atomic
+from busynth.io import atomic_path, fit_key, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +204,8 @@ class SDLoraGenerator(Generator):
 
     def _stage_identity(self, seed: int, *fields: str) -> dict[str, Any]:
         dump = self.cfg.model_dump(mode="json")
-        return {"train": json_digest(self.train_ids), "classes": self.classes, "seed": seed,
-                "config": json_digest({k: dump[k] for k in ("source", "pretrained_model", "image_size", "tiny",
+        return {"train": fit_key(self.train_ids), "classes": self.classes, "seed": seed,
+                "config": fit_key({k: dump[k] for k in ("source", "pretrained_model", "image_size", "tiny",
                                                             *fields)})}
 
     # --- fit ---------------------------------------------------------------------------------
@@ -278,7 +277,7 @@ class SDLoraGenerator(Generator):
     def _cached_moments(self, comps: Components, pixels: torch.Tensor, out_dir: Path, seed: int) -> torch.Tensor:
         """Posterior moments of the training images (and their mirror images), encoded once and
         cached in ``latents.safetensors``; returns float32 (N or 2N, 2C, h, w)."""
-        key = json_digest(self._stage_identity(seed, "autoencoder_training", "autoencoder_crop",
+        key = fit_key(self._stage_identity(seed, "autoencoder_training", "autoencoder_crop",
                                                "autoencoder_kl_weight", "random_flip"))
         if self.cfg.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
