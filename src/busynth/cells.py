@@ -23,7 +23,7 @@ from busynth.classify.checkpoints import save_safetensors
 from busynth.classify.metrics import classification_metrics
 from busynth.classify.predictions import predictions_csv, scores_csv
 from busynth.classify.train import fit_classifier, predict_proba
-from busynth.config import StudyConfig
+from busynth.config import StudyConfig, SynthesisConfig
 from busynth.data.leaks import accepted_groups
 from busynth.data.records import Record
 from busynth.data.splits import Split
@@ -41,7 +41,7 @@ from busynth.generators.base import (
     write_samples,
 )
 from busynth.io import read_json, remove_tree, write_json, write_text
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, arm_parts
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
@@ -61,6 +61,16 @@ class Cell:
     generator_seed: int = 0
 
     @property
+    def generator(self) -> str:
+        """The generator method of this cell's arm (``cvae`` for the dose-response arm ``cvae@0.5``)."""
+        return arm_parts(self.method)[0]
+
+    @property
+    def ratio(self) -> float | None:
+        """The ``synthesis.ratios`` entry of a dose-response arm, else None (``synthesis.ratio`` applies)."""
+        return arm_parts(self.method)[1]
+
+    @property
     def key(self) -> str:
         """Folder name of this cell under its method."""
         return f"fold{self.fold}_seed{self.seed}"
@@ -72,8 +82,8 @@ class Cell:
 
     @property
     def scores_synthetic_set(self) -> bool:
-        """True for the one cell per generator fit that scores its synthetic set (fidelity,
-        adherence): the cell whose classifier seed equals the generator seed."""
+        """True for the cells that score their synthetic set (fidelity, adherence): one per generator
+        fit and arm, the cell whose classifier seed equals the generator seed."""
         return self.seed == self.generator_seed
 
 
@@ -103,11 +113,12 @@ def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record],
 
 def synthesize(generator: Generator, method: str, train: list[Record], config: StudyConfig,
                out_dir: Path, gen_dir: Path, seed: int) -> list[Record]:
-    """Generate the method's images for one cell into ``out_dir`` (once), then read them back."""
+    """Generate the method's images for one cell into ``out_dir`` (once, at the largest of
+    ``synthesis.ratios`` when given), then read them back."""
     done = out_dir / "done.json"
     if not done.exists():
         remove_tree(out_dir)  # whatever an interrupted sampling run left: start the folder again
-        counts = synthetic_counts(train, config.data.classes, config.synthesis)
+        counts = synthetic_counts(train, config.data.classes, largest_dose(config.synthesis))
         rng = np.random.default_rng([seed, 7])
         for k, label in enumerate(config.data.classes):
             if counts[label] == 0:
@@ -120,6 +131,27 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
             write_samples(samples, out_dir, method, gen_dir)
         write_json(done, {"counts": counts})
     return read_synthetic(out_dir, method)
+
+
+def largest_dose(synthesis: SynthesisConfig) -> SynthesisConfig:
+    """The synthesis settings a fold's set is sampled with: at the largest of ``ratios`` when given."""
+    return synthesis if not synthesis.ratios else synthesis.model_copy(update={"ratio": max(synthesis.ratios)})
+
+
+def dose(synthetic: Sequence[Record], train: Sequence[Record], config: StudyConfig, ratio: float | None) -> list[Record]:
+    """The synthetic images of one arm: all of them (``ratio`` None), else per class the first
+    ``round(ratio x real count)`` of the set sampled at the largest ratio (the images of an arm at a
+    smaller ratio are a prefix of those of a larger one)."""
+    if ratio is None:
+        return list(synthetic)
+    counts = synthetic_counts(train, config.data.classes, config.synthesis.model_copy(update={"ratio": ratio}))
+    taken = dict.fromkeys(counts, 0)
+    out = []
+    for r in synthetic:  # in manifest order: per class, by index
+        if taken.get(r.label, 0) < counts.get(r.label, 0):
+            taken[r.label] += 1
+            out.append(r)
+    return out
 
 
 def read_synthetic(folder: Path, method: str) -> list[Record]:
@@ -159,12 +191,13 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     synthetic: list[Record] = []
     generator_ids: list[str] = []
     if cell.method != REFERENCE:
-        gen_dir = run_dir / "generators" / cell.method / cell.generator_key
+        gen_dir = run_dir / "generators" / cell.generator / cell.generator_key
         check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
-        generator = fit_or_load_generator(cell.method, config, train, gen_dir, cell.generator_seed)
+        generator = fit_or_load_generator(cell.generator, config, train, gen_dir, cell.generator_seed)
         generator_ids = list(generator.train_ids)
-        synthetic = synthesize(generator, cell.method, train, config,
-                               run_dir / "synthetic" / cell.method / cell.generator_key, gen_dir, cell.generator_seed)
+        synthetic = synthesize(generator, cell.generator, train, config,
+                               run_dir / "synthetic" / cell.generator / cell.generator_key, gen_dir, cell.generator_seed)
+        synthetic = dose(synthetic, train, config, cell.ratio)
     if config.run.task == "segmentation":
         train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))
     fit_set = train + synthetic
@@ -230,7 +263,8 @@ def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_d
     (only this under run.task=segmentation). Each is computed once; a note until the real cell exists."""
     train = study.split.select(study.records, cell.fold, "train")
     test = study.split.select(study.records, cell.fold, "test")
-    synthetic = read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.method)
+    folder = run_dir / "synthetic" / cell.generator / cell.generator_key
+    synthetic = dose(read_synthetic(folder, cell.generator), train, config, cell.ratio)
     if config.run.task == "segmentation":  # no classifier to take features or labels from: masks only
         evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
         return

@@ -16,6 +16,7 @@ from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError, RunStateError
 from busynth.logs import setup_logging
 from busynth.presets import dump_config, load_config
+from busynth.registry import study_arms
 
 app = typer.Typer(
     help="Does synthetic training data help a breast-ultrasound classifier? Train generators, "
@@ -175,7 +176,8 @@ def evaluate(
     if not (run_dir / "results" / "summary.json").is_file():
         raise RunStateError(f"{run_dir} is not a finished run folder (results/summary.json is written by busynth run)")
     cfg = run_config(run_dir)
-    evaluate_external(run_dir, cfg, sets, cfg.run.methods, Protocol.from_config(cfg.run), run_records(run_dir, cfg))
+    evaluate_external(run_dir, cfg, sets, study_arms(cfg.run.methods, cfg.synthesis.ratios), Protocol.from_config(cfg.run),
+                      run_records(run_dir, cfg))
     build_report(run_dir)
     _echo_external(run_dir, sets)
     typer.echo(f"\nreport: {run_dir / 'report.html'}")

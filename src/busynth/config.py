@@ -213,6 +213,22 @@ class SynthesisConfig(_Strict):
     ratio: float = Field(default=1.0, gt=0.0)
     # Top minority classes up to the majority count instead of using ratio.
     balance: bool = False
+    # Dose-response: run every generator method as one arm per ratio (``cvae@0.5``, ...) instead of
+    # at ``ratio``; each fold's set is sampled once at the largest and every arm takes its prefix.
+    ratios: list[float] | None = None
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_positive_distinct(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or min(v) <= 0 or len(set(v)) != len(v)):
+            raise ValueError(f"synthesis.ratios must be distinct numbers > 0, got {v}")
+        return sorted(v) if v is not None else None
+
+    @model_validator(mode="after")
+    def _ratios_need_counts(self) -> SynthesisConfig:
+        if self.ratios is not None and self.balance:
+            raise ValueError("synthesis.ratios and synthesis.balance exclude each other")
+        return self
 
 
 class RunConfig(_Strict):

@@ -33,7 +33,7 @@ from busynth.evaluate.summary import summarize_fidelity
 from busynth.external import check_study_overlap, load_external, score_and_summarize
 from busynth.generators.base import generator_class
 from busynth.progress import format_duration
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, study_arms
 from busynth.results import Protocol, aa_seed_halves, summarize_run
 from busynth.rundir import check_method_settings, open_run_dir, prepare_data
 
@@ -47,10 +47,11 @@ def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
     generator is fitted ``generator_seeds`` times and each synthetic set is shared by the
     classifier seeds that map to it."""
     base, n_gen = config.run.base_seed, config.run.generator_seeds
+    arms = study_arms(config.run.methods, config.synthesis.ratios)
     cells = []
     for f in folds:
         seeds = [base + i for i in range(config.run.seeds)]
-        cells += [Cell(m, f, s, base + (s - base) % n_gen) for s in seeds for m in config.run.methods]
+        cells += [Cell(m, f, s, base + (s - base) % n_gen) for s in seeds for m in arms]
         if REFERENCE in config.run.methods:  # with an odd seed count, the A/A row's last reference seed
             cells += [Cell(REFERENCE, f, s, base + (s - base) % n_gen) for s in aa_seed_halves(seeds)[1]
                       if s not in seeds]
@@ -70,9 +71,9 @@ def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> li
     pending: set[tuple[str, str]] = set()
     kinds = []
     for cell, needed in zip(cells, todo, strict=True):
-        fit = (cell.method, cell.generator_key)
+        fit = (cell.generator, cell.generator_key)
         fits = (needed and cell.method != REFERENCE and fit not in pending
-                and not (run_dir / "generators" / cell.method / cell.generator_key / "generator.json").exists())
+                and not (run_dir / "generators" / cell.generator / cell.generator_key / "generator.json").exists())
         if fits:
             pending.add(fit)
         kinds.append((cell.method, fits))
@@ -145,10 +146,11 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     for cell in cells:
         if cell.method != REFERENCE and cell.scores_synthetic_set:
             score_synthetic_set(cell, config, study, run_dir)
-    summarize_fidelity(run_dir, config.run.methods)
+    arms = study_arms(config.run.methods, config.synthesis.ratios)
+    summarize_fidelity(run_dir, arms)
     protocol = Protocol.from_config(config.run)
-    summary = summarize_run(run_dir, config.run.methods, config.data.classes, protocol)
-    score_and_summarize(run_dir, config, external_sets, config.run.methods, protocol)
+    summary = summarize_run(run_dir, arms, config.data.classes, protocol)
+    score_and_summarize(run_dir, config, external_sets, arms, protocol)
     if build_html:
         from busynth.report import build_report
 

@@ -43,6 +43,25 @@ def makes_masks(name: str) -> bool:
     return name == REFERENCE or (name in METHODS and METHODS[name].masks)
 
 
+def arm_name(method: str, ratio: float) -> str:
+    """The name of a dose-response arm: generator method ``method`` at ``synthesis.ratios`` entry ``ratio``."""
+    return f"{method}@{ratio:g}"
+
+
+def arm_parts(name: str) -> tuple[str, float | None]:
+    """(method, ratio) of an arm name (``cvae@0.5`` -> ``("cvae", 0.5)``); a plain method has ratio None."""
+    method, sep, ratio = name.partition("@")
+    return (method, float(ratio)) if sep else (name, None)
+
+
+def study_arms(methods: Sequence[str], ratios: Sequence[float] | None) -> list[str]:
+    """What the study compares: ``methods``, each generator method replaced by one arm per ratio when
+    ``ratios`` are given (``real`` stays one arm)."""
+    if not ratios:
+        return list(methods)
+    return [m if m == REFERENCE else arm_name(m, r) for m in methods for r in ([None] if m == REFERENCE else ratios)]
+
+
 def available_methods() -> list[str]:
     """Method names the study accepts: ``real`` plus every generator method, sorted."""
     return [REFERENCE, *sorted(METHODS)]

@@ -30,6 +30,7 @@ from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.evaluate.intervals import FoldScores, compare, holm, interval_text, verdict
 from busynth.io import read_json, write_json, write_text
+from busynth.registry import arm_parts
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Se
                                         folds, metrics, protocol)
         if not summary["aa"]:
             summary["aa"] = {"note": f"no finished {ref} cells with seeds {protocol.aa_seeds[1]}"}
+    summary["dose_response"] = dose_response(summary["paired"], protocol.primary_metric)
     if BASELINE in summary["methods"]:
         for method in summary["methods"]:
             if method not in (ref, BASELINE):
@@ -244,6 +246,20 @@ def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Se
                                                                  metrics, protocol)
         add_verdicts(summary["vs_baseline"], protocol)
     return summary
+
+
+def dose_response(paired: dict[str, dict], primary: str) -> dict[str, list[dict]]:
+    """Per generator method with dose-response arms (``synthesis.ratios``), its arms' paired
+    differences to the reference on the primary metric, by ratio: ratio, diff, interval, Holm p, verdict."""
+    out: dict[str, list[dict]] = {}
+    for arm, diffs in paired.items():
+        method, ratio = arm_parts(arm)
+        if ratio is not None and primary in diffs:
+            d = diffs[primary]
+            out.setdefault(method, []).append({"ratio": ratio, "diff": d["diff"], "ci_low": d["ci_low"],
+                                               "ci_high": d["ci_high"], "p_holm": diffs.get("p_holm"),
+                                               "verdict": diffs.get("verdict")})
+    return {m: sorted(rows, key=lambda r: r["ratio"]) for m, rows in out.items()}
 
 
 def _interval(d: dict | None) -> str:
@@ -303,4 +319,7 @@ def format_summary(summary: dict, metrics: Sequence[str] | None = None) -> str:
     if summary["paired"]:
         lines.append(f"verdicts on {primary} only (Holm-adjusted, alpha={proto.get('alpha', 0.05)}); "
                      "other metrics are descriptive")
+    for method, rows in summary.get("dose_response", {}).items():
+        lines.append(f"dose-response of {method} ({primary} vs {ref}, by synthesis ratio): "
+                     + "; ".join(f"{r['ratio']:g}: {_interval(r)} {r['verdict'] or ''}".rstrip() for r in rows))
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from busynth.io import write_text
 from busynth.report.common import CSS, Run, esc, load_run, note
+from busynth.report.dose import section_dose_response
 from busynth.report.external import section_external
 from busynth.report.fidelity import (
     section_adherence,
@@ -46,14 +47,16 @@ __all__ = ["SECTIONS", "Run", "build_report", "load_run"]
 logger = logging.getLogger(__name__)
 
 SECTIONS: list[Callable[[Run], str]] = [
-    section_header, section_verdicts, section_results, section_metric_bars, section_roc, section_confusion,
+    section_header, section_verdicts, section_results, section_dose_response, section_metric_bars, section_roc,
+    section_confusion,
     section_external,
     section_fidelity, section_label_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
     section_adherence, section_data, section_config,
 ]
 # run.task=segmentation: no probabilities (ROC, confusion) and no classifier features (fidelity, label fidelity).
 SEGMENTATION_SECTIONS: list[Callable[[Run], str]] = [
-    section_header, section_verdicts, section_results, section_metric_bars, section_segmentation, section_training,
+    section_header, section_verdicts, section_results, section_dose_response, section_metric_bars, section_segmentation,
+    section_training,
     section_samples, section_mask_pairs, section_adherence, section_data, section_config,
 ]
 _REQUIRED = {section_header, section_verdicts, section_results, section_config}

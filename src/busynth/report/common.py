@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.io import read_json, write_atomic
+from busynth.registry import study_arms
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def load_run(run_dir: Path) -> Run:
     summary = read_json(root / "results/summary.json")
     info = read_json(root / "run.json") if (root / "run.json").is_file() else {}
     classes = list(summary.get("classes") or config.get("data", {}).get("classes") or [])
-    methods = list(config.get("run", {}).get("methods") or [])
+    ratios = (config.get("synthesis") or {}).get("ratios")
+    methods = study_arms(config.get("run", {}).get("methods") or [], ratios)
     methods += [m for m in summary.get("methods", {}) if m not in methods]
     return Run(root, config, config_text, summary, info, classes, methods, summary.get("reference", "real"))
 
