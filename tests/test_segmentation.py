@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from busynth.cells import lesion_pairs
 from busynth.classify.metrics import SCORE_NAMES, weighted_metric
 from busynth.cli import app
 from busynth.config import PhantomConfig, SegmenterConfig
+from busynth.data.busi import write_busi_layout
 from busynth.data.phantom import make_phantom
+from busynth.data.records import lesion_pairs
 from busynth.data.transforms import stack_images, stack_masks
 from busynth.errors import ConfigError
 from busynth.presets import load_config
@@ -93,6 +94,19 @@ def test_a_segmentation_study_end_to_end(tmp_path: Path) -> None:
     assert "dice" in result.output and "A/A real" in result.output
     other = runner.invoke(app, ["run", "-c", "smoke", "--out", str(out)])  # the same folder, another task
     assert other.exit_code == 2 and "run.task (segmentation -> classification)" in other.output
-    refused = runner.invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--out", str(tmp_path / "x"),
-                                  "--external", f"ext={tmp_path}"])
-    assert refused.exit_code == 2 and "not supported yet" in refused.output
+
+
+def test_a_segmentation_study_scores_an_external_set_of_another_scanner(tmp_path: Path) -> None:
+    cfg = PhantomConfig(n_per_class={"benign": 8, "malignant": 6}, size=48, seed=11, scanner="second")
+    ext = write_busi_layout(make_phantom(cfg, ["benign", "malignant"]), tmp_path / "second")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--set", "run.seeds=2",
+                                 "--out", str(out), "--external", f"second={ext}"])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("cells/*/fold*/external/second.csv"))
+    assert len(files) == 8 and all(len(f.read_text().splitlines()) == 1 + 14 for f in files)
+    summary = json.loads((out / "results/external/second.json").read_text())
+    assert summary["task"] == "segmentation" and {"dice", "iou", "hd95"} <= set(summary["metrics"])
+    assert "dice" in summary["aa"] and summary["paired"]["classical"]["verdict"]
+    report = (out / "report.html").read_text()
+    assert "External test sets" in report and "ROC curves" not in report

@@ -25,7 +25,7 @@ from busynth.classify.predictions import predictions_csv, scores_csv
 from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import StudyConfig, SynthesisConfig
 from busynth.data.leaks import accepted_groups
-from busynth.data.records import Record
+from busynth.data.records import Record, lesion_pairs
 from busynth.data.splits import Split
 from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import DataError, LeakError
@@ -226,12 +226,6 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
                **classification_metrics(y_true, proba, classes))
     write_json(cell_dir / "metrics.json", row)
     return row
-
-
-def lesion_pairs(records: Sequence[Record]) -> list[Record]:
-    """The records whose mask marks a lesion: the image-mask pairs of segmentation (normal images and
-    lesion images without a usable mask, which the loader reports, are not segmentation pairs)."""
-    return [r for r in records if r.mask is not None and r.mask.any()]
 
 
 def _segment(fit_set: Sequence[Record], val: Sequence[Record], test: Sequence[Record], n_real: int,

@@ -99,8 +99,6 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     ({name: folder}) are test sets from elsewhere that every cell's classifier scores at the end
     (``busynth.external``; loaded first, so a bad folder stops the run before any training)."""
     validate_methods(config)
-    if external and config.run.task == "segmentation":
-        raise ConfigError("--external scores classifiers; with run.task=segmentation it is not supported yet")
     external_sets = [load_external(name, path, config) for name, path in (external or {}).items()]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,18 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from busynth.classify.checkpoints import load_classifier
-from busynth.classify.metrics import classification_metrics
-from busynth.classify.predictions import predictions_csv, read_predictions
+from busynth.classify.metrics import SCORE_NAMES, classification_metrics
+from busynth.classify.predictions import predictions_csv, read_predictions, scores_csv
 from busynth.classify.train import predict_proba
 from busynth.config import StudyConfig, is_plain_name
 from busynth.data.audit import audit_records
 from busynth.data.busi import load_dataset
-from busynth.data.records import Record
-from busynth.data.transforms import label_indices, stack_images
+from busynth.data.records import Record, lesion_pairs
+from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_text
 from busynth.progress import progress
 from busynth.results import PredictionStore, Protocol, build_summary, read_cells
+from busynth.segment.metrics import segmentation_scores
+from busynth.segment.train import load_segmenter, predict_masks
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,8 @@ def _check_source(run_dir: Path, ext: ExternalSet) -> None:
 
 
 def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet], methods: Sequence[str]) -> int:
-    """Let every finished cell's classifier score every external set it has not scored yet;
-    returns the number of (cell, set) predictions written."""
+    """Let every finished cell's classifier (or segmenter) score every external set it has not scored
+    yet; returns the number of (cell, set) predictions written."""
     classes, cfg = config.data.classes, config.classifier
     for ext in sets:
         _check_source(run_dir, ext)
@@ -165,6 +167,8 @@ def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet],
     todo = [(cell, ext) for cell in cells for ext in sets if not (cell / "external" / f"{ext.name}.csv").is_file()]
     if not todo:
         return 0
+    if config.run.task == "segmentation":
+        return _segment_cells(todo, config)
     images = {ext.name: stack_images(ext.records, cfg.image_size) for ext in sets}
     labels = {ext.name: label_indices(ext.records, classes) for ext in sets}
     bar = progress(len(todo), "external scoring", log=log)
@@ -179,6 +183,23 @@ def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet],
     return len(todo)
 
 
+def _segment_cells(todo: Sequence[tuple[Path, ExternalSet]], config: StudyConfig) -> int:
+    """The segmentation variant of ``score_cells``: each cell's segmenter on the set's lesion pairs,
+    Dice, IoU and HD95 per pair in ``external/<name>.csv``."""
+    cfg, size = config.segmenter, config.segmenter.image_size
+    pairs = {ext.name: lesion_pairs(ext.records) for _, ext in todo}
+    truth = {name: (stack_images(p, size), stack_masks(p, size)) for name, p in pairs.items()}
+    bar = progress(len(todo), "external scoring", log=log)
+    for cell, ext in todo:
+        images, masks = truth[ext.name]
+        scores = segmentation_scores(predict_masks(load_segmenter(cell / "segmenter", cfg), images, cfg.threshold), masks)
+        y = label_indices(pairs[ext.name], config.data.classes)
+        write_text(cell / "external" / f"{ext.name}.csv", scores_csv(pairs[ext.name], y, scores))
+        bar.update(1)
+    bar.close()
+    return len(todo)
+
+
 def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Sequence[str]) -> list[dict]:
     """Per finished cell with predictions of set ``name``: its metrics on that set (plus the
     cell's method, fold, seed and training size from metrics.json)."""
@@ -187,9 +208,13 @@ def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Seq
         path = Path(run_dir) / "cells" / row["method"] / f"fold{row['fold']}_seed{row['seed']}" / "external" / f"{name}.csv"
         if not path.is_file():
             continue
-        _, y, proba = read_predictions(path, classes)
         keep = {k: row[k] for k in ("method", "fold", "seed", "generator_seed", "n_train_real", "n_synthetic",
                                     "train_steps") if k in row}
+        if "dice" in row:  # a segmentation cell: per-pair scores, the set's metric is their mean
+            _, y, scores = read_predictions(path, SCORE_NAMES)
+            rows.append({**keep, "n_test": len(y), **dict(zip(SCORE_NAMES, scores.mean(axis=0).tolist()))})
+            continue
+        _, y, proba = read_predictions(path, classes)
         rows.append({**keep, "n_test": len(y), **classification_metrics(y, proba, classes)})
     return rows
 
@@ -200,7 +225,9 @@ def summarize_external(run_dir: Path, ext: ExternalSet, methods: Sequence[str], 
     rows = external_rows(run_dir, ext.name, methods, classes)
     if not rows:
         raise RunStateError(f"{run_dir}: no cell has scored external set {ext.name!r}")
-    store = PredictionStore(run_dir, classes, rows, filename=f"external/{ext.name}.csv", groups=ext.groups)
+    columns = SCORE_NAMES if protocol.task == "segmentation" else None
+    store = PredictionStore(run_dir, classes, rows, filename=f"external/{ext.name}.csv", groups=ext.groups,
+                            columns=columns)
     summary = build_summary(store, rows, methods, protocol)
     summary["external"] = {"name": ext.name, "path": str(ext.path), "n_images": len(ext.records),
                            "classes_present": ext.classes_present,

@@ -72,3 +72,9 @@ def check_inside(folder: str | Path, relative: object, where: str) -> Path:
     if not path.resolve().is_relative_to(Path(folder).resolve()):
         raise DataError(f"{where}: {relative!r} resolves outside {folder}")
     return path
+
+
+def lesion_pairs(records: Sequence[Record]) -> list[Record]:
+    """The records whose mask marks a lesion: the image-mask pairs of segmentation (normal images and
+    lesion images without a usable mask, which the loader reports, are not segmentation pairs)."""
+    return [r for r in records if r.mask is not None and r.mask.any()]

@@ -56,7 +56,7 @@ SECTIONS: list[Callable[[Run], str]] = [
 # run.task=segmentation: no probabilities (ROC, confusion) and no classifier features (fidelity, label fidelity).
 SEGMENTATION_SECTIONS: list[Callable[[Run], str]] = [
     section_header, section_verdicts, section_results, section_dose_response, section_metric_bars, section_segmentation,
-    section_training,
+    section_external, section_training,
     section_samples, section_mask_pairs, section_adherence, section_data, section_config,
 ]
 _REQUIRED = {section_header, section_verdicts, section_results, section_config}

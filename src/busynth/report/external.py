@@ -17,7 +17,8 @@ def section_external(run: Run) -> str:
         return ""
     parts = ["<h2>External test sets</h2>", note(
         "Images from elsewhere (another hospital or scanner), never used for training, validation or model "
-        "selection, scored by the classifier of every cell. All folds score the same images, so a resample "
+        "selection, scored by the classifier (segmentation: the segmenter) of every cell. All folds score the "
+        "same images, so a resample "
         "draws them once for every fold, seed and method; the unit drawn is a duplicate group of the set.")]
     for path in paths:
         summary = read_json(path)
@@ -31,5 +32,6 @@ def section_external(run: Run) -> str:
         ]))
         parts.append(section_verdicts(sub).replace("<h2>Verdicts</h2>", f"<h3>{name}: verdicts</h3>"))
         parts.append(section_results(sub).replace("<h2>Results</h2>", f"<h3>{name}: results</h3>"))
-        parts.append(section_roc(sub, f"external/{path.stem}.csv", heading="h3"))
+        if summary.get("task") != "segmentation":  # per-pair scores have no ROC curve
+            parts.append(section_roc(sub, f"external/{path.stem}.csv", heading="h3"))
     return "".join(parts)

@@ -142,3 +142,8 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
                           ema_decay=ema_decay(cfg.ema_epochs, per_epoch) if cfg.ema_epochs > 0 else None)
     model = load_best_weights(stage.model, out_dir)
     return SegmenterFit(model, len(history), [r for r in history if r.get("epoch") is not None])
+
+
+def load_segmenter(out_dir: Path, cfg: SegmenterConfig) -> nn.Module:
+    """The kept weights of a segmenter folder (``best.safetensors``, read with safetensors), eval mode."""
+    return load_best_weights(build_segmenter(cfg), Path(out_dir))
