@@ -310,6 +310,9 @@ def test_added_images_do_not_add_optimizer_steps(data, tmp_path) -> None:
     doubled = fit_classifier(np.concatenate([images, images[:, ::-1]]), np.concatenate([labels, labels]), val_x, val_y,
                              tiny_config(), N_CLASSES, tmp_path / "b", cpu=True, n_real=len(images))
     assert doubled.steps == real_only.steps == 3 * math.ceil(len(images) / 8)
+    few = fit_classifier(images[::3], labels[::3], val_x, val_y, tiny_config(), N_CLASSES, tmp_path / "d", cpu=True,
+                         budget_rows=len(images))  # a third of the rows, trained for the budget of all of them
+    assert few.steps == real_only.steps
     with pytest.raises(DataError, match="n_real"):
         fit_classifier(images, labels, val_x, val_y, tiny_config(), N_CLASSES, tmp_path / "c", cpu=True, n_real=0)
 

@@ -48,3 +48,24 @@ def test_a_study_scores_the_label_fidelity_of_every_generator_cell(tmp_path: Pat
     summary = json.loads((tmp_path / "results" / "fidelity.json").read_text())
     assert summary["label_fidelity"]["classical"]["cells"] == len(cells)
     assert "Label fidelity" in (tmp_path / "report.html").read_text()
+
+
+def test_train_on_synthetic_test_on_real_uses_the_real_budget_and_the_real_test_part(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "-c", "smoke", "--set", "run.cas=true", "--methods", "real,classical",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for fold in (0, 1):
+        cell = out / "cells" / "classical" / f"fold{fold}_seed0"
+        cas = json.loads((cell / "cas.json").read_text())
+        real = json.loads((out / "cells" / "real" / f"fold{fold}_seed0" / "metrics.json").read_text())
+        ids = json.loads((cell / "ids.json").read_text())
+        assert cas["status"] == "ok" and cas["train_steps"] == real["train_steps"]  # the same budget
+        assert cas["n_synthetic"] == sum(i.startswith("classical:") for i in ids["classifier_train"])
+        assert cas["real_only"]["balanced_accuracy"] == real["balanced_accuracy"]
+        assert 0.0 <= cas["synthetic_only"]["balanced_accuracy"] <= 1.0
+        assert (cell / "cas" / "best.safetensors").is_file()
+    summary = json.loads((out / "results" / "fidelity.json").read_text())["cas"]["classical"]
+    assert summary["cells"] == 2 and summary["synthetic_only"]["balanced_accuracy"]["n"] == 2
+    assert "train on synthetic, test on real" in result.output
+    assert "Train on synthetic, test on real (CAS)" in (out / "report.html").read_text()

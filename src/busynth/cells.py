@@ -30,6 +30,7 @@ from busynth.data.splits import Split
 from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import DataError, LeakError
 from busynth.evaluate.adherence import evaluate_adherence
+from busynth.evaluate.cas import evaluate_cas
 from busynth.evaluate.cell import evaluate_cell
 from busynth.evaluate.labels import evaluate_label_fidelity
 from busynth.generators.base import (
@@ -263,6 +264,9 @@ def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_d
         evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
         return
     evaluate_cell(run_dir, cell.method, cell.fold, cell.seed, config, train, test, synthetic)
+    if config.run.cas:
+        val = study.split.select(study.records, cell.fold, "val")
+        evaluate_cas(run_dir, cell.method, cell.fold, cell.seed, config, train, val, test, synthetic)
     evaluate_label_fidelity(run_dir, cell.method, cell.fold, cell.seed, config, test, synthetic)
     evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
 

@@ -135,7 +135,14 @@ def _echo_label_fidelity(run_dir: Path) -> None:
     from busynth.io import read_json
 
     path = Path(run_dir) / "results" / "fidelity.json"
-    labels = read_json(path).get("label_fidelity", {}) if path.is_file() else {}
+    fidelity = read_json(path) if path.is_file() else {}
+    if cas := fidelity.get("cas"):
+        typer.echo("\ntrain on synthetic, test on real (CAS): balanced accuracy of a classifier trained on a "
+                   "generator's images alone (real-only classifier of the same cells in brackets)")
+        for method, entry in cas.items():
+            mine, real = entry["synthetic_only"]["balanced_accuracy"], entry["real_only"]["balanced_accuracy"]
+            typer.echo(f"  {method:<12} {mine['mean']:.3f} ± {mine['sd']:.3f} ({real['mean']:.3f}), cells={entry['cells']}")
+    labels = fidelity.get("label_fidelity", {})
     if not labels:
         return
     typer.echo("\nlabel fidelity: share of a generator's images the fold's real-only classifier puts in the "

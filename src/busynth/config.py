@@ -262,6 +262,9 @@ class RunConfig(_Strict):
     # Family-wise error rate of the verdicts (and 1 - coverage of the intervals).
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
+    # Train on synthetic, test on real (CAS, Ravuri & Vinyals 2019): one more classifier per generator
+    # fit, on its synthetic images alone, scored on the real test part (cells/<method>/<cell>/cas.json).
+    cas: bool = False
 
     @field_validator("methods")
     @classmethod

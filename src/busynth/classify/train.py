@@ -312,6 +312,7 @@ def fit_classifier(
     tracker_log: Callable[[dict[str, Any], int], None] | None = None,
     cpu: bool = False,
     n_real: int | None = None,
+    budget_rows: int | None = None,
 ) -> FitResult:
     """Train a classifier for a fixed budget and return it (chosen weights loaded, eval mode).
 
@@ -323,7 +324,9 @@ def fit_classifier(
     evaluated and kept are an exponential moving average of the trained ones.
     ``cfg.select`` = "best" keeps the epoch with the best ``cfg.select_metric`` on the
     validation images (stopping after ``cfg.patience`` epochs without improvement); "last"
-    trains all ``cfg.epochs`` and keeps the final weights.
+    trains all ``cfg.epochs`` and keeps the final weights. ``budget_rows`` counts the budget on that
+    many rows instead of ``n_real`` (a classifier trained on synthetic images alone for the budget of
+    the real training part: busynth.evaluate.cas).
 
     Training runs on the engine (:func:`busynth.engine.train_stage`): a folder with a checkpoint
     of the same config and data resumes from it; a finished one is just loaded. ``tracker_log(row,
@@ -339,7 +342,7 @@ def fit_classifier(
     if not 0 < n_real <= len(train_images):
         raise DataError(f"training: n_real={n_real} must lie in 1..{len(train_images)} (the real rows come first)")
     settings = cfg.model_dump(mode="json")
-    identity = {"n_classes": n_classes, "n_real": n_real,
+    identity = {"n_classes": n_classes, "n_real": n_real, **({"budget_rows": budget_rows} if budget_rows else {}),
                 "data_hash": data_hash(train_images, train_labels, val_images, val_labels),
                 **{f"classifier.{k}": v for k, v in settings.items() if k not in RESUME_FREE_FIELDS}}
     defaults = {f"classifier.{k}": v for k, v in ClassifierConfig().model_dump(mode="json").items()}
@@ -348,7 +351,7 @@ def fit_classifier(
     model = build_classifier(cfg, n_classes)
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
-    batches = steps_per_epoch(n_real, cfg.batch_size)
+    batches = steps_per_epoch(budget_rows or n_real, cfg.batch_size)
     weights = class_weight_vector(train_labels, n_classes, cfg.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     stage = ClassifierStage(model, cfg, loss_fn, n_real, len(train_images) - n_real, batches,

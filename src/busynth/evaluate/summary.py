@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 FIDELITY_JSON = "fidelity.json"
 LABEL_FIDELITY_JSON = "label_fidelity.json"  # written by busynth.evaluate.labels
+CAS_JSON = "cas.json"  # written by busynth.evaluate.cas
 SUMMARY_METRICS = ("fid", "kid_mean", "precision", "recall", "diversity", "memorization_share",
                    "memorization_share_feature")
 
@@ -70,11 +71,13 @@ def _natural_key(text: str) -> list:
 
 def summarize_fidelity(run_dir: Path, methods: Sequence[str]) -> dict:
     """Write ``results/fidelity.json`` (mean ± sd over cells per method and the real-vs-real
-    reference, from the cells' fidelity.json files; label fidelity from their label_fidelity.json)
+    reference, from the cells' fidelity.json files; label fidelity from their label_fidelity.json, train
+    on synthetic / test on real from their cas.json)
     and return it."""
     generators = [m for m in methods if m != REFERENCE]
     summary = aggregate_fidelity(read_cell_fidelity(run_dir, generators))
     summary["label_fidelity"] = aggregate_label_fidelity(read_cell_label_fidelity(run_dir, generators))
+    summary["cas"] = aggregate_cas(run_dir, generators)
     write_json(Path(run_dir) / "results" / "fidelity.json", summary)
     return summary
 
@@ -106,4 +109,19 @@ def read_cell_label_fidelity(run_dir: Path, methods: Sequence[str]) -> dict[str,
         paths = sorted((Path(run_dir) / "cells" / method).glob(f"*/{LABEL_FIDELITY_JSON}"))
         if paths:
             out[method] = [read_json(p) for p in paths]
+    return out
+
+
+def aggregate_cas(run_dir: Path, methods: Sequence[str], metrics: Sequence[str] = (
+        "balanced_accuracy", "macro_auc", "malignant_auc")) -> dict:
+    """Per method with cas.json cells: mean ± sd over them of ``metrics`` trained on synthetic images
+    alone, and of the real-only classifiers of the same cells."""
+    out = {}
+    for method in methods:
+        ok = [r for p in sorted((Path(run_dir) / "cells" / method).glob(f"*/{CAS_JSON}"))
+              if (r := read_json(p)).get("status") == "ok"]
+        if ok:
+            out[method] = {"cells": len(ok), **{
+                part: {m: summarize([r[part][m] for r in ok if r.get(part) and r[part].get(m) is not None])
+                       for m in metrics} for part in ("synthetic_only", "real_only")}}
     return out

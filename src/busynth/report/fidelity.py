@@ -137,7 +137,23 @@ def section_label_fidelity(run: Run) -> str:
     return title + html_table(head, rows) + note(
         "The real-only classifier of the same fold and seed scores every synthetic image: accuracy is the share "
         "classified as the intended class, mean p the probability it gives that class. In brackets: the same "
-        "classifier on the fold's real test images. Far below the brackets, the synthetic set is partly label noise.")
+        "classifier on the fold's real test images. Far below the brackets, the synthetic set is partly label noise."
+    ) + _cas_table(summary.get("cas") or {}, methods)
+
+
+def _cas_table(cas: dict, order: list[str]) -> str:
+    """Train on synthetic, test on real (run.cas): per method, the synthetic-only classifier's scores on
+    the real test images next to the real-only classifier's of the same cells."""
+    if not cas:
+        return ""
+    metrics = ("balanced_accuracy", "macro_auc", "malignant_auc")
+    rows = [[m, cas[m]["cells"], *[f"{fmt(cas[m]['synthetic_only'][k]['mean'])} ± {fmt(cas[m]['synthetic_only'][k]['sd'])}"
+                                   f" ({fmt(cas[m]['real_only'][k]['mean'])})" for k in metrics]]
+            for m in [*[m for m in order if m in cas], *[m for m in cas if m not in order]]]
+    return "<h3>Train on synthetic, test on real (CAS)</h3>" + html_table(["method", "cells", *metrics], rows) + note(
+        "A classifier trained on the generator's images alone, for the same number of steps as every classifier "
+        "of the study, scored on the fold's real test images (Ravuri & Vinyals 2019); in brackets the real-only "
+        "classifier of the same cells.")
 
 
 def _first_scored_cell(run: Run, method: str) -> tuple[Path, dict[str, Any]] | None:
