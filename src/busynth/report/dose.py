@@ -22,8 +22,12 @@ def section_dose_response(run: Run) -> str:
         y = [r["diff"] for r in rows]
         err = [[r["diff"] - r["ci_low"] for r in rows], [r["ci_high"] - r["diff"] for r in rows]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    ratios = sorted({r["ratio"] for rows in doses.values() for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+    ax.minorticks_off()
     ax.axhline(0.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="synthetic images per real training image (synthesis ratio)",
+    ax.set(xlabel="synthetic images per real training image (synthesis ratio)",
            ylabel=f"{primary}: difference to {run.reference}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
