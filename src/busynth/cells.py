@@ -32,6 +32,7 @@ from busynth.errors import DataError, LeakError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cas import evaluate_cas
 from busynth.evaluate.cell import evaluate_cell
+from busynth.evaluate.filtering import filter_synthetic
 from busynth.evaluate.labels import evaluate_label_fidelity
 from busynth.generators.base import (
     Generator,
@@ -42,7 +43,7 @@ from busynth.generators.base import (
     write_samples,
 )
 from busynth.io import read_json, remove_tree, write_json, write_text
-from busynth.registry import REFERENCE, arm_parts
+from busynth.registry import FILTERED, REFERENCE, arm_parts
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
@@ -70,6 +71,11 @@ class Cell:
     def ratio(self) -> float | None:
         """The ``synthesis.ratios`` entry of a dose-response arm, else None (``synthesis.ratio`` applies)."""
         return arm_parts(self.method)[1]
+
+    @property
+    def filtered(self) -> bool:
+        """True for the filtered arm of a generator (``cvae+filter``, ``synthesis.filter``)."""
+        return self.method.endswith(FILTERED)
 
     @property
     def key(self) -> str:
@@ -113,13 +119,14 @@ def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record],
 
 
 def synthesize(generator: Generator, method: str, train: list[Record], config: StudyConfig,
-               out_dir: Path, gen_dir: Path, seed: int) -> list[Record]:
+               out_dir: Path, gen_dir: Path, seed: int, synthesis: SynthesisConfig | None = None) -> None:
     """Generate the method's images for one cell into ``out_dir`` (once, at the largest of
-    ``synthesis.ratios`` when given), then read them back."""
+    ``synthesis.ratios`` when given, or with the ``synthesis`` settings passed); ``arm_synthetic``
+    reads them."""
     done = out_dir / "done.json"
     if not done.exists():
         remove_tree(out_dir)  # whatever an interrupted sampling run left: start the folder again
-        counts = synthetic_counts(train, config.data.classes, largest_dose(config.synthesis))
+        counts = synthetic_counts(train, config.data.classes, synthesis or largest_dose(config.synthesis))
         rng = np.random.default_rng([seed, 7])
         for k, label in enumerate(config.data.classes):
             if counts[label] == 0:
@@ -131,7 +138,6 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
             samples = generator.sample(label, counts[label], seed=seed * 1000 + k, masks=masks)
             write_samples(samples, out_dir, method, gen_dir)
         write_json(done, {"counts": counts})
-    return read_synthetic(out_dir, method)
 
 
 def largest_dose(synthesis: SynthesisConfig) -> SynthesisConfig:
@@ -153,6 +159,19 @@ def dose(synthetic: Sequence[Record], train: Sequence[Record], config: StudyConf
             taken[r.label] += 1
             out.append(r)
     return out
+
+
+def arm_synthetic(cell: Cell, config: StudyConfig, train: Sequence[Record], run_dir: Path) -> list[Record]:
+    """The synthetic images a cell's arm trains on, read from its (finished) synthetic folder: the
+    whole set, its dose (``synthesis.ratios``) or what passed the filter (``synthesis.filter``)."""
+    if cell.filtered:
+        pool = read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.generator)
+        requested = synthetic_counts(train, config.data.classes, config.synthesis)
+        real = run_dir / "cells" / REFERENCE / f"fold{cell.fold}_seed{cell.generator_seed}" / "classifier"
+        return filter_synthetic(pool, requested, real, config, run_dir / "synthetic" / cell.method / cell.generator_key,
+                                f"{cell.method} {cell.generator_key}")
+    synthetic = read_synthetic(run_dir / "synthetic" / cell.generator / cell.generator_key, cell.generator)
+    return dose(synthetic, train, config, cell.ratio)
 
 
 def read_synthetic(folder: Path, method: str) -> list[Record]:
@@ -196,9 +215,14 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
         generator = fit_or_load_generator(cell.generator, config, train, gen_dir, cell.generator_seed)
         generator_ids = list(generator.train_ids)
-        synthetic = synthesize(generator, cell.generator, train, config,
-                               run_dir / "synthetic" / cell.generator / cell.generator_key, gen_dir, cell.generator_seed)
-        synthetic = dose(synthetic, train, config, cell.ratio)
+        if cell.filtered:
+            pool = config.synthesis.model_copy(update={"ratio": config.synthesis.ratio * config.synthesis.filter_pool})
+            synthesize(generator, cell.generator, train, config, run_dir / "synthetic" / cell.method / cell.generator_key,
+                       gen_dir, cell.generator_seed, synthesis=pool)
+        else:
+            synthesize(generator, cell.generator, train, config,
+                       run_dir / "synthetic" / cell.generator / cell.generator_key, gen_dir, cell.generator_seed)
+        synthetic = arm_synthetic(cell, config, train, run_dir)
     if config.run.task == "segmentation":
         train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))
     fit_set = train + synthetic
@@ -258,8 +282,7 @@ def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_d
     (only this under run.task=segmentation). Each is computed once; a note until the real cell exists."""
     train = study.split.select(study.records, cell.fold, "train")
     test = study.split.select(study.records, cell.fold, "test")
-    folder = run_dir / "synthetic" / cell.generator / cell.generator_key
-    synthetic = dose(read_synthetic(folder, cell.generator), train, config, cell.ratio)
+    synthetic = arm_synthetic(cell, config, train, run_dir)
     if config.run.task == "segmentation":  # no classifier to take features or labels from: masks only
         evaluate_adherence(run_dir, cell.method, cell.fold, cell.seed, config.data.classes, train, synthetic)
         return

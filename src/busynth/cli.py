@@ -142,6 +142,10 @@ def _echo_label_fidelity(run_dir: Path) -> None:
         for method, entry in cas.items():
             mine, real = entry["synthetic_only"]["balanced_accuracy"], entry["real_only"]["balanced_accuracy"]
             typer.echo(f"  {method:<12} {mine['mean']:.3f} ± {mine['sd']:.3f} ({real['mean']:.3f}), cells={entry['cells']}")
+    for method, entry in (fidelity.get("filter") or {}).items():
+        typer.echo(f"\nfilter {method} (intended class p >= {entry['threshold']}): kept "
+                   + ", ".join(f"{c} {v['kept']}/{v['requested']} ({v['passed']} of {v['sampled']} passed)"
+                               for c, v in entry["per_class"].items()))
     labels = fidelity.get("label_fidelity", {})
     if not labels:
         return
@@ -183,7 +187,7 @@ def evaluate(
     if not (run_dir / "results" / "summary.json").is_file():
         raise RunStateError(f"{run_dir} is not a finished run folder (results/summary.json is written by busynth run)")
     cfg = run_config(run_dir)
-    evaluate_external(run_dir, cfg, sets, study_arms(cfg.run.methods, cfg.synthesis.ratios), Protocol.from_config(cfg.run),
+    evaluate_external(run_dir, cfg, sets, study_arms(cfg.run.methods, cfg.synthesis.ratios, cfg.synthesis.filter is not None), Protocol.from_config(cfg.run),
                       run_records(run_dir, cfg))
     build_report(run_dir)
     _echo_external(run_dir, sets)

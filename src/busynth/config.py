@@ -216,6 +216,11 @@ class SynthesisConfig(_Strict):
     # Dose-response: run every generator method as one arm per ratio (``cvae@0.5``, ...) instead of
     # at ``ratio``; each fold's set is sampled once at the largest and every arm takes its prefix.
     ratios: list[float] | None = None
+    # Filtering: also run every generator as ``<method>+filter``, keeping a synthetic image only when the
+    # fold's real-only classifier gives its intended class at least this probability; ``filter_pool``
+    # images are sampled per image requested, and the first that pass are kept.
+    filter: float | None = Field(default=None, gt=0.0, lt=1.0)
+    filter_pool: float = Field(default=3.0, ge=1.0)
 
     @field_validator("ratios")
     @classmethod
@@ -228,6 +233,8 @@ class SynthesisConfig(_Strict):
     def _ratios_need_counts(self) -> SynthesisConfig:
         if self.ratios is not None and self.balance:
             raise ValueError("synthesis.ratios and synthesis.balance exclude each other")
+        if self.ratios is not None and self.filter is not None:
+            raise ValueError("synthesis.ratios and synthesis.filter are not combined yet: run them as two studies")
         return self
 
 
@@ -361,6 +368,13 @@ class StudyConfig(_Strict):
             raise ValueError("the top-level 'classical' section moved to 'generators.classical' "
                              "(like every other method's settings): move it there")
         return data
+
+    @model_validator(mode="after")
+    def _filter_needs_the_reference(self) -> StudyConfig:
+        if self.synthesis.filter is not None and ("real" not in self.run.methods or self.run.task != "classification"):
+            raise ValueError("synthesis.filter needs run.methods to include real (its classifier does the filtering) "
+                             "and run.task=classification")
+        return self
 
     @model_validator(mode="after")
     def _phantom_classes_known(self) -> StudyConfig:

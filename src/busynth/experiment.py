@@ -47,7 +47,7 @@ def study_cells(config: StudyConfig, folds: Sequence[int]) -> list[Cell]:
     generator is fitted ``generator_seeds`` times and each synthetic set is shared by the
     classifier seeds that map to it."""
     base, n_gen = config.run.base_seed, config.run.generator_seeds
-    arms = study_arms(config.run.methods, config.synthesis.ratios)
+    arms = study_arms(config.run.methods, config.synthesis.ratios, config.synthesis.filter is not None)
     cells = []
     for f in folds:
         seeds = [base + i for i in range(config.run.seeds)]
@@ -144,7 +144,7 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     for cell in cells:
         if cell.method != REFERENCE and cell.scores_synthetic_set:
             score_synthetic_set(cell, config, study, run_dir)
-    arms = study_arms(config.run.methods, config.synthesis.ratios)
+    arms = study_arms(config.run.methods, config.synthesis.ratios, config.synthesis.filter is not None)
     summarize_fidelity(run_dir, arms)
     protocol = Protocol.from_config(config.run)
     summary = summarize_run(run_dir, arms, config.data.classes, protocol)

@@ -48,15 +48,23 @@ def arm_name(method: str, ratio: float) -> str:
     return f"{method}@{ratio:g}"
 
 
+FILTERED = "+filter"  # suffix of the arm of a generator whose images pass the real-only classifier (synthesis.filter)
+
+
 def arm_parts(name: str) -> tuple[str, float | None]:
-    """(method, ratio) of an arm name (``cvae@0.5`` -> ``("cvae", 0.5)``); a plain method has ratio None."""
+    """(generator method, ratio) of an arm name: ``cvae@0.5`` -> ``("cvae", 0.5)``, ``cvae+filter`` ->
+    ``("cvae", None)``; a plain method has ratio None."""
     method, sep, ratio = name.partition("@")
-    return (method, float(ratio)) if sep else (name, None)
+    return method.removesuffix(FILTERED), (float(ratio) if sep else None)
 
 
-def study_arms(methods: Sequence[str], ratios: Sequence[float] | None) -> list[str]:
+def study_arms(methods: Sequence[str], ratios: Sequence[float] | None = None, filtered: bool = False) -> list[str]:
     """What the study compares: ``methods``, each generator method replaced by one arm per ratio when
-    ``ratios`` are given (``real`` stays one arm)."""
+    ``ratios`` are given, or followed by its filtered arm (``cvae+filter``) when ``filtered`` (then
+    ``real``, whose classifier does the filtering, comes first); ``real`` stays one arm."""
+    if filtered:
+        ordered = [m for m in methods if m == REFERENCE] + [m for m in methods if m != REFERENCE]
+        return [a for m in ordered for a in ([m] if m == REFERENCE else [m, m + FILTERED])]
     if not ratios:
         return list(methods)
     return [m if m == REFERENCE else arm_name(m, r) for m in methods for r in ([None] if m == REFERENCE else ratios)]

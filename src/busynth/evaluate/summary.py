@@ -78,6 +78,7 @@ def summarize_fidelity(run_dir: Path, methods: Sequence[str]) -> dict:
     summary = aggregate_fidelity(read_cell_fidelity(run_dir, generators))
     summary["label_fidelity"] = aggregate_label_fidelity(read_cell_label_fidelity(run_dir, generators))
     summary["cas"] = aggregate_cas(run_dir, generators)
+    summary["filter"] = aggregate_filter(run_dir, generators)
     write_json(Path(run_dir) / "results" / "fidelity.json", summary)
     return summary
 
@@ -124,4 +125,21 @@ def aggregate_cas(run_dir: Path, methods: Sequence[str], metrics: Sequence[str] 
             out[method] = {"cells": len(ok), **{
                 part: {m: summarize([r[part][m] for r in ok if r.get(part) and r[part].get(m) is not None])
                        for m in metrics} for part in ("synthetic_only", "real_only")}}
+    return out
+
+
+def aggregate_filter(run_dir: Path, methods: Sequence[str]) -> dict:
+    """Per filtered arm (``synthesis.filter``): per class, requested, sampled, passed and kept images summed
+    over its synthetic folders' filter.json (written by busynth.evaluate.filtering), and the threshold."""
+    out = {}
+    for method in methods:
+        found = [read_json(p) for p in sorted((Path(run_dir) / "synthetic" / method).glob("*/filter.json"))]
+        if found:
+            per_class: dict = {}
+            for entry in found:
+                for c, counts in entry["per_class"].items():
+                    mine = per_class.setdefault(c, dict.fromkeys(counts, 0))
+                    for k, v in counts.items():
+                        mine[k] += v
+            out[method] = {"threshold": found[0]["threshold"], "sets": len(found), "per_class": per_class}
     return out

@@ -74,8 +74,9 @@ def load_run(run_dir: Path) -> Run:
     summary = read_json(root / "results/summary.json")
     info = read_json(root / "run.json") if (root / "run.json").is_file() else {}
     classes = list(summary.get("classes") or config.get("data", {}).get("classes") or [])
-    ratios = (config.get("synthesis") or {}).get("ratios")
-    methods = study_arms(config.get("run", {}).get("methods") or [], ratios)
+    synthesis = config.get("synthesis") or {}
+    methods = study_arms(config.get("run", {}).get("methods") or [], synthesis.get("ratios"),
+                         synthesis.get("filter") is not None)
     methods += [m for m in summary.get("methods", {}) if m not in methods]
     return Run(root, config, config_text, summary, info, classes, methods, summary.get("reference", "real"))
 

@@ -138,7 +138,20 @@ def section_label_fidelity(run: Run) -> str:
         "The real-only classifier of the same fold and seed scores every synthetic image: accuracy is the share "
         "classified as the intended class, mean p the probability it gives that class. In brackets: the same "
         "classifier on the fold's real test images. Far below the brackets, the synthetic set is partly label noise."
-    ) + _cas_table(summary.get("cas") or {}, methods)
+    ) + _cas_table(summary.get("cas") or {}, methods) + _filter_table(summary.get("filter") or {})
+
+
+def _filter_table(filtered: dict) -> str:
+    """Kept / requested (passed of sampled) per class of each filtered arm (synthesis.filter)."""
+    if not filtered:
+        return ""
+    classes = list(dict.fromkeys(c for e in filtered.values() for c in e["per_class"]))
+    rows = [[m, e["threshold"], *[(f"{v['kept']}/{v['requested']} ({v['passed']} of {v['sampled']})"
+                                   if (v := e["per_class"].get(c)) else "–") for c in classes]]
+            for m, e in filtered.items()]
+    return "<h3>Filtered arms</h3>" + html_table(["arm", "threshold", *classes], rows) + note(
+        "Images kept / requested per class, summed over folds; in brackets how many of those sampled passed: the "
+        "fold's real-only classifier gave the intended class at least the threshold probability.")
 
 
 def _cas_table(cas: dict, order: list[str]) -> str:
