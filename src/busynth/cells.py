@@ -77,6 +77,11 @@ class Cell:
         """True for the filtered arm of a generator (``cvae+filter``, ``synthesis.filter``)."""
         return self.method.endswith(FILTERED)
 
+    def synthetic_folder(self, run_dir: Path) -> Path:
+        """Where this cell's synthetic images are sampled: the generator's set of the fold and generator
+        seed (shared by its dose-response arms), or the filtered arm's own pool."""
+        return Path(run_dir) / "synthetic" / (self.method if self.filtered else self.generator) / self.generator_key
+
     @property
     def key(self) -> str:
         """Folder name of this cell under its method."""
@@ -164,13 +169,12 @@ def dose(synthetic: Sequence[Record], train: Sequence[Record], config: StudyConf
 def arm_synthetic(cell: Cell, config: StudyConfig, train: Sequence[Record], run_dir: Path) -> list[Record]:
     """The synthetic images a cell's arm trains on, read from its (finished) synthetic folder: the
     whole set, its dose (``synthesis.ratios``) or what passed the filter (``synthesis.filter``)."""
+    folder = cell.synthetic_folder(run_dir)
+    synthetic = read_synthetic(folder, cell.generator)
     if cell.filtered:
-        pool = read_synthetic(run_dir / "synthetic" / cell.method / cell.generator_key, cell.generator)
         requested = synthetic_counts(train, config.data.classes, config.synthesis)
         real = run_dir / "cells" / REFERENCE / f"fold{cell.fold}_seed{cell.generator_seed}" / "classifier"
-        return filter_synthetic(pool, requested, real, config, run_dir / "synthetic" / cell.method / cell.generator_key,
-                                f"{cell.method} {cell.generator_key}")
-    synthetic = read_synthetic(run_dir / "synthetic" / cell.generator / cell.generator_key, cell.generator)
+        return filter_synthetic(synthetic, requested, real, config, folder, f"{cell.method} {cell.generator_key}")
     return dose(synthetic, train, config, cell.ratio)
 
 
@@ -215,13 +219,9 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
         generator = fit_or_load_generator(cell.generator, config, train, gen_dir, cell.generator_seed)
         generator_ids = list(generator.train_ids)
-        if cell.filtered:
-            pool = config.synthesis.model_copy(update={"ratio": config.synthesis.ratio * config.synthesis.filter_pool})
-            synthesize(generator, cell.generator, train, config, run_dir / "synthetic" / cell.method / cell.generator_key,
-                       gen_dir, cell.generator_seed, synthesis=pool)
-        else:
-            synthesize(generator, cell.generator, train, config,
-                       run_dir / "synthetic" / cell.generator / cell.generator_key, gen_dir, cell.generator_seed)
+        pool = config.synthesis.ratio * config.synthesis.filter_pool  # the filtered arm samples a larger pool
+        synthesize(generator, cell.generator, train, config, cell.synthetic_folder(run_dir), gen_dir, cell.generator_seed,
+                   synthesis=config.synthesis.model_copy(update={"ratio": pool}) if cell.filtered else None)
         synthetic = arm_synthetic(cell, config, train, run_dir)
     if config.run.task == "segmentation":
         train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))

@@ -29,7 +29,7 @@ from busynth.accel import broadcast_buffers, local_rows
 from busynth.classify.checkpoints import BEST, finite_or_none, load_best_weights, save_safetensors
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
-from busynth.config import ClassifierConfig
+from busynth.config import ClassifierConfig, SegmenterConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
 from busynth.engine import Stage, StageConfig, train_stage
@@ -191,38 +191,84 @@ def _mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.G
     return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
 
 
-class ClassifierStage(Stage):
-    """The classifier for :func:`busynth.engine.train_stage`: class-weighted cross-entropy on
-    augmented (and optionally mixed-up) batches; at the end of every epoch (``steps_per_epoch``
-    optimizer steps) the kept weights -- the moving average when there is one -- are scored on the
-    validation images (every ``eval_every`` epochs and after the last), the best or last epoch's
-    weights written to ``best.safetensors``, and training stopped after ``patience`` epochs without
-    improvement under ``select=best``.
+class EpochStage(Stage):
+    """A downstream model (classifier, segmenter) for :func:`busynth.engine.train_stage`, trained for
+    ``cfg.epochs`` epochs of the *real* training rows: an epoch is ``batches_per_epoch`` batches
+    (``grad_accum`` to an optimizer step) mixed from the real rows and the synthetic rows after them
+    (``mixed_batch``), so every method trains the same number of steps. At the end of each epoch it
+    records the epoch and its mean training loss in the history row and hands the kept weights -- the
+    moving average when there is one -- to :meth:`end_epoch`, with whether the validation part is scored
+    this epoch (every ``cfg.eval_every`` epochs and after the last).
 
-    Every process augments the same global batch with process 0's generator and computes the
-    loss on its own rows, so N processes take the steps of one."""
+    Every process gets the same global batch with process 0's generator and computes the loss on its
+    own rows, so N processes take the steps of one."""
 
-    name = "classifier"
     global_batch = True
 
-    def __init__(self, model: nn.Module, cfg: ClassifierConfig, loss_fn: nn.Module, n_real: int, n_synthetic: int,
-                 batches_per_epoch: int, val: tuple[np.ndarray, np.ndarray], out_dir: Path, best_meta: dict[str, Any],
-                 tracker_log: Callable[[dict[str, Any], int], None] | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: ClassifierConfig | SegmenterConfig, n_real: int, n_synthetic: int,
+                 batches_per_epoch: int, out_dir: Path, grad_accum: int = 1) -> None:
         self.model = self.net = model  # ``net``: the module itself, whatever wrapper ``model`` gets
-        self.cfg, self.loss_fn, self.val, self.out_dir, self.best_meta = cfg, loss_fn, val, out_dir, best_meta
-        self.n_real, self.n_synthetic, self.batches_per_epoch = n_real, n_synthetic, batches_per_epoch
+        self.cfg, self.out_dir, self.grad_accum = cfg, Path(out_dir), grad_accum
+        self.n_real, self.n_synthetic = n_real, n_synthetic
         self.k_synthetic = synthetic_per_batch(cfg.batch_size, n_synthetic, cfg.synthetic_share)
-        self.tracker_log = tracker_log
-        self.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-        self.best_epoch, self.best_score, self.bad_epochs = -1, None, 0
+        self.steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
         self._losses: list[float] = []
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        return param_groups(self.net, weight_decay)
+    def schedule(self) -> StageConfig:
+        """The engine settings of ``cfg.epochs`` epochs: warm-up over ``warmup_epochs``, cosine to 0,
+        no clipping, a checkpoint every ``checkpoint_every`` epochs (the newest kept)."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        return StageConfig(steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, grad_accum=self.grad_accum,
+                           lr=cfg.lr, warmup_steps=round(cfg.warmup_epochs * per_epoch), min_lr_ratio=0.0,
+                           weight_decay=cfg.weight_decay, max_grad_norm=None, prompt_dropout=0.0,
+                           checkpoint_every=cfg.checkpoint_every * per_epoch, keep_checkpoints=1)
+
+    def moving_average_decay(self) -> float | None:
+        """The engine's moving-average decay for ``cfg.ema_epochs`` (None: no moving average)."""
+        return ema_decay(self.cfg.ema_epochs, self.steps_per_epoch) if self.cfg.ema_epochs > 0 else None
 
     def batch_rows(self, n: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
         rows = mixed_batch(micro_step, self.n_real, self.n_synthetic, batch_size, seed, self.k_synthetic)
         return torch.from_numpy(rows)
+
+    def end_step(self, step: int, row: dict[str, Any]) -> bool:
+        self._losses.append(row["loss"])
+        if (step + 1) % self.steps_per_epoch:
+            return False
+        epoch = (step + 1) // self.steps_per_epoch - 1
+        broadcast_buffers(self.net)
+        kept = self.net if self.ema is None else self.ema.module
+        last = epoch + 1 >= self.cfg.epochs
+        row.update(epoch=epoch, train_loss=float(np.mean(self._losses)))
+        self._losses = []
+        return self.end_epoch(epoch, kept, last, last or (epoch + 1) % self.cfg.eval_every == 0, row)
+
+    def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
+        """Score ``kept`` (when ``scored``), add the numbers to ``row``, write the weights kept so far;
+        True stops training."""
+        raise NotImplementedError
+
+    def fit_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {"epochs": history[-1]["epoch"] + 1}
+
+
+class ClassifierStage(EpochStage):
+    """The classifier: class-weighted cross-entropy on augmented (and optionally mixed-up) batches; at
+    the end of an epoch the kept weights are scored on the validation images, the best or last
+    epoch's weights written to ``best.safetensors``, and training stopped after ``patience`` epochs
+    without improvement under ``select=best``."""
+
+    name = "classifier"
+
+    def __init__(self, model: nn.Module, cfg: ClassifierConfig, loss_fn: nn.Module, n_real: int, n_synthetic: int,
+                 batches_per_epoch: int, val: tuple[np.ndarray, np.ndarray], out_dir: Path, best_meta: dict[str, Any],
+                 tracker_log: Callable[[dict[str, Any], int], None] | None = None) -> None:
+        super().__init__(model, cfg, n_real, n_synthetic, batches_per_epoch, out_dir, cfg.grad_accum)
+        self.loss_fn, self.val, self.best_meta, self.tracker_log = loss_fn, val, best_meta, tracker_log
+        self.best_epoch, self.best_score, self.bad_epochs = -1, None, 0
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return param_groups(self.net, weight_decay)
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, labels = self.cfg, batch["labels"]
@@ -243,34 +289,26 @@ class ClassifierStage(Stage):
             loss = loss + (1 - lam) * self.loss_fn(logits, y_b[rows])
         return loss, {}
 
-    def end_step(self, step: int, row: dict[str, Any]) -> bool:
-        self._losses.append(row["loss"])
-        if (step + 1) % self.steps_per_epoch:
-            return False
-        cfg, epoch = self.cfg, (step + 1) // self.steps_per_epoch - 1
-        broadcast_buffers(self.net)
-        kept = self.net if self.ema is None else self.ema.module
-        last_epoch = epoch + 1 >= cfg.epochs
-        if last_epoch or (epoch + 1) % cfg.eval_every == 0:
+    def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
+        cfg = self.cfg
+        if scored:
             metrics = validation_metrics(self.val[1], predict_proba(kept, self.val[0], tta=cfg.tta))
         else:
             metrics = dict.fromkeys(VAL_KEYS)
         score = metrics[f"val_{cfg.select_metric}"]
-        improved = last_epoch if cfg.select == "last" else _is_better(score, self.best_score, self.best_epoch,
-                                                                       cfg.select_metric)
+        improved = last if cfg.select == "last" else _is_better(score, self.best_score, self.best_epoch,
+                                                                 cfg.select_metric)
         if improved:
             self.best_epoch, self.best_score, self.bad_epochs = epoch, finite_or_none(score), 0
             save_safetensors(self.out_dir / BEST, kept.state_dict(),
                              {**self.best_meta, "epoch": epoch, "score": finite_or_none(score)})
         else:
             self.bad_epochs += 1
-        epoch_row = {"epoch": epoch, "train_loss": float(np.mean(self._losses)), **metrics}
-        row.update(epoch_row)
-        self._losses = []
-        logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, epoch_row["train_loss"],
+        row.update(metrics)
+        logger.debug("classifier epoch %d: train loss %.4f, val %s %s%s", epoch + 1, row["train_loss"],
                      cfg.select_metric, "-" if score is None else f"{score:.4f}", " (best)" if improved else "")
         if self.tracker_log is not None:
-            self.tracker_log({**epoch_row, "lr": row["lr"]}, epoch)
+            self.tracker_log({"epoch": epoch, "train_loss": row["train_loss"], **metrics, "lr": row["lr"]}, epoch)
         return cfg.select == "best" and self.bad_epochs >= cfg.patience
 
     def resume_state(self) -> dict[str, Any]:
@@ -280,7 +318,7 @@ class ClassifierStage(Stage):
         self.best_epoch, self.best_score, self.bad_epochs = state["best_epoch"], state["best_score"], state["bad_epochs"]
 
     def fit_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {"epochs": history[-1]["epoch"] + 1, "kept_epoch": self.best_epoch + 1,
+        return {**super().fit_summary(history), "kept_epoch": self.best_epoch + 1,
                 f"val_{self.cfg.select_metric}": self.best_score}
 
 
@@ -357,16 +395,10 @@ def fit_classifier(
     stage = ClassifierStage(model, cfg, loss_fn, n_real, len(train_images) - n_real, batches,
                             (val_images, val_labels), out_dir, {"config": settings, "n_classes": n_classes},
                             tracker_log)
-    per_epoch = stage.steps_per_epoch
-    schedule = StageConfig(
-        steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
-        warmup_steps=round(cfg.warmup_epochs * per_epoch), min_lr_ratio=0.0, weight_decay=cfg.weight_decay,
-        max_grad_norm=None, prompt_dropout=0.0, checkpoint_every=cfg.checkpoint_every * per_epoch,
-        keep_checkpoints=1)
     data = {"images": torch.from_numpy(train_images).unsqueeze(1), "labels": torch.from_numpy(train_labels)}
-    history = train_stage(stage, data, schedule, out_dir, seed=seed, mixed_precision=cfg.mixed_precision, cpu=cpu,
-                          precision_field="classifier.mixed_precision", identity=identity, identity_defaults=defaults,
-                          ema_decay=ema_decay(cfg.ema_epochs, per_epoch) if cfg.ema_epochs > 0 else None)
+    history = train_stage(stage, data, stage.schedule(), out_dir, seed=seed, mixed_precision=cfg.mixed_precision,
+                          cpu=cpu, precision_field="classifier.mixed_precision", identity=identity,
+                          identity_defaults=defaults, ema_decay=stage.moving_average_decay())
     epochs = [row for row in history if row.get("epoch") is not None]
     best = float("-inf") if stage.best_score is None else float(stage.best_score)
     model = load_best_weights(stage.model, out_dir)

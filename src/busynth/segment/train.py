@@ -22,13 +22,13 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
 
-from busynth.accel import broadcast_buffers, local_rows
+from busynth.accel import local_rows
 from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
-from busynth.classify.train import data_hash, ema_decay, mixed_batch, steps_per_epoch, synthetic_per_batch
+from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
 from busynth.data.augment import LIGHT, augment_batch
 from busynth.data.transforms import to_tensor
-from busynth.engine import Stage, StageConfig, train_stage
+from busynth.engine import train_stage
 from busynth.errors import DataError
 from busynth.segment.metrics import segmentation_scores
 
@@ -60,27 +60,18 @@ def predict_masks(model: nn.Module, images: np.ndarray, threshold: float = 0.5, 
     return torch.cat(out).numpy() if out else np.zeros(images.shape, dtype=bool)
 
 
-class SegmenterStage(Stage):
+class SegmenterStage(EpochStage):
     """Dice + cross-entropy of the UNet on augmented batches (image and mask warped alike); at the end
     of every ``eval_every``-th epoch and of the last the kept weights are scored on the validation
     pairs (mean Dice), and after the last epoch written to ``best.safetensors``."""
 
     name = "segmenter"
-    global_batch = True
 
     def __init__(self, model: nn.Module, cfg: SegmenterConfig, n_real: int, n_synthetic: int,
                  val: tuple[np.ndarray, np.ndarray], out_dir: Path) -> None:
-        self.model = self.net = model
-        self.cfg, self.val, self.out_dir = cfg, val, out_dir
-        self.n_real, self.n_synthetic = n_real, n_synthetic
-        self.k_synthetic = synthetic_per_batch(cfg.batch_size, n_synthetic, cfg.synthetic_share)
-        self.steps_per_epoch = steps_per_epoch(n_real, cfg.batch_size)
+        super().__init__(model, cfg, n_real, n_synthetic, steps_per_epoch(n_real, cfg.batch_size), out_dir)
+        self.val = val
         self.loss_fn = DiceCELoss(sigmoid=True)
-        self._losses: list[float] = []
-
-    def batch_rows(self, n: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
-        return torch.from_numpy(mixed_batch(micro_step, self.n_real, self.n_synthetic, batch_size, seed,
-                                            self.k_synthetic))
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         x, masks = batch["images"].float().div_(255.0), batch["masks"].float()
@@ -89,26 +80,18 @@ class SegmenterStage(Stage):
         rows = local_rows(len(x))
         return self.loss_fn(self.model(x[rows]), masks[rows].float()), {}
 
-    def end_step(self, step: int, row: dict[str, Any]) -> bool:
-        self._losses.append(row["loss"])
-        if (step + 1) % self.steps_per_epoch:
-            return False
-        epoch = (step + 1) // self.steps_per_epoch - 1
-        last = epoch + 1 >= self.cfg.epochs
-        broadcast_buffers(self.net)
-        kept = self.net if self.ema is None else self.ema.module
+    def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
         val_dice = None
-        if last or (epoch + 1) % self.cfg.eval_every == 0:
+        if scored:
             pred = predict_masks(kept, self.val[0], self.cfg.threshold)
             val_dice = float(segmentation_scores(pred, self.val[1])[:, 0].mean()) if len(pred) else None
         if last:
             save_safetensors(self.out_dir / BEST, kept.state_dict(), {"epoch": epoch, "val_dice": val_dice})
-        row.update(epoch=epoch, train_loss=float(np.mean(self._losses)), val_dice=val_dice)
-        self._losses = []
+        row["val_dice"] = val_dice
         return False
 
     def fit_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {"epochs": history[-1]["epoch"] + 1, "val_dice": history[-1]["val_dice"]}
+        return {**super().fit_summary(history), "val_dice": history[-1]["val_dice"]}
 
 
 def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray, val_masks: np.ndarray,
@@ -128,18 +111,13 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     stage = SegmenterStage(build_segmenter(cfg), cfg, n_real, len(images) - n_real, (val_images, val_masks), out_dir)
-    per_epoch = stage.steps_per_epoch
-    schedule = StageConfig(steps=cfg.epochs * per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
-                           warmup_steps=round(cfg.warmup_epochs * per_epoch), min_lr_ratio=0.0,
-                           weight_decay=cfg.weight_decay, max_grad_norm=None, prompt_dropout=0.0,
-                           checkpoint_every=cfg.checkpoint_every * per_epoch, keep_checkpoints=1)
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("eval_every", "checkpoint_every")}
     identity = {"n_real": n_real, "data_hash": data_hash(images, masks, val_images, val_masks),
                 **{f"segmenter.{k}": v for k, v in settings.items()}}
     data = {"images": torch.from_numpy(images).unsqueeze(1), "masks": torch.from_numpy(masks).unsqueeze(1)}
-    history = train_stage(stage, data, schedule, out_dir, seed=seed, mixed_precision=cfg.mixed_precision, cpu=cpu,
-                          precision_field="segmenter.mixed_precision", identity=identity,
-                          ema_decay=ema_decay(cfg.ema_epochs, per_epoch) if cfg.ema_epochs > 0 else None)
+    history = train_stage(stage, data, stage.schedule(), out_dir, seed=seed, mixed_precision=cfg.mixed_precision,
+                          cpu=cpu, precision_field="segmenter.mixed_precision", identity=identity,
+                          ema_decay=stage.moving_average_decay())
     model = load_best_weights(stage.model, out_dir)
     return SegmenterFit(model, len(history), [r for r in history if r.get("epoch") is not None])
 
