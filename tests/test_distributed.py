@@ -72,6 +72,16 @@ def test_diffusion_stage_matches_the_single_process_fit_within_tolerance(fits) -
     assert b[-4:].mean() < b[:4].mean()  # it still learns
 
 
+def test_sampling_and_scoring_are_shared_between_the_processes_and_give_the_same_numbers(fits) -> None:
+    one, two, _ = fits
+    assert one["sample_calls"] == [32, 32, 6]  # 70 images: three chunks, all here
+    assert two["sample_calls"] == [32, 6]  # the main process sampled chunks 0 and 2, the other chunk 1
+    assert len(two["sampled_images"]) == 70
+    assert two["sampled_images"] == one["sampled_images"]
+    assert np.array(two["proba"]).shape == (288, 3)  # 5 batches of 64 rows, shared round-robin
+    np.testing.assert_allclose(two["proba"], one["proba"], rtol=1e-6, atol=1e-7)
+
+
 def test_only_the_main_process_wrote_and_nothing_half_written_is_left(fits) -> None:
     _, _, root = fits
     one = sorted(p.relative_to(root / "one") for p in (root / "one").rglob("*"))

@@ -251,7 +251,8 @@ def test_repeated_cross_validation_makes_r_times_k_grouped_folds():
 
 
 def test_run_eta_counts_generator_fits_apart_from_classifier_cells(tmp_path):
-    from busynth.experiment import Cell, cell_kinds, remaining_seconds
+    from busynth.cells import Cell
+    from busynth.executors import cell_kinds, remaining_seconds
 
     cells = [Cell(m, f, s, 0) for f in (0, 1) for s in (0, 1) for m in ("real", "cvae")]
     kinds = cell_kinds(cells, [True] * len(cells), tmp_path)

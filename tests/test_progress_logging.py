@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from busynth import experiment
+from busynth import executors, experiment
 from busynth import progress as progress_module
 from busynth.logs import setup_logging
 from busynth.presets import load_config
@@ -105,13 +105,14 @@ def test_log_fit_writes_one_line_per_finished_fit(caplog) -> None:
 def test_run_study_logs_cell_i_of_n_with_an_eta_from_the_cells_computed_so_far(tmp_path, monkeypatch, caplog) -> None:
     """The first cell is done already (skipped, not timed); each computed cell takes 10 s (fake clock)."""
     clock = FakeClock()
-    monkeypatch.setattr(experiment, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(executors, "time", SimpleNamespace(perf_counter=clock))
 
-    def fake_cell(cell, config, study, run_dir, tracker_log=None) -> dict:
-        clock.now += 10
-        return {"balanced_accuracy": 0.5, "macro_auc": 0.5}
+    def fake_cell(cell, config, study, run_dir, tracker_log=None, wait=True) -> tuple[dict, bool]:
+        done = (run_dir / "cells" / cell.method / cell.key / "metrics.json").exists()
+        clock.now += 0 if done else 10
+        return {"balanced_accuracy": 0.5, "macro_auc": 0.5}, not done
 
-    monkeypatch.setattr(experiment, "run_cell", fake_cell)
+    monkeypatch.setattr(executors, "run_claimed", fake_cell)
     monkeypatch.setattr(experiment, "summarize_fidelity", lambda *a, **k: None)
     monkeypatch.setattr(experiment, "summarize_run", lambda *a, **k: {})
     config = load_config("smoke", ["run.methods=[real]"])
@@ -120,7 +121,7 @@ def test_run_study_logs_cell_i_of_n_with_an_eta_from_the_cells_computed_so_far(t
     done.write_text("{}")
     caplog.set_level(logging.INFO)
     experiment.run_study(config, tmp_path, build_html=False)
-    cells = [m for m in lines(caplog, "busynth.experiment") if m.startswith("cell ")]
+    cells = [m for m in lines(caplog, "busynth.executors") if m.startswith("cell ")]
     n = len(cells)
     assert n >= 2 and cells[0] == f"cell 1/{n}: real fold0_seed0 (done)"
     assert cells[1].startswith(f"cell 2/{n}: real ") and "ETA" not in cells[1]  # nothing timed yet

@@ -7,7 +7,9 @@ computed by every process alike, and only the main process *commits* files: ``bu
 routes every atomic write through :func:`commit_on_main`, which lets the main process
 rename its file into place while the others discard theirs, between two barriers. So a
 file check made between two writes gives the same answer in every process, and a file
-written by the main process is there for all of them after the write returns.
+written by the main process is there for all of them after the write returns. Sampling and
+scoring are the exception: :func:`shard_map` gives each process its share of the images and
+gathers the results into every process.
 """
 
 from __future__ import annotations
@@ -83,6 +85,24 @@ def _file_barrier() -> None:
     if not _file_group:
         _file_group.append(torch.distributed.new_group(backend="gloo"))
     torch.distributed.barrier(group=_file_group[0])
+
+
+def shard_map(fn: Callable[[int], T], n: int) -> list[T]:
+    """``[fn(0), ..., fn(n - 1)]`` in every process, each process computing its share (round-robin:
+    ``i`` where ``i mod world == rank``) and the shares gathered in order. Outside a multi-process
+    run, simply all of them here. So N processes sample or score N times faster, and every process
+    still ends up with the same result (the rule of this module)."""
+    state = process_state()
+    if state is None:
+        return [fn(i) for i in range(n)]
+    import torch
+
+    mine = {i: fn(i) for i in range(state.process_index, n, state.num_processes)}
+    shares: list[dict[int, T] | None] = [None] * state.num_processes
+    _file_barrier()  # creates the gloo group on first use, in every process alike
+    torch.distributed.all_gather_object(shares, mine, group=_file_group[0])
+    merged = {i: value for share in shares for i, value in (share or {}).items()}
+    return [merged[i] for i in range(n)]
 
 
 def commit_on_main(commit: Callable[[], T], discard: Callable[[], None] | None = None) -> T | None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from busynth.accel import shard_map
 from busynth.classify.checkpoints import save_safetensors
 from busynth.classify.metrics import classification_metrics
 from busynth.classify.predictions import predictions_csv, scores_csv
@@ -36,20 +37,23 @@ from busynth.evaluate.filtering import filter_synthetic
 from busynth.evaluate.labels import evaluate_label_fidelity
 from busynth.generators.base import (
     Generator,
+    Synthetic,
     build_generator,
     generator_class,
     read_manifest,
     synthetic_counts,
     write_samples,
 )
-from busynth.io import read_json, remove_tree, write_json, write_text
-from busynth.registry import FILTERED, REFERENCE, arm_parts
+from busynth.io import derived_seed, read_json, remove_tree, write_json, write_text
+from busynth.locks import claim
+from busynth.registry import FILTERED, REFERENCE, arm_parts, generator_method
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
 
 log = logging.getLogger(__name__)
 EXAMPLES = 8  # test images per segmentation cell kept with their masks for the report
+SAMPLE_CHUNK = 32  # images per sampling call: the unit of seeding and of sharing between processes
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,24 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
             if generator.needs_masks:
                 pool = [r.mask for r in train if r.label == label and r.mask is not None]
                 masks = [pool[i] for i in rng.integers(len(pool), size=counts[label])] if pool else None
-            samples = generator.sample(label, counts[label], seed=seed * 1000 + k, masks=masks)
-            write_samples(samples, out_dir, method, gen_dir)
+            write_samples(sample_sharded(generator, label, counts[label], seed * 1000 + k, masks), out_dir, method, gen_dir)
         write_json(done, {"counts": counts})
+
+
+def sample_sharded(generator: Generator, label: str, n: int, seed: int,
+                   masks: Sequence[np.ndarray] | None) -> list[Synthetic]:
+    """``n`` images of ``label`` sampled in chunks of SAMPLE_CHUNK, chunk ``j`` with seed ``seed`` (the
+    first) or ``derived_seed(seed, j)`` cut to 32 bits (generators combine their seed with small
+    numbers): the same images however many processes share the chunks (``accel.shard_map``: N
+    processes of ``accelerate launch`` sample N times faster)."""
+    starts = range(0, n, SAMPLE_CHUNK)
+
+    def chunk(j: int) -> list[Synthetic]:
+        lo, hi = starts[j], min(starts[j] + SAMPLE_CHUNK, n)
+        return generator.sample(label, hi - lo, seed=seed if j == 0 else derived_seed(seed, j) % 2**32,
+                                masks=None if masks is None else masks[lo:hi])
+
+    return [s for part in shard_map(chunk, len(starts)) for s in part]
 
 
 def largest_dose(synthesis: SynthesisConfig) -> SynthesisConfig:
@@ -200,9 +219,46 @@ def _read_gray(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the synthetic image ({exc})") from None
 
 
+def _unit(run_dir: Path, folder: Path) -> str:
+    """The claim name (``busynth.locks``) of a folder of the run: its path in the run folder."""
+    return Path(folder).relative_to(run_dir).as_posix()
+
+
+def prepare_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,
+                      run_dir: Path) -> Generator:
+    """Fit (or load) a fold's generator and sample its synthetic set, each under its claim, after the
+    fits it builds on (``Method.after``, when in the run: a fold's ``controlnet`` on its ``sd-lora``
+    fit, whichever worker gets there first). Returns the generator."""
+    train = study.split.select(study.records, fold, "train")
+    for base in generator_method(method).after:
+        if base in config.run.methods:
+            prepare_generator(base, fold, generator_seed, config, study, run_dir)
+    check_no_leak(study.split, fold, {"generator": [r.id for r in train]}, study.audit.group_of)
+    key = f"fold{fold}_seed{generator_seed}"
+    gen_dir, out_dir = run_dir / "generators" / method / key, run_dir / "synthetic" / method / key
+    with claim(run_dir, _unit(run_dir, gen_dir)):
+        generator = fit_or_load_generator(method, config, train, gen_dir, generator_seed)
+    with claim(run_dir, _unit(run_dir, out_dir)):
+        synthesize(generator, method, train, config, out_dir, gen_dir, generator_seed)
+    return generator
+
+
+def run_claimed(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
+                tracker_log: Callable[[dict, int], None] | None = None, wait: bool = True) -> tuple[dict | None, bool]:
+    """``run_cell`` under the cell's claim: (metrics row, whether it was computed now). With
+    ``wait=False`` it returns (None, False) at once when another worker holds the cell."""
+    cell_dir = run_dir / "cells" / cell.method / cell.key
+    with claim(run_dir, _unit(run_dir, cell_dir), wait=wait) as held:
+        if not held:
+            return None, False
+        computed = not (cell_dir / "metrics.json").exists()
+        return run_cell(cell, config, study, run_dir, tracker_log), computed
+
+
 def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
              tracker_log: Callable[[dict, int], None] | None = None) -> dict:
-    """Train and score one cell (resuming if interrupted); returns its metrics row."""
+    """Train and score one cell (resuming if interrupted); returns its metrics row. The caller holds
+    the cell's claim (``run_claimed``)."""
     cell_dir = run_dir / "cells" / cell.method / cell.key
     if (cell_dir / "metrics.json").exists():
         return read_json(cell_dir / "metrics.json")
@@ -215,13 +271,16 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
     synthetic: list[Record] = []
     generator_ids: list[str] = []
     if cell.method != REFERENCE:
-        gen_dir = run_dir / "generators" / cell.generator / cell.generator_key
-        check_no_leak(split, cell.fold, {"generator": [r.id for r in train]}, study.audit.group_of)
-        generator = fit_or_load_generator(cell.generator, config, train, gen_dir, cell.generator_seed)
+        generator = prepare_generator(cell.generator, cell.fold, cell.generator_seed, config, study, run_dir)
         generator_ids = list(generator.train_ids)
-        pool = config.synthesis.ratio * config.synthesis.filter_pool  # the filtered arm samples a larger pool
-        synthesize(generator, cell.generator, train, config, cell.synthetic_folder(run_dir), gen_dir, cell.generator_seed,
-                   synthesis=config.synthesis.model_copy(update={"ratio": pool}) if cell.filtered else None)
+        if cell.filtered:
+            # The filter is the classifier of the fold's real cell: that cell first (done, or done now).
+            run_claimed(Cell(REFERENCE, cell.fold, cell.generator_seed, cell.generator_seed), config, study, run_dir)
+            pool = config.synthesis.model_copy(update={"ratio": config.synthesis.ratio * config.synthesis.filter_pool})
+            gen_dir = run_dir / "generators" / cell.generator / cell.generator_key
+            with claim(run_dir, _unit(run_dir, cell.synthetic_folder(run_dir))):
+                synthesize(generator, cell.generator, train, config, cell.synthetic_folder(run_dir), gen_dir,
+                           cell.generator_seed, synthesis=pool)
         synthetic = arm_synthetic(cell, config, train, run_dir)
     if config.run.task == "segmentation":
         train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))
@@ -280,6 +339,11 @@ def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_d
     enter only the real-vs-real reference), label_fidelity.json (the fold's real-only classifier on
     the synthetic images and on the real test images) and, for images with masks, adherence.json
     (only this under run.task=segmentation). Each is computed once; a note until the real cell exists."""
+    with claim(run_dir, f"scores/{cell.method}/{cell.key}"):
+        _score_synthetic_set(cell, config, study, run_dir)
+
+
+def _score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     train = study.split.select(study.records, cell.fold, "train")
     test = study.split.select(study.records, cell.fold, "test")
     synthetic = arm_synthetic(cell, config, train, run_dir)

@@ -106,6 +106,11 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config>-<data>).")] = None,
     tracker: Annotated[str | None, typer.Option(help="none, wandb or tensorboard (local CSV/JSON always).")] = None,
     external: ExternalOpt = None,
+    executor: Annotated[str | None, typer.Option(
+        help="local (this process) or ray (cells as Ray tasks; any number of workers may share --out).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to connect to (auto, ray://host:10001); default: start a local one.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray: cells at once on the local Ray instance.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the study (resumes in the same --out folder): every fold x seed x method, then the report."""
@@ -121,7 +126,8 @@ def run(
         log.info("config: %s preset (%s; choose another with --config)", config,
                  "a BUSI-size data set" if data_path else "built-in data, a miniature of the study")
     cfg = _config(config, set_, **{"run.methods": method_list, "split.folds": folds, "run.seeds": seeds,
-                                    "run.tracker": tracker})
+                                    "run.tracker": tracker, "run.executor": executor, "run.ray_address": address,
+                                    "run.workers": workers})
     if out is None:
         out = Path("runs") / f"{Path(config).stem}-{data_path.name if data_path else 'phantom'}"
     summary = run_study(cfg, out, data_path, split_file, external=external_sets)

@@ -272,6 +272,16 @@ class RunConfig(_Strict):
     # Train on synthetic, test on real (CAS, Ravuri & Vinyals 2019): one more classifier per generator
     # fit, on its synthetic images alone, scored on the real test part (cells/<method>/<cell>/cas.json).
     cas: bool = False
+    # Who computes the cells: this process ("local") or a Ray cluster ("ray", busynth.executors). Any
+    # number of workers may share one run folder: every unit of work is claimed (busynth.locks).
+    executor: Literal["local", "ray"] = "local"
+    # Ray: the cluster to connect to ("auto", "ray://host:10001"); None starts a local Ray instance
+    # with `workers` x `cell_cpus` CPUs (workers None: as many as this machine's cores allow).
+    ray_address: str | None = None
+    workers: int | None = Field(default=None, ge=1)
+    # Resources each Ray task (a cell, a generator fit, a synthetic set's scoring) asks for.
+    cell_cpus: int = Field(default=1, ge=1)
+    cell_gpus: float = Field(default=0.0, ge=0.0)
 
     @field_validator("methods")
     @classmethod

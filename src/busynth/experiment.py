@@ -19,20 +19,18 @@ anything but the ``run`` section (methods, seeds, tracker) refuses to mix result
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from busynth.accel import is_main_process
-from busynth.cells import Cell, run_cell, score_synthetic_set
+from busynth.cells import Cell
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
+from busynth.executors import run_local, run_ray, score_local
 from busynth.external import check_study_overlap, load_external, score_and_summarize
 from busynth.generators.base import generator_class
-from busynth.progress import format_duration
+from busynth.locks import claim
 from busynth.registry import REFERENCE, study_arms
 from busynth.results import Protocol, aa_seed_halves, summarize_run
 from busynth.rundir import check_method_settings, open_run_dir, prepare_data
@@ -65,34 +63,6 @@ def validate_methods(config: StudyConfig) -> None:
         generator_class(method).parse_config(section)
 
 
-def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> list[tuple[str, bool]]:
-    """(method, fits a generator) per cell: the first cell to be run of each unfitted generator fit
-    also pays for the fit, the other cells of that fit only for a classifier."""
-    pending: set[tuple[str, str]] = set()
-    kinds = []
-    for cell, needed in zip(cells, todo, strict=True):
-        fit = (cell.generator, cell.generator_key)
-        fits = (needed and cell.method != REFERENCE and fit not in pending
-                and not (run_dir / "generators" / cell.generator / cell.generator_key / "generator.json").exists())
-        if fits:
-            pending.add(fit)
-        kinds.append((cell.method, fits))
-    return kinds
-
-
-def remaining_seconds(kinds: Sequence[tuple[str, bool]], seconds: dict[tuple[str, bool], list[float]]) -> float:
-    """Estimated seconds for cells of ``kinds``: the mean time of finished cells of the same kind, else
-    of cells that also fit (or do not fit) a generator, else of all finished cells."""
-    every = [t for ts in seconds.values() for t in ts]
-    by_fit = {f: [t for (m, g), ts in seconds.items() if g == f for t in ts] for f in (True, False)}
-
-    def estimate(kind: tuple[str, bool]) -> float:
-        pool = seconds.get(kind) or by_fit[kind[1]] or every
-        return float(np.mean(pool))
-
-    return sum(estimate(k) for k in kinds) if every else 0.0
-
-
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
               build_html: bool = True, external: dict[str, Path] | None = None) -> dict:
     """Run (or resume) the whole study in ``run_dir``; returns the results summary. ``external``
@@ -103,9 +73,10 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     source = "phantom" if data is None else str(Path(data).resolve())
-    open_run_dir(run_dir, config, source)
-    check_method_settings(run_dir, config.run.methods, config)
-    study = prepare_data(config, data, run_dir, split_file)
+    with claim(run_dir, "run"):  # other workers on this folder wait until its settings and split are written
+        open_run_dir(run_dir, config, source)
+        check_method_settings(run_dir, config.run.methods, config)
+        study = prepare_data(config, data, run_dir, split_file)
     for ext in external_sets:
         check_study_overlap(ext, study.records, config)
     log.info("split:\n%s", study.split.format(config.data.classes))
@@ -119,31 +90,19 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     if config.run.seeds < 3:
         log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
                     "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
-    tracker = open_tracker(config, run_dir) if is_main_process() else None
-    todo = [not (run_dir / "cells" / c.method / c.key / "metrics.json").exists() for c in cells]
-    kinds = cell_kinds(cells, todo, run_dir)
-    seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
-    try:
-        for i, cell in enumerate(cells, start=1):
-            left = [kinds[j] for j in range(i - 1, len(cells)) if todo[j]]
-            eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and todo[i - 1] else ""
-            log.info("cell %d/%d: %s %s%s%s", i, len(cells), cell.method, cell.key,
-                     "" if todo[i - 1] else " (done)", eta)
-            started = time.perf_counter()
-            row = run_cell(cell, config, study, run_dir, tracker.log if tracker else None)
-            if todo[i - 1]:
-                seconds.setdefault(kinds[i - 1], []).append(time.perf_counter() - started)
-            if "dice" in row:
-                log.info("  Dice %.3f, IoU %.3f, HD95 %.1f px", row["dice"], row["iou"], row["hd95"])
-            else:
-                log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
-                         row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
-    finally:
-        if tracker:
-            tracker.finish()
-    for cell in cells:
-        if cell.method != REFERENCE and cell.scores_synthetic_set:
-            score_synthetic_set(cell, config, study, run_dir)
+    if config.run.executor == "ray":
+        if config.run.tracker != "none":
+            log.warning("run.tracker=%s: with run.executor=ray the tracker gets no per-epoch metrics (the "
+                        "cells run in Ray workers); the run folder has them all", config.run.tracker)
+        run_ray(cells, config, study, run_dir)
+    else:
+        tracker = open_tracker(config, run_dir) if is_main_process() else None
+        try:
+            run_local(cells, config, study, run_dir, tracker.log if tracker else None)
+            score_local(cells, config, study, run_dir)
+        finally:
+            if tracker:
+                tracker.finish()
     arms = study_arms(config.run.methods, config.synthesis.ratios, config.synthesis.filter is not None)
     summarize_fidelity(run_dir, arms)
     protocol = Protocol.from_config(config.run)

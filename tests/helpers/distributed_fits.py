@@ -3,7 +3,9 @@
 
 Writes ``<out>/summary.json`` (main process only, through busynth.io): the classifier's
 per-epoch training loss and final weights' norm, the cVAE's and a diffusion stage's
-per-step losses, and how many processes took part.
+per-step losses, how many processes took part, and what sharded sampling and scoring gave
+(``accel.shard_map``): the classical augmenter's images for a fixed seed, the sampling calls this
+process made, and an untrained classifier's probabilities (the same weights in every run).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from pathlib import Path
 import torch
 
 from busynth.accel import rank_and_world
-from busynth.classify.train import fit_classifier
+from busynth.cells import sample_sharded
+from busynth.classify.models import build_classifier
+from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import ClassifierConfig, PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.data.transforms import label_indices, stack_images
 from busynth.engine import StageConfig, train_stage
+from busynth.generators.classical import ClassicalAugmenter
 from busynth.generators.cvae import CVAEGenerator
 from busynth.generators.diffusion.train import AutoencoderStage
 from busynth.io import read_history_csv, write_json
@@ -50,12 +55,25 @@ def main(out: Path) -> None:
     stage_cfg = StageConfig(steps=12, batch_size=8, lr=1e-3, checkpoint_every=6)
     train_stage(stage, {"pixels": pixels}, stage_cfg, out / "autoencoder", seed=0)
 
+    classical = ClassicalAugmenter({"image_size": 32}, classes=CLASSES)
+    classical.fit(records, out / "classical", seed=0)
+    calls = []
+    sample = classical.sample
+    classical.sample = lambda *a, **k: calls.append(a[1]) or sample(*a, **k)  # type: ignore[method-assign]
+    samples = sample_sharded(classical, "benign", 70, seed=5, masks=None)
+    torch.manual_seed(0)
+    untrained = build_classifier(cfg, 3)
+    proba = predict_proba(untrained, stack_images(records * 8, 32), batch_size=64)
+
     write_json(out / "summary.json", {
         "world": rank_and_world()[1],
         "classifier_loss": [row["train_loss"] for row in fit.history],
         "classifier_weights_norm": weights_norm,
         "cvae_loss": [float(r["loss"]) for r in read_history_csv(out / "cvae" / "history.csv", 10**9)],
         "autoencoder_loss": [float(r["loss"]) for r in read_history_csv(out / "autoencoder" / "history.csv", 10**9)],
+        "sampled_images": [s.image.tolist() for s in samples],
+        "sample_calls": calls,  # images per sample() call made by this (the main) process
+        "proba": proba.tolist(),
     })
 
 

@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
+from busynth.accel import shard_map
 from busynth.data.transforms import to_tensor
+
+# torchmetrics is imported inside the functions that use it: importing it takes seconds, paid by
+# every process that imports the study code (each Ray worker too) and needed only when scoring.
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 64)
     """float64 (N, D) penultimate features of uint8 images (N, S, S) from ``model.features``."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = [model.features(to_tensor(images[i:i + batch_size]).to(device)).double().cpu()
-              for i in range(0, len(images), batch_size)]
+    starts = range(0, len(images), batch_size)
+    chunks = shard_map(lambda k: model.features(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device))
+                       .double().cpu(), len(starts))
     if not chunks:
         return np.zeros((0, int(getattr(model, "feature_dim", 0))))
     return torch.cat(chunks).numpy()
@@ -89,6 +91,8 @@ def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 64)
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N >= 2 each), computed
     by torchmetrics' FrechetInceptionDistance on precomputed features (float64)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), reset_real_features=True)
     metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
     metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
@@ -104,6 +108,8 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, max_subset: int 
     size = int(min(max_subset, max(2, min(len(real), len(fake)) // 2)))
     with warnings.catch_warnings():  # "will save all extracted features": they are ours already
         warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
                                          subset_size=size, reset_real_features=True)
     metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
@@ -173,6 +179,8 @@ def ms_ssim_pairs(a: np.ndarray, b: np.ndarray, chunk: int = 64) -> np.ndarray:
     computed in float32 chunks (CPU convolution memory grows with the batch)."""
     if len(a) == 0:
         return np.zeros(0)
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
     sigma, window, betas = ms_ssim_params(min(a.shape[1:]))
     values = [
         multiscale_structural_similarity_index_measure(

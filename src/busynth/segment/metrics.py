@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
 from busynth.classify.metrics import SCORE_NAMES
 
@@ -25,6 +24,8 @@ def segmentation_scores(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
         raise ValueError(f"pred and true must both be (N, H, W), got {pred.shape} and {true.shape}")
     if len(pred) == 0:
         return np.zeros((0, len(SCORES)))
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU  # MONAI: see segment/train.py
+
     p = torch.from_numpy(pred.astype(np.float32))[:, None]
     t = torch.from_numpy(true.astype(np.float32))[:, None]
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)[:, 0].numpy()

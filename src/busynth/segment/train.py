@@ -18,11 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 from torch import nn
 
-from busynth.accel import local_rows
+from busynth.accel import local_rows, shard_map
 from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
 from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
@@ -44,6 +42,10 @@ class SegmenterFit:
 
 def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
     """MONAI's 2-D UNet: one input channel (grayscale), one output channel (the lesion logit)."""
+    # MONAI is imported where it is used: its package import takes seconds (it loads all of its
+    # networks), paid by every process that imports the study code (each Ray worker too).
+    from monai.networks.nets import UNet
+
     return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
                 strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout)
 
@@ -54,8 +56,9 @@ def predict_masks(model: nn.Module, images: np.ndarray, threshold: float = 0.5, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = [torch.sigmoid(model(to_tensor(images[i:i + batch_size]).to(device)).float())[:, 0].cpu() > threshold
-           for i in range(0, len(images), batch_size)]
+    starts = range(0, len(images), batch_size)
+    out = shard_map(lambda k: torch.sigmoid(model(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device))
+                                            .float())[:, 0].cpu() > threshold, len(starts))
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(images.shape, dtype=bool)
 
@@ -70,6 +73,8 @@ class SegmenterStage(EpochStage):
     def __init__(self, model: nn.Module, cfg: SegmenterConfig, n_real: int, n_synthetic: int,
                  val: tuple[np.ndarray, np.ndarray], out_dir: Path) -> None:
         super().__init__(model, cfg, n_real, n_synthetic, steps_per_epoch(n_real, cfg.batch_size), out_dir)
+        from monai.losses import DiceCELoss
+
         self.val = val
         self.loss_fn = DiceCELoss(sigmoid=True)
 

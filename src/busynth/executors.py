@@ -1,0 +1,264 @@
+"""Who computes the cells of a study: this process, one after another (``run.executor: local``), or
+the tasks of a Ray cluster (``run.executor: ray``; Moritz et al., OSDI 2018).
+
+Either way the run folder is the only state. Every cell, generator fit, synthetic set and scoring
+of a synthetic set is computed under its claim (:mod:`busynth.locks`) and committed by atomic
+writes, so any number of workers may share one folder: several ``busynth run`` on one machine, or
+Ray tasks on the nodes of a cluster that mounts it. A unit another worker holds is left alone and
+waited for at the end; the unit of a worker that died is taken over and resumes from its
+checkpoints.
+
+The Ray executor submits the study as a graph of tasks (:func:`plan`): a fold's generator fit
+after the fits it builds on (``controlnet`` after ``sd-lora``, ``registry.Method.after``), each cell
+after its generator fit (and a filtered arm after the fold's ``real`` cell, whose classifier
+filters), each synthetic set's scoring after its cells; the summary waits for all of them. Each
+task asks for ``run.cell_cpus`` CPUs and ``run.cell_gpus`` GPUs; Ray places the tasks and retries a
+task whose worker died (``max_retries``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from busynth.cells import Cell, prepare_generator, run_claimed, score_synthetic_set
+from busynth.config import StudyConfig
+from busynth.errors import BusynthError, ConfigError
+from busynth.progress import format_duration
+from busynth.registry import METHODS, REFERENCE
+from busynth.rundir import StudyData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A generator fit of one fold and generator seed, with its synthetic set."""
+
+    generator: str
+    fold: int
+    generator_seed: int
+
+    @property
+    def key(self) -> str:
+        return f"fold{self.fold}_seed{self.generator_seed}"
+
+
+def cell_fit(cell: Cell) -> Fit | None:
+    """The generator fit a cell trains on (None for ``real``)."""
+    return None if cell.method == REFERENCE else Fit(cell.generator, cell.fold, cell.generator_seed)
+
+
+def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict[Fit, list[Fit]], dict[Cell, list]]:
+    """The study as a graph: the generator fits in an order where a fit comes after those it builds
+    on, what each fit waits for (fits of ``Method.after`` methods in ``methods``), and what each cell
+    waits for (its fit; a filtered arm also the ``real`` cell of its fold and generator seed)."""
+    fits: list[Fit] = []
+    fit_needs: dict[Fit, list[Fit]] = {}
+
+    def add(fit: Fit) -> None:
+        if fit in fit_needs:
+            return
+        bases = [Fit(b, fit.fold, fit.generator_seed) for b in METHODS[fit.generator].after if b in methods]
+        for base in bases:
+            add(base)
+        fit_needs[fit] = bases
+        fits.append(fit)
+
+    cell_needs: dict[Cell, list] = {}
+    for cell in cells:
+        fit = cell_fit(cell)
+        needs: list = []
+        if fit is not None:
+            add(fit)
+            needs.append(fit)
+        if cell.filtered:
+            needs.append(Cell(REFERENCE, cell.fold, cell.generator_seed, cell.generator_seed))
+        cell_needs[cell] = needs
+    return fits, fit_needs, cell_needs
+
+
+def cell_done(run_dir: Path, cell: Cell) -> bool:
+    return (Path(run_dir) / "cells" / cell.method / cell.key / "metrics.json").exists()
+
+
+def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> list[tuple[str, bool]]:
+    """(method, fits a generator) per cell: the first cell to be run of each unfitted generator fit
+    also pays for the fit, the other cells of that fit only for a classifier."""
+    pending: set[tuple[str, str]] = set()
+    kinds = []
+    for cell, needed in zip(cells, todo, strict=True):
+        fit = (cell.generator, cell.generator_key)
+        fits = (needed and cell.method != REFERENCE and fit not in pending
+                and not (run_dir / "generators" / cell.generator / cell.generator_key / "generator.json").exists())
+        if fits:
+            pending.add(fit)
+        kinds.append((cell.method, fits))
+    return kinds
+
+
+def remaining_seconds(kinds: Sequence[tuple[str, bool]], seconds: dict[tuple[str, bool], list[float]]) -> float:
+    """Estimated seconds for cells of ``kinds``: the mean time of finished cells of the same kind, else
+    of cells that also fit (or do not fit) a generator, else of all finished cells."""
+    every = [t for ts in seconds.values() for t in ts]
+    by_fit = {f: [t for (m, g), ts in seconds.items() if g == f for t in ts] for f in (True, False)}
+
+    def estimate(kind: tuple[str, bool]) -> float:
+        pool = seconds.get(kind) or by_fit[kind[1]] or every
+        return float(np.mean(pool))
+
+    return sum(estimate(k) for k in kinds) if every else 0.0
+
+
+def log_row(row: dict) -> None:
+    if "dice" in row:
+        log.info("  Dice %.3f, IoU %.3f, HD95 %.1f px", row["dice"], row["iou"], row["hd95"])
+    else:
+        log.info("  balanced accuracy %.3f, macro AUC %.3f, malignant AUC %.3f",
+                 row["balanced_accuracy"], row["macro_auc"], row.get("malignant_auc", float("nan")))
+
+
+def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path,
+              tracker_log: Callable[[dict, int], None] | None = None) -> None:
+    """Compute the cells here, in order, each under its claim: a cell another worker holds is skipped
+    and, after the others, waited for (and taken over if that worker died)."""
+    todo = [not cell_done(run_dir, c) for c in cells]
+    kinds = cell_kinds(cells, todo, run_dir)
+    seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
+    held_elsewhere: list[int] = []
+    for i, cell in enumerate(cells):
+        left = [kinds[j] for j in range(i, len(cells)) if todo[j]]
+        eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and todo[i] else ""
+        log.info("cell %d/%d: %s %s%s%s", i + 1, len(cells), cell.method, cell.key, "" if todo[i] else " (done)", eta)
+        started = time.perf_counter()
+        row, computed = run_claimed(cell, config, study, run_dir, tracker_log, wait=False)
+        if row is None:
+            log.info("  another worker has it: back to it at the end")
+            held_elsewhere.append(i)
+            continue
+        if computed:
+            seconds.setdefault(kinds[i], []).append(time.perf_counter() - started)
+            log_row(row)
+    for i in held_elsewhere:
+        log.info("cell %d/%d: %s %s: waiting for the worker that has it", i + 1, len(cells), cells[i].method,
+                 cells[i].key)
+        row, computed = run_claimed(cells[i], config, study, run_dir, tracker_log, wait=True)
+        log.info("  %s", "taken over from a worker that stopped" if computed else "done by the other worker")
+        if computed:
+            log_row(row)
+
+
+def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    for cell in cells:
+        if cell.method != REFERENCE and cell.scores_synthetic_set:
+            score_synthetic_set(cell, config, study, run_dir)
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+def _worker_setup(cpus: float) -> None:
+    """In a Ray worker process: torch threads for the task's CPUs, and the CLI's plain log lines."""
+    import torch
+
+    from busynth.logs import setup_logging
+
+    torch.set_num_threads(max(1, int(cpus)))
+    if not logging.getLogger().handlers:
+        setup_logging(False)
+
+
+def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> str:
+    _worker_setup(config.run.cell_cpus)
+    prepare_generator(fit.generator, fit.fold, fit.generator_seed, config, study, Path(run_dir))
+    return fit.key
+
+
+def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[dict, bool]:
+    _worker_setup(config.run.cell_cpus)
+    row, computed = run_claimed(cell, config, study, Path(run_dir), wait=True)
+    return row, computed
+
+
+def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
+    _worker_setup(config.run.cell_cpus)
+    score_synthetic_set(cell, config, study, Path(run_dir))
+
+
+def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    """Compute every cell, generator fit and synthetic-set score as Ray tasks (see the module docstring);
+    connects to ``run.ray_address`` or starts a local Ray instance with ``run.workers`` x ``run.cell_cpus``
+    CPUs. Returns when all are done; a task's error is raised here as busynth's own error."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("run.executor=ray needs Ray: pip install 'busynth[ray]'") from None
+    run = config.run
+    started_here = not ray.is_initialized()
+    if started_here:
+        if run.ray_address is None:
+            cpus = (run.workers or max(1, (os.cpu_count() or 1) // int(run.cell_cpus))) * run.cell_cpus
+            ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=run.ray_address, log_to_driver=True)
+    try:
+        _submit_and_wait(ray, cells, config, study, Path(run_dir).resolve())
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    resources = {"num_cpus": config.run.cell_cpus, "num_gpus": config.run.cell_gpus}
+    fit_task, cell_task, score_task = (ray.remote(**resources)(f) for f in (_fit_task, _cell_task, _score_task))
+    args = (ray.put(config), ray.put(study), str(run_dir))
+    fits, fit_needs, cell_needs = plan(cells, config.run.methods)
+    fit_refs: dict = {}
+    for fit in fits:  # bases first
+        fit_refs[fit] = fit_task.remote(fit, *args, *(fit_refs[b] for b in fit_needs[fit]))
+    cell_refs: dict = {}
+    # Cells a filtered arm waits for come first in `cells` (real runs first): refs exist when needed.
+    for cell in cells:
+        needs = [fit_refs[n] if isinstance(n, Fit) else cell_refs[n] for n in cell_needs[cell] if
+                 isinstance(n, Fit) or n in cell_refs]
+        cell_refs[cell] = cell_task.remote(cell, *args, *needs)
+    score_refs = []
+    for cell in cells:
+        if cell.method != REFERENCE and cell.scores_synthetic_set:
+            real = Cell(REFERENCE, cell.fold, cell.seed, cell.generator_seed)
+            after = [cell_refs[cell]] + ([cell_refs[real]] if real in cell_refs else [])
+            score_refs.append(score_task.remote(cell, *args, *after))
+    names = {ref: f"{c.method} {c.key}" for c, ref in cell_refs.items()}
+    pending, start, finished = list(cell_refs.values()), time.perf_counter(), 0
+    log.info("ray: %d cells, %d generator fits, %d synthetic-set scores submitted (%s CPU, %s GPU per task)",
+             len(cell_refs), len(fit_refs), len(score_refs), config.run.cell_cpus, config.run.cell_gpus)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        row, computed = _get(ray, ready[0])
+        finished += 1
+        elapsed = time.perf_counter() - start
+        eta = f", ETA {format_duration(elapsed / finished * len(pending))}" if pending else ""
+        log.info("cell %d/%d done: %s%s%s", finished, len(cell_refs), names[ready[0]],
+                 "" if computed else " (done before)", eta)
+        if computed:
+            log_row(row)
+    for ref in [*score_refs, *fit_refs.values()]:
+        _get(ray, ref)
+
+
+def _get(ray, ref):
+    """``ray.get`` that raises a task's busynth error as itself (one line for the user), not wrapped."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, BusynthError):
+            raise exc.cause from None
+        raise

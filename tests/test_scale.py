@@ -1,0 +1,168 @@
+"""Many workers on one run folder: claims, two ``busynth run`` at once, a killed worker, and the Ray executor.
+
+The workers are real child processes (the CLI), one torch thread each, on the smoke study; every
+multi-worker run must write the same metrics as one process alone, compute each cell once, and
+finish the cell of a worker that was killed holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from busynth.cells import Cell
+from busynth.executors import Fit, plan
+from busynth.locks import claim, lock_path
+
+ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
+        "classifier.patience=6"]
+CELL_LINE = re.compile(r"busynth\.executors: cell \d+/\d+: (\S+) (\S+)")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RAY_COLOR_PREFIX": "0"}
+
+
+def _start(out: Path, log: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "busynth.cli", "run", *ARGS, "--out", str(out), *extra],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=_env())
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: int = 600) -> str:
+    proc.wait(timeout=timeout)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+def _metrics(run_dir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((run_dir / "cells").rglob("metrics.json")):
+        row = json.loads(path.read_text())
+        row.pop("seconds")
+        out[str(path.relative_to(run_dir))] = row
+    return out
+
+
+def _computed(log_text: str) -> list[tuple[str, str]]:
+    """The cells a worker trained itself: its cell lines followed by a metrics line."""
+    cells, current = [], None
+    for line in log_text.splitlines():
+        if m := CELL_LINE.search(line):
+            current = (m.group(1), m.group(2))
+        elif "busynth.executors:   balanced accuracy" in line and current:
+            cells.append(current)
+            current = None
+    return cells
+
+
+def _wait_for(predicate, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _holder(lock: Path) -> int | None:
+    """The pid holding a flock on ``lock`` (from /proc/locks), None when nobody does."""
+    inode = lock.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
+            return int(fields[4])
+    return None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict]:
+    """The smoke study in one process, one thread."""
+    root = tmp_path_factory.mktemp("reference")
+    _finish(_start(root / "run", root / "log"), root / "log")
+    return _metrics(root / "run")
+
+
+def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
+    cells = [Cell("real", 0, 0), Cell("controlnet", 0, 0), Cell("sd-lora", 0, 0), Cell("cvae+filter", 0, 1)]
+    fits, fit_needs, cell_needs = plan(cells, ["real", "sd-lora", "controlnet", "cvae"])
+    assert fits.index(Fit("sd-lora", 0, 0)) < fits.index(Fit("controlnet", 0, 0))
+    assert fit_needs[Fit("controlnet", 0, 0)] == [Fit("sd-lora", 0, 0)]
+    assert cell_needs[Cell("real", 0, 0)] == []
+    assert cell_needs[Cell("cvae+filter", 0, 1)] == [Fit("cvae", 0, 0), Cell("real", 0, 0, 0)]
+    # without sd-lora in the run, controlnet fits its own base: no edge
+    _, alone, _ = plan([Cell("controlnet", 1, 0)], ["controlnet"])
+    assert alone[Fit("controlnet", 1, 0)] == []
+
+
+def test_a_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom busynth.locks import claim\n"
+        f"with claim({str(tmp_path)!r}, 'cells/real/fold0_seed0'):\n    print('held', flush=True)\n    time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with claim(tmp_path, "cells/real/fold0_seed0", wait=False) as held:
+            assert held is False
+        with claim(tmp_path, "cells/real/fold1_seed0", wait=False) as held:  # another unit is free
+            assert held is True
+        assert _holder(lock_path(tmp_path, "cells/real/fold0_seed0")) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim(tmp_path, "cells/real/fold0_seed0", wait=False) as held:  # the kernel released it
+        assert held is True
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_run_folder_share_the_cells_and_match_one_process(tmp_path, reference) -> None:
+    out = tmp_path / "run"
+    workers = [_start(out, tmp_path / f"log{i}") for i in range(2)]
+    logs = [_finish(w, tmp_path / f"log{i}") for i, w in enumerate(workers)]
+    assert _metrics(out) == reference
+    computed = [_computed(text) for text in logs]
+    assert all(computed), f"a worker computed nothing: {computed}"
+    assert not set(computed[0]) & set(computed[1]), "a cell was computed by both workers"
+    assert len(computed[0]) + len(computed[1]) == len(reference)
+    assert json.loads((out / "results" / "summary.json").read_text())["methods"]
+
+
+@pytest.mark.slow
+def test_a_killed_workers_cell_is_taken_over_by_the_other(tmp_path, reference) -> None:
+    out = tmp_path / "run"
+    cell = out / "cells" / "classical" / "fold0_seed0"
+    first = _start(out, tmp_path / "log0")
+    _wait_for(lambda: list((cell / "classifier").glob("checkpoint-*/state.json")), "a checkpoint of the cell")
+    os.kill(first.pid, signal.SIGSTOP)  # holding the claim, mid-cell
+    assert not (cell / "metrics.json").exists(), "stopped too late: the cell had finished"
+    second = _start(out, tmp_path / "log1")
+    _wait_for(lambda: "another worker has it" in (tmp_path / "log1").read_text(), "the second worker to skip it")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    text = _finish(second, tmp_path / "log1")
+    assert "taken over from a worker that stopped" in text
+    assert _metrics(out) == reference
+
+
+@pytest.mark.slow
+def test_ray_runs_the_study_with_two_workers_and_retries_a_killed_one(tmp_path, reference) -> None:
+    pytest.importorskip("ray", reason="ray is in the test extras")
+    out = tmp_path / "run"
+    proc = _start(out, tmp_path / "log", "--executor", "ray", "--workers", "2")
+    cell = out / "cells" / "classical" / "fold1_seed0"
+    _wait_for(lambda: list((cell / "classifier").glob("checkpoint-*/state.json")), "a checkpoint of the cell")
+    pid = _holder(lock_path(out, "cells/classical/fold1_seed0"))
+    killed = pid is not None and not (cell / "metrics.json").exists()
+    if killed:
+        os.kill(pid, signal.SIGKILL)  # a Ray worker, mid-cell: Ray runs the task again
+    text = _finish(proc, tmp_path / "log")
+    assert killed, "the cell finished before its worker could be killed"
+    assert pid != proc.pid, "the cell ran in the driver, not in a Ray worker"
+    assert "ray: 8 cells" in text
+    assert _metrics(out) == reference
