@@ -44,7 +44,7 @@ logger = logging.getLogger("bench_controlnet")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def _setup(cfg: SDLoraConfig, n: int, seed: int = 0):
+def setup(cfg: SDLoraConfig, n: int, seed: int = 0):
     """Frozen tiny parts, a fresh ControlNet from the UNet, random moments, masks and prompt embeddings."""
     parts = build_tiny_components(cfg.tiny, cfg.image_size, [cfg.generic_prompt], seed)
     freeze(parts.unet, parts.vae, parts.text_encoder)
@@ -62,7 +62,7 @@ def _setup(cfg: SDLoraConfig, n: int, seed: int = 0):
 
 def ours_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
     """Per-step seconds of train_stage with ControlNetStage (history 'seconds', first step dropped)."""
-    parts, controlnet, data, emb = _setup(cfg, 4 * batch)
+    parts, controlnet, data, emb = setup(cfg, 4 * batch)
     stage = ControlNetStage(controlnet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
     stage_cfg = StageConfig(steps=steps, batch_size=batch, lr=1e-4, prompt_dropout=0.0, checkpoint_every=10**6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def ours_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
 
 def reference_step_seconds(cfg: SDLoraConfig, steps: int, batch: int) -> list[float]:
     """Per-step seconds of a plain hand-written diffusers ControlNet step on the same model and data."""
-    parts, controlnet, data, emb = _setup(cfg, 4 * batch)
+    parts, controlnet, data, emb = setup(cfg, 4 * batch)
     unet, sched = parts.unet, parts.noise_scheduler
     controlnet.train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-4, weight_decay=1e-2)

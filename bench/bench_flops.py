@@ -35,10 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_controlnet import _setup as controlnet_setup  # sets HF_HUB_OFFLINE
+from bench_controlnet import setup as controlnet_setup  # sets HF_HUB_OFFLINE
 from bench_diffusion import device_info, load_avg, tiny_setup
 
 from busynth.classify.train import fit_classifier
@@ -49,6 +54,19 @@ from busynth.generators.diffusion.train import ControlNetStage, NoisePredictionS
 from busynth.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# FlopCounterMode (torch 2.13) counts the CUDA attention kernels but not the CPU ones, so the tiny
+# UNet's attention would count as free; these give the CPU kernels torch's own SDPA formulas.
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def nominal_peak_gflops(threads: int) -> dict:
@@ -75,10 +93,12 @@ def attainable_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
-def counted_flops(step) -> int:
+def counted_flops(step) -> dict:
+    """Total FLOPs of ``step`` and the part of each operator."""
     with FlopCounterMode(display=False) as counter:
         step()
-    return int(counter.get_total_flops())
+    by_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return {"flops": int(counter.get_total_flops()), "flops_by_op": by_op}
 
 
 def engine_step_seconds(stage, data: dict, batch: int, steps: int) -> float:
@@ -100,7 +120,7 @@ def unet_step(batch: int, steps: int) -> dict:
 
     flops = counted_flops(one)
     parts.unet.zero_grad(set_to_none=True)
-    return {"batch": batch, "flops": flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
+    return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
 
 
 def controlnet_step(batch: int, steps: int) -> dict:
@@ -115,7 +135,7 @@ def controlnet_step(batch: int, steps: int) -> dict:
 
     flops = counted_flops(one)
     controlnet.zero_grad(set_to_none=True)
-    return {"batch": batch, "flops": flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
+    return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
 
 
 def classifier_step(steps: int) -> dict:
@@ -138,7 +158,7 @@ def classifier_step(steps: int) -> dict:
     def one() -> None:
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
-    return {"batch": cfg.batch_size, "flops": counted_flops(one), "seconds": seconds}
+    return {"batch": cfg.batch_size, **counted_flops(one), "seconds": seconds}
 
 
 def main() -> None:
