@@ -14,7 +14,10 @@ per core, AVX2 + FMA: 2 x 8; x 2 FLOPs x clock x threads), and *attainable*, the
 large fp32 matrix product (torch.mm, 2048 x 2048) on the same threads, the best any step could do.
 
 ``--batch-scan`` also times the UNet step at larger batches: how much of the loss is per-step
-overhead (a fixed cost that a larger batch amortises) rather than slow kernels.
+overhead (a fixed cost that a larger batch amortises) rather than slow kernels. ``--ab`` times the
+UNet and ControlNet steps with candidate fixes against the step as it is, interleaved
+(``bench_diffusion.interleaved_comparison``): attention on torch's math SDPA kernel instead of the
+CPU flash kernel, and the networks in channels-last memory layout.
 
 Writes bench/results/flops.json.
 
@@ -44,7 +47,7 @@ from torch.utils.flop_counter import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_controlnet import setup as controlnet_setup  # sets HF_HUB_OFFLINE
-from bench_diffusion import device_info, load_avg, tiny_setup
+from bench_diffusion import device_info, interleaved_comparison, load_avg, tiny_setup
 
 from busynth.classify.train import fit_classifier
 from busynth.config import ClassifierConfig
@@ -108,9 +111,11 @@ def engine_step_seconds(stage, data: dict, batch: int, steps: int) -> float:
     return statistics.median(float(r["seconds"]) for r in history[2:])
 
 
-def unet_step(batch: int, steps: int) -> dict:
+def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
     cfg = SDLoraConfig(image_size=128)
     parts, data, emb = tiny_setup(cfg, 4 * batch)
+    if channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
     stage = NoisePredictionStage("base", parts.unet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
     rows = {k: v[:batch] for k, v in data.items()}
 
@@ -123,9 +128,12 @@ def unet_step(batch: int, steps: int) -> dict:
     return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
 
 
-def controlnet_step(batch: int, steps: int) -> dict:
+def controlnet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
     cfg = SDLoraConfig(image_size=128)
     parts, controlnet, data, emb = controlnet_setup(cfg, 4 * batch)
+    if channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+        controlnet.to(memory_format=torch.channels_last)
     stage = ControlNetStage(controlnet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
     rows = {k: v[:batch] for k, v in data.items()}
 
@@ -161,14 +169,41 @@ def classifier_step(steps: int) -> dict:
     return {"batch": cfg.batch_size, **counted_flops(one), "seconds": seconds}
 
 
+def ab(steps: int, reps: int) -> dict:
+    """Each candidate fix against the step as it is, interleaved; ratio < 1 = faster."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def timing(fn, batch, math=False, channels_last=False):
+        def run() -> list[float]:
+            with sdpa_kernel(SDPBackend.MATH) if math else nullcontext():
+                return [fn(batch, steps, channels_last)["seconds"]]
+        return run
+
+    out = {}
+    for name, fn, batch in (("tiny UNet", unet_step, 16), ("ControlNet", controlnet_step, 8)):
+        for label, kw in (("math SDPA", {"math": True}), ("channels_last", {"channels_last": True}),
+                          ("both", {"math": True, "channels_last": True})):
+            r = interleaved_comparison(timing(fn, batch, **kw), timing(fn, batch), reps)
+            out[f"{name} (batch {batch}): {label}"] = r
+            print(f"  {name} (batch {batch}), {label}: {r['ours_median_s'] * 1e3:.1f} ms vs "
+                  f"{r['reference_median_s'] * 1e3:.1f} ms, ratio {r['ratio']:.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-scan", default="", help="UNet batch sizes to also time, e.g. 8,16,32")
+    parser.add_argument("--ab", type=int, default=0, help="repetitions of the interleaved candidate fixes (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flops.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ab:
+        write_json(args.out.with_name("flops_ab.json"), {"device": device_info(), "load_avg": load_avg(),
+                                                         "comparisons": ab(args.steps, args.ab)})
     nominal = nominal_peak_gflops(args.threads)
     attainable = attainable_gflops()
     steps = {"classifier (96 px, batch 32)": classifier_step(args.steps),

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from busynth.accel import process_state
 from busynth.cells import Cell, prepare_generator, run_claimed, score_synthetic_set
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
@@ -191,27 +194,52 @@ def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str,
     score_synthetic_set(cell, config, study, Path(run_dir))
 
 
-def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
-    """Compute every cell, generator fit and synthetic-set score as Ray tasks (see the module docstring);
-    connects to ``run.ray_address`` or starts a local Ray instance with ``run.workers`` x ``run.cell_cpus``
-    CPUs. Returns when all are done; a task's error is raised here as busynth's own error."""
+@contextmanager
+def ray_session(config: StudyConfig) -> Iterator[None]:
+    """Connect to ``run.ray_address`` (or start a local Ray instance with ``run.workers`` x
+    ``run.cell_cpus`` CPUs) for the ``with`` block, and have every worker import the study code at
+    once, so that Ray's start and the workers' imports overlap the driver's data preparation. A
+    Ray already initialised in this process is used as it is and left running."""
     try:
         import ray
     except ImportError:
         raise ConfigError("run.executor=ray needs Ray: pip install 'busynth[ray]'") from None
+    if process_state() is not None:
+        raise ConfigError("run.executor=ray runs every cell in a Ray worker of its own: start it with "
+                          "`busynth run`, not under accelerate launch")
     run = config.run
     started_here = not ray.is_initialized()
     if started_here:
+        if not sys.stderr.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain worker-log prefixes in log files
         if run.ray_address is None:
-            cpus = (run.workers or max(1, (os.cpu_count() or 1) // int(run.cell_cpus))) * run.cell_cpus
-            ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=True)
+            cpus = (run.workers or max(1, (os.cpu_count() or 1) // run.cell_cpus)) * run.cell_cpus
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=run.ray_address, log_to_driver=True)
+    warm = ray.remote(num_cpus=run.cell_cpus)(_warm_up)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // run.cell_cpus))
+    for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
+        warm.remote()
     try:
-        _submit_and_wait(ray, cells, config, study, Path(run_dir).resolve())
+        yield
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _warm_up() -> None:
+    """A task that only imports what the cell tasks need (this module imports it all)."""
+    _worker_setup(1)
+
+
+def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    """Compute every cell, generator fit and synthetic-set score as Ray tasks (see the module
+    docstring), inside :func:`ray_session`. Returns when all are done; a task's error is raised here
+    as busynth's own error."""
+    import ray
+
+    _submit_and_wait(ray, cells, config, study, Path(run_dir).resolve())
 
 
 def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
@@ -250,6 +278,7 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
             log_row(row)
     for ref in [*score_refs, *fit_refs.values()]:
         _get(ray, ref)
+    log.info("ray: every task done in %.1f s", time.perf_counter() - start)
 
 
 def _get(ray, ref):

@@ -27,13 +27,13 @@ from busynth.cells import Cell
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
-from busynth.executors import run_local, run_ray, score_local
+from busynth.executors import ray_session, run_local, run_ray, score_local
 from busynth.external import check_study_overlap, load_external, score_and_summarize
 from busynth.generators.base import generator_class
 from busynth.locks import claim
 from busynth.registry import REFERENCE, study_arms
 from busynth.results import Protocol, aa_seed_halves, summarize_run
-from busynth.rundir import check_method_settings, open_run_dir, prepare_data
+from busynth.rundir import StudyData, check_method_settings, open_run_dir, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +71,15 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
     validate_methods(config)
     external_sets = [load_external(name, path, config) for name, path in (external or {}).items()]
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    source = "phantom" if data is None else str(Path(data).resolve())
-    with claim(run_dir, "run"):  # other workers on this folder wait until its settings and split are written
-        open_run_dir(run_dir, config, source)
-        check_method_settings(run_dir, config.run.methods, config)
-        study = prepare_data(config, data, run_dir, split_file)
-    for ext in external_sets:
-        check_study_overlap(ext, study.records, config)
-    log.info("split:\n%s", study.split.format(config.data.classes))
-    folds = study.split.folds
-    if config.run.only_folds is not None:
-        unknown = sorted(set(config.run.only_folds) - set(folds))
-        if unknown:
-            raise ConfigError(f"run.only_folds: fold(s) {unknown} are not in the split (folds {list(folds)})")
-        folds = [f for f in folds if f in config.run.only_folds]
-    cells = study_cells(config, folds)
-    if config.run.seeds < 3:
-        log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
-                    "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
     if config.run.executor == "ray":
         if config.run.tracker != "none":
             log.warning("run.tracker=%s: with run.executor=ray the tracker gets no per-epoch metrics (the "
                         "cells run in Ray workers); the run folder has them all", config.run.tracker)
-        run_ray(cells, config, study, run_dir)
+        with ray_session(config):  # Ray starts while the data are prepared here
+            study, cells = prepare_study(config, run_dir, data, split_file, external_sets)
+            run_ray(cells, config, study, run_dir)
     else:
+        study, cells = prepare_study(config, run_dir, data, split_file, external_sets)
         tracker = open_tracker(config, run_dir) if is_main_process() else None
         try:
             run_local(cells, config, study, run_dir, tracker.log if tracker else None)
@@ -113,6 +97,30 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
 
         build_report(run_dir)
     return summary
+
+
+def prepare_study(config: StudyConfig, run_dir: Path, data: Path | None, split_file: Path | None,
+                  external_sets: Sequence) -> tuple[StudyData, list[Cell]]:
+    """The run folder's settings and data stages (under the folder's ``run`` claim), and the cells."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = "phantom" if data is None else str(Path(data).resolve())
+    with claim(run_dir, "run"):  # other workers on this folder wait until its settings and split are written
+        open_run_dir(run_dir, config, source)
+        check_method_settings(run_dir, config.run.methods, config)
+        study = prepare_data(config, data, run_dir, split_file)
+    for ext in external_sets:
+        check_study_overlap(ext, study.records, config)
+    log.info("split:\n%s", study.split.format(config.data.classes))
+    folds = study.split.folds
+    if config.run.only_folds is not None:
+        unknown = sorted(set(config.run.only_folds) - set(folds))
+        if unknown:
+            raise ConfigError(f"run.only_folds: fold(s) {unknown} are not in the split (folds {list(folds)})")
+        folds = [f for f in folds if f in config.run.only_folds]
+    if config.run.seeds < 3:
+        log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
+                    "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
+    return study, study_cells(config, folds)
 
 
 def open_tracker(config: StudyConfig, run_dir: Path):
