@@ -10,9 +10,11 @@ Run folder layout (every number in the report is recomputable from these files):
     cells/<method>/fold<f>_seed<s>/        ids.json, classifier/ (checkpoints, history.csv),
                                            predictions.csv, metrics.json (written last)
     results/cells.csv, summary.json, report.html
+    locks/                                 claims of the units being computed (busynth.locks)
 
 A cell whose ``metrics.json`` exists is finished and skipped on a rerun; an interrupted cell
-resumes from its generator's and classifier's checkpoints. A rerun whose config differs in
+resumes from its generator's and classifier's checkpoints. Who computes the cells, and how several
+workers share one folder: ``busynth.executors``. A rerun whose config differs in
 anything but the ``run`` section (methods, seeds, tracker) refuses to mix results.
 """
 
