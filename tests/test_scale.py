@@ -101,6 +101,19 @@ def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
     assert alone[Fit("controlnet", 1, 0)] == []
 
 
+def test_an_unreachable_ray_cluster_is_one_clear_line_before_any_work(tmp_path) -> None:
+    pytest.importorskip("ray", reason="ray is in the test extras")
+    for address, message in (("127.0.0.1:1", "cannot reach a Ray cluster there"),
+                             ("no-port-here", "expected auto, host:port or ray://host:port")):
+        done = subprocess.run([sys.executable, "-m", "busynth.cli", "run", "-c", "smoke", "--out", str(tmp_path / "r"),
+                               "--executor", "ray", "--address", address], capture_output=True, text=True,
+                              env=_env(), timeout=120, check=False)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"run.ray_address={address!r}: {message}" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "r" / "cells").exists()
+
+
 def test_a_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom busynth.locks import claim\n"

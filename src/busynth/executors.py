@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -216,7 +217,12 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
             cpus = (run.workers or max(1, (os.cpu_count() or 1) // run.cell_cpus)) * run.cell_cpus
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         else:
-            ray.init(address=run.ray_address, log_to_driver=True)
+            check_reachable(run.ray_address)
+            try:
+                ray.init(address=run.ray_address, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as exc:
+                raise ConfigError(f"run.ray_address={run.ray_address!r}: no Ray cluster there "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     warm = ray.remote(num_cpus=run.cell_cpus)(_warm_up)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // run.cell_cpus))
     for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
@@ -226,6 +232,22 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """For ``host:port`` and ``ray://host:port``: a TCP connection within ``timeout`` seconds, else a
+    ConfigError naming the address (Ray itself keeps retrying an unreachable cluster for minutes).
+    ``auto`` and other forms are left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"run.ray_address={address!r}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"run.ray_address={address!r}: cannot reach a Ray cluster there "
+                          f"({exc.strerror or exc})") from None
 
 
 def _warm_up() -> None:
