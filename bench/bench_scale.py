@@ -5,6 +5,8 @@ on 1 vs 2 accelerate processes, each pair measured side by side, one torch threa
    ``--workers 2``, each in a fresh run folder, alternating, ``--reps`` times each: the whole
    command's wall time (imports, Ray start, data, every cell, summary, report), and the part Ray
    parallelises, from the submission of the tasks to the last one done (the executor's log line).
+   Then the same study run in this process on a Ray instance started (and its workers warmed up)
+   before the timing, as on a running lab cluster: data, tasks, summary and report.
 2. Sampling a fitted sd-lora generator (the cpu preset's 128 px, 20 DPM-Solver++ steps, guidance;
    its fit is a few steps per stage, which does not change the cost of sampling) through
    ``cells.sample_sharded``: in one process, and under ``accelerate launch --num_processes 2``
@@ -72,6 +74,35 @@ def study(tmp: Path, methods: str, reps: int, seeds: int) -> dict:
             "task_median_1": t1, "task_median_2": t2, "task_ratio": t2 / t1}
 
 
+def study_warm(tmp: Path, methods: str, reps: int) -> dict:
+    """The study run in this process on a Ray instance started beforehand, its workers warmed up
+    (as on a running lab cluster): the timing covers data, tasks, summary and report, not Ray's
+    start nor any import."""
+    import ray
+    import torch
+
+    from busynth.executors import warm_up
+    from busynth.experiment import run_study
+    from busynth.presets import load_config
+
+    torch.set_num_threads(1)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for rep in range(reps):
+        for workers in (1, 2):
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            ray.get([ray.remote(num_cpus=1)(warm_up).remote() for _ in range(workers)])
+            config = load_config("smoke", [f"run.methods=[{methods}]", "run.executor=ray"])
+            start = time.perf_counter()
+            run_study(config, tmp / f"warm-w{workers}-r{rep}")
+            times[workers].append(time.perf_counter() - start)
+            ray.shutdown()
+            print(f"  study on a running Ray instance, {workers} worker(s), rep {rep}: {times[workers][-1]:.1f} s",
+                  flush=True)
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    return {"methods": methods, "seconds": {"1": times[1], "2": times[2]}, "median_1": one, "median_2": two,
+            "ratio": two / one}
+
+
 def fit_sampler(folder: Path) -> None:
     """A cpu-preset-size sd-lora fit with two steps per stage: sampling costs what the preset's does."""
     from busynth.config import PhantomConfig
@@ -131,7 +162,7 @@ def main() -> None:
     parser.add_argument("--methods", default="real,classical,cvae,sd-lora,controlnet")
     parser.add_argument("--seeds", type=int, default=1, help="classifier seeds per fold in the study (smoke: 1)")
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--skip", choices=["study", "sampling"], default=None)
+    parser.add_argument("--skip", choices=["study", "warm", "sampling"], action="append", default=[])
     parser.add_argument("--sample-child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
@@ -140,12 +171,15 @@ def main() -> None:
         return
     results: dict = {"cores": os.cpu_count(), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.skip != "study":
+        if "study" not in args.skip:
             results["study"] = study(Path(tmp), args.methods, args.reps, args.seeds)
-        if args.skip != "sampling":
+        if "warm" not in args.skip:
+            results["warm"] = study_warm(Path(tmp), args.methods, args.reps)
+        if "sampling" not in args.skip:
             results["sampling"] = sampling(Path(tmp), args.images, args.reps)
     print(f"\n{'what':<44} {'1 worker':>9} {'2 workers':>10} {'ratio':>6}  target")
-    for key, label in (("study", f"smoke study, {args.seeds} seed(s), Ray"), ("sampling", f"sampling {args.images} images, accelerate")):
+    for key, label in (("study", f"smoke study, {args.seeds} seed(s), Ray"),
+                       ("warm", "smoke study, running Ray, warm workers"), ("sampling", f"sampling {args.images} images, accelerate")):
         if key in results:
             r = results[key]
             print(f"{label:<44} {r['median_1']:>8.1f}s {r['median_2']:>9.1f}s {r['ratio']:>6.2f}  <= 0.65")

@@ -223,7 +223,7 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
             except (ConnectionError, RuntimeError) as exc:
                 raise ConfigError(f"run.ray_address={run.ray_address!r}: no Ray cluster there "
                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    warm = ray.remote(num_cpus=run.cell_cpus)(_warm_up)
+    warm = ray.remote(num_cpus=run.cell_cpus)(warm_up)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // run.cell_cpus))
     for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
         warm.remote()
@@ -250,7 +250,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                           f"({exc.strerror or exc})") from None
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """A task that only imports what the cell tasks need (this module imports it all)."""
     _worker_setup(1)
 
