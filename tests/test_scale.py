@@ -90,9 +90,13 @@ def reference(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
-    cells = [Cell("real", 0, 0), Cell("controlnet", 0, 0), Cell("sd-lora", 0, 0), Cell("cvae+filter", 0, 1)]
+    cells = [Cell("real", 0, 0), Cell("cvae", 0, 0), Cell("controlnet", 0, 0), Cell("sd-lora", 0, 0),
+             Cell("cvae+filter", 0, 1), Cell("cvae", 1, 0), Cell("controlnet", 1, 0)]
     fits, fit_needs, cell_needs = plan(cells, ["real", "sd-lora", "controlnet", "cvae"])
     assert fits.index(Fit("sd-lora", 0, 0)) < fits.index(Fit("controlnet", 0, 0))
+    # the bases of the longest chains first, in both folds, then the others in study order
+    assert fits[:2] == [Fit("sd-lora", 0, 0), Fit("sd-lora", 1, 0)]
+    assert fits.index(Fit("cvae", 0, 0)) < fits.index(Fit("controlnet", 0, 0)) < fits.index(Fit("cvae", 1, 0))
     assert fit_needs[Fit("controlnet", 0, 0)] == [Fit("sd-lora", 0, 0)]
     assert cell_needs[Cell("real", 0, 0)] == []
     assert cell_needs[Cell("cvae+filter", 0, 1)] == [Fit("cvae", 0, 0), Cell("real", 0, 0, 0)]

@@ -60,8 +60,8 @@ def cell_fit(cell: Cell) -> Fit | None:
 
 
 def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict[Fit, list[Fit]], dict[Cell, list]]:
-    """The study as a graph: the generator fits in an order where a fit comes after those it builds
-    on, what each fit waits for (fits of ``Method.after`` methods in ``methods``), and what each cell
+    """The study as a graph: the generator fits (those others build on first, so a fit always comes
+    after its bases), what each fit waits for (fits of ``Method.after`` methods in ``methods``), and what each cell
     waits for (its fit; a filtered arm also the ``real`` cell of its fold and generator seed)."""
     fits: list[Fit] = []
     fit_needs: dict[Fit, list[Fit]] = {}
@@ -85,6 +85,11 @@ def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict
         if cell.filtered:
             needs.append(Cell(REFERENCE, cell.fold, cell.generator_seed, cell.generator_seed))
         cell_needs[cell] = needs
+    # Longest chains first (list scheduling): a fit others build on (sd-lora under controlnet) is
+    # submitted before the rest, so that Ray, which starts ready tasks in submission order, begins
+    # the study's critical path at once. Bases still come before what builds on them.
+    dependents = {f: sum(f in needs for needs in fit_needs.values()) for f in fits}
+    fits.sort(key=lambda f: -dependents[f])
     return fits, fit_needs, cell_needs
 
 
