@@ -111,12 +111,9 @@ def engine_step_seconds(stage, data: dict, batch: int, steps: int) -> float:
     return statistics.median(float(r["seconds"]) for r in history[2:])
 
 
-def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
-    cfg = SDLoraConfig(image_size=128)
-    parts, data, emb = tiny_setup(cfg, 4 * batch)
-    if channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
-    stage = NoisePredictionStage("base", parts.unet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
+def stage_step(stage, trained: torch.nn.Module, data: dict, batch: int, steps: int) -> dict:
+    """FLOPs of one forward + backward of a diffusion stage's loss on ``batch`` rows, and the engine's
+    median step time on ``data``."""
     rows = {k: v[:batch] for k, v in data.items()}
 
     def one() -> None:
@@ -124,8 +121,17 @@ def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
         loss.backward()
 
     flops = counted_flops(one)
-    parts.unet.zero_grad(set_to_none=True)
+    trained.zero_grad(set_to_none=True)
     return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
+
+
+def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
+    cfg = SDLoraConfig(image_size=128)
+    parts, data, emb = tiny_setup(cfg, 4 * batch)
+    if channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+    stage = NoisePredictionStage("base", parts.unet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
+    return stage_step(stage, parts.unet, data, batch, steps)
 
 
 def controlnet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
@@ -135,15 +141,7 @@ def controlnet_step(batch: int, steps: int, channels_last: bool = False) -> dict
         parts.unet.to(memory_format=torch.channels_last)
         controlnet.to(memory_format=torch.channels_last)
     stage = ControlNetStage(controlnet, parts.unet, parts.noise_scheduler, emb, 1, 1.0, 0.0, None)
-    rows = {k: v[:batch] for k, v in data.items()}
-
-    def one() -> None:
-        loss, _ = stage.loss(rows, torch.Generator().manual_seed(0))
-        loss.backward()
-
-    flops = counted_flops(one)
-    controlnet.zero_grad(set_to_none=True)
-    return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
+    return stage_step(stage, controlnet, data, batch, steps)
 
 
 def classifier_step(steps: int) -> dict:

@@ -77,14 +77,22 @@ def barrier() -> None:
 _file_group: list = []
 
 
-def _file_barrier() -> None:
-    """A barrier on a process group of its own (gloo), so that the file protocol never shares a
-    sequence of collectives with training (DDP's gradient reductions run on the default group)."""
+def _own_group():
+    """A process group of busynth's own (gloo), created on first use (by every process alike), so that
+    the file protocol and the gathering of shares never share a sequence of collectives with training
+    (DDP's gradient reductions run on the default group)."""
     import torch
 
     if not _file_group:
         _file_group.append(torch.distributed.new_group(backend="gloo"))
-    torch.distributed.barrier(group=_file_group[0])
+    return _file_group[0]
+
+
+def _file_barrier() -> None:
+    """A barrier on :func:`_own_group`."""
+    import torch
+
+    torch.distributed.barrier(group=_own_group())
 
 
 def shard_map(fn: Callable[[int], T], n: int) -> list[T]:
@@ -99,8 +107,7 @@ def shard_map(fn: Callable[[int], T], n: int) -> list[T]:
 
     mine = {i: fn(i) for i in range(state.process_index, n, state.num_processes)}
     shares: list[dict[int, T] | None] = [None] * state.num_processes
-    _file_barrier()  # creates the gloo group on first use, in every process alike
-    torch.distributed.all_gather_object(shares, mine, group=_file_group[0])
+    torch.distributed.all_gather_object(shares, mine, group=_own_group())
     merged = {i: value for share in shares for i, value in (share or {}).items()}
     return [merged[i] for i in range(n)]
 

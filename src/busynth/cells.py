@@ -46,7 +46,7 @@ from busynth.generators.base import (
 )
 from busynth.io import derived_seed, read_json, remove_tree, write_json, write_text
 from busynth.locks import claim
-from busynth.registry import FILTERED, REFERENCE, arm_parts, generator_method
+from busynth.registry import FILTERED, REFERENCE, arm_parts, bases
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
@@ -81,6 +81,16 @@ class Cell:
         """True for the filtered arm of a generator (``cvae+filter``, ``synthesis.filter``)."""
         return self.method.endswith(FILTERED)
 
+    def folder(self, run_dir: Path) -> Path:
+        """This cell's folder: ``cells/<method>/fold<f>_seed<s>/`` (``metrics.json`` there = finished)."""
+        return Path(run_dir) / "cells" / self.method / self.key
+
+    @property
+    def reference_cell(self) -> Cell:
+        """The ``real`` cell of this cell's fold and generator seed: its classifier filters a filtered
+        arm and scores the label fidelity of this cell's synthetic set."""
+        return Cell(REFERENCE, self.fold, self.generator_seed, self.generator_seed)
+
     def synthetic_folder(self, run_dir: Path) -> Path:
         """Where this cell's synthetic images are sampled: the generator's set of the fold and generator
         seed (shared by its dose-response arms), or the filtered arm's own pool."""
@@ -99,8 +109,8 @@ class Cell:
     @property
     def scores_synthetic_set(self) -> bool:
         """True for the cells that score their synthetic set (fidelity, adherence): one per generator
-        fit and arm, the cell whose classifier seed equals the generator seed."""
-        return self.seed == self.generator_seed
+        fit and arm, the cell whose classifier seed equals the generator seed (never a ``real`` cell)."""
+        return self.method != REFERENCE and self.seed == self.generator_seed
 
 
 def check_no_leak(split: Split, fold: int, used: dict[str, Sequence[str]], group_of: dict[str, int]) -> None:
@@ -192,7 +202,7 @@ def arm_synthetic(cell: Cell, config: StudyConfig, train: Sequence[Record], run_
     synthetic = read_synthetic(folder, cell.generator)
     if cell.filtered:
         requested = synthetic_counts(train, config.data.classes, config.synthesis)
-        real = run_dir / "cells" / REFERENCE / f"fold{cell.fold}_seed{cell.generator_seed}" / "classifier"
+        real = cell.reference_cell.folder(run_dir) / "classifier"
         return filter_synthetic(synthetic, requested, real, config, folder, f"{cell.method} {cell.generator_key}")
     return dose(synthetic, train, config, cell.ratio)
 
@@ -228,13 +238,15 @@ def prepare_generator(method: str, fold: int, generator_seed: int, config: Study
                       run_dir: Path) -> Generator:
     """Fit (or load) a fold's generator and sample its synthetic set, each under its claim, after the
     fits it builds on (``Method.after``, when in the run: a fold's ``controlnet`` on its ``sd-lora``
-    fit, whichever worker gets there first). Returns the generator."""
-    train = study.split.select(study.records, fold, "train")
-    for base in generator_method(method).after:
-        if base in config.run.methods:
-            prepare_generator(base, fold, generator_seed, config, study, run_dir)
-    check_no_leak(study.split, fold, {"generator": [r.id for r in train]}, study.audit.group_of)
+    fit, whichever worker gets there first; a base already fitted and sampled is not loaded).
+    Returns the generator."""
     key = f"fold{fold}_seed{generator_seed}"
+    for base in bases(method, config.run.methods):
+        if not ((run_dir / "generators" / base / key / "generator.json").exists()
+                and (run_dir / "synthetic" / base / key / "done.json").exists()):
+            prepare_generator(base, fold, generator_seed, config, study, run_dir)
+    train = study.split.select(study.records, fold, "train")
+    check_no_leak(study.split, fold, {"generator": [r.id for r in train]}, study.audit.group_of)
     gen_dir, out_dir = run_dir / "generators" / method / key, run_dir / "synthetic" / method / key
     with claim(run_dir, _unit(run_dir, gen_dir)):
         generator = fit_or_load_generator(method, config, train, gen_dir, generator_seed)
@@ -247,7 +259,7 @@ def run_claimed(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path
                 tracker_log: Callable[[dict, int], None] | None = None, wait: bool = True) -> tuple[dict | None, bool]:
     """``run_cell`` under the cell's claim: (metrics row, whether it was computed now). With
     ``wait=False`` it returns (None, False) at once when another worker holds the cell."""
-    cell_dir = run_dir / "cells" / cell.method / cell.key
+    cell_dir = cell.folder(run_dir)
     with claim(run_dir, _unit(run_dir, cell_dir), wait=wait) as held:
         if not held:
             return None, False
@@ -259,7 +271,7 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
              tracker_log: Callable[[dict, int], None] | None = None) -> dict:
     """Train and score one cell (resuming if interrupted); returns its metrics row. The caller holds
     the cell's claim (``run_claimed``)."""
-    cell_dir = run_dir / "cells" / cell.method / cell.key
+    cell_dir = cell.folder(run_dir)
     if (cell_dir / "metrics.json").exists():
         return read_json(cell_dir / "metrics.json")
     start = time.perf_counter()
@@ -275,7 +287,7 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         generator_ids = list(generator.train_ids)
         if cell.filtered:
             # The filter is the classifier of the fold's real cell: that cell first (done, or done now).
-            run_claimed(Cell(REFERENCE, cell.fold, cell.generator_seed, cell.generator_seed), config, study, run_dir)
+            run_claimed(cell.reference_cell, config, study, run_dir)
             pool = config.synthesis.model_copy(update={"ratio": config.synthesis.ratio * config.synthesis.filter_pool})
             gen_dir = run_dir / "generators" / cell.generator / cell.generator_key
             with claim(run_dir, _unit(run_dir, cell.synthetic_folder(run_dir))):

@@ -35,7 +35,7 @@ from busynth.cells import Cell, prepare_generator, run_claimed, score_synthetic_
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
 from busynth.progress import format_duration
-from busynth.registry import METHODS, REFERENCE
+from busynth.registry import REFERENCE, bases
 from busynth.rundir import StudyData
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ class Fit:
     generator: str
     fold: int
     generator_seed: int
-
-    @property
-    def key(self) -> str:
-        return f"fold{self.fold}_seed{self.generator_seed}"
 
 
 def cell_fit(cell: Cell) -> Fit | None:
@@ -69,10 +65,10 @@ def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict
     def add(fit: Fit) -> None:
         if fit in fit_needs:
             return
-        bases = [Fit(b, fit.fold, fit.generator_seed) for b in METHODS[fit.generator].after if b in methods]
-        for base in bases:
+        needs = [Fit(b, fit.fold, fit.generator_seed) for b in bases(fit.generator, methods)]
+        for base in needs:
             add(base)
-        fit_needs[fit] = bases
+        fit_needs[fit] = needs
         fits.append(fit)
 
     cell_needs: dict[Cell, list] = {}
@@ -83,7 +79,7 @@ def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict
             add(fit)
             needs.append(fit)
         if cell.filtered:
-            needs.append(Cell(REFERENCE, cell.fold, cell.generator_seed, cell.generator_seed))
+            needs.append(cell.reference_cell)
         cell_needs[cell] = needs
     # Longest chains first (list scheduling): a fit others build on (sd-lora under controlnet) is
     # submitted before the rest, so that Ray, which starts ready tasks in submission order, begins
@@ -91,10 +87,6 @@ def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict
     dependents = {f: sum(f in needs for needs in fit_needs.values()) for f in fits}
     fits.sort(key=lambda f: -dependents[f])
     return fits, fit_needs, cell_needs
-
-
-def cell_done(run_dir: Path, cell: Cell) -> bool:
-    return (Path(run_dir) / "cells" / cell.method / cell.key / "metrics.json").exists()
 
 
 def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> list[tuple[str, bool]]:
@@ -137,7 +129,7 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
               tracker_log: Callable[[dict, int], None] | None = None) -> None:
     """Compute the cells here, in order, each under its claim: a cell another worker holds is skipped
     and, after the others, waited for (and taken over if that worker died)."""
-    todo = [not cell_done(run_dir, c) for c in cells]
+    todo = [not (c.folder(run_dir) / "metrics.json").exists() for c in cells]
     kinds = cell_kinds(cells, todo, run_dir)
     seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
     held_elsewhere: list[int] = []
@@ -165,7 +157,7 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
 
 def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     for cell in cells:
-        if cell.method != REFERENCE and cell.scores_synthetic_set:
+        if cell.scores_synthetic_set:
             score_synthetic_set(cell, config, study, run_dir)
 
 
@@ -183,16 +175,14 @@ def _worker_setup(cpus: float) -> None:
         setup_logging(False)
 
 
-def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> str:
+def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
     _worker_setup(config.run.cell_cpus)
     prepare_generator(fit.generator, fit.fold, fit.generator_seed, config, study, Path(run_dir))
-    return fit.key
 
 
 def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[dict, bool]:
     _worker_setup(config.run.cell_cpus)
-    row, computed = run_claimed(cell, config, study, Path(run_dir), wait=True)
-    return row, computed
+    return run_claimed(cell, config, study, Path(run_dir), wait=True)
 
 
 def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
@@ -285,8 +275,8 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
         cell_refs[cell] = cell_task.remote(cell, *args, *needs)
     score_refs = []
     for cell in cells:
-        if cell.method != REFERENCE and cell.scores_synthetic_set:
-            real = Cell(REFERENCE, cell.fold, cell.seed, cell.generator_seed)
+        if cell.scores_synthetic_set:
+            real = cell.reference_cell
             after = [cell_refs[cell]] + ([cell_refs[real]] if real in cell_refs else [])
             score_refs.append(score_task.remote(cell, *args, *after))
     names = {ref: f"{c.method} {c.key}" for c, ref in cell_refs.items()}

@@ -70,6 +70,12 @@ def study_arms(methods: Sequence[str], ratios: Sequence[float] | None = None, fi
     return [m if m == REFERENCE else arm_name(m, r) for m in methods for r in ([None] if m == REFERENCE else ratios)]
 
 
+def bases(method: str, methods: Sequence[str]) -> list[str]:
+    """The methods among ``methods`` whose fit of the same fold ``method`` builds on (``Method.after``)."""
+    entry = METHODS.get(method)
+    return [m for m in (entry.after if entry is not None else ()) if m in methods]
+
+
 def available_methods() -> list[str]:
     """Method names the study accepts: ``real`` plus every generator method, sorted."""
     return [REFERENCE, *sorted(METHODS)]
@@ -92,17 +98,15 @@ def order_methods(methods: Sequence[str]) -> list[str]:
     """``methods`` with every method's ``after`` dependencies (those present) moved before it;
     otherwise in the given order. E.g. ``[controlnet, real, sd-lora]`` -> ``[sd-lora, controlnet, real]``.
     A cycle of dependencies raises ConfigError naming it."""
-    wanted, ordered = set(methods), []
+    ordered: list[str] = []
 
     def visit(method: str, path: tuple[str, ...]) -> None:
         if method in ordered:
             return
         if method in path:
             raise ConfigError(f"methods depend on each other in a cycle: {' -> '.join([*path, method])}")
-        entry = METHODS.get(method)
-        for dependency in entry.after if entry is not None else ():
-            if dependency in wanted:
-                visit(dependency, (*path, method))
+        for dependency in bases(method, methods):
+            visit(dependency, (*path, method))
         ordered.append(method)
 
     for method in methods:

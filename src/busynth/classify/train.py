@@ -25,13 +25,13 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from busynth.accel import broadcast_buffers, local_rows, shard_map
+from busynth.accel import broadcast_buffers, local_rows
 from busynth.classify.checkpoints import BEST, finite_or_none, load_best_weights, save_safetensors
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig, SegmenterConfig
 from busynth.data.augment import LIGHT, augment_batch
-from busynth.data.transforms import to_tensor
+from busynth.data.transforms import map_batches
 from busynth.engine import Stage, StageConfig, train_stage
 from busynth.errors import DataError
 from busynth.io import derived_seed
@@ -145,8 +145,7 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 128, t
         p = torch.softmax(model(x).float(), dim=1)
         return (p + torch.softmax(model(x.flip(-1)).float(), dim=1)) / 2 if tta else p
 
-    starts = range(0, len(images), batch_size)
-    chunks = shard_map(lambda k: probs(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device)).cpu(), len(starts))
+    chunks = map_batches(probs, images, batch_size, device)
     model.train(was_training)
     if not chunks:
         return np.zeros((0, model.head.out_features))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from busynth.accel import shard_map
 from busynth.data.records import Record
 
 
@@ -57,3 +58,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def from_tensor(images: torch.Tensor) -> np.ndarray:
     """float (N, 1, H, W) in [0, 1] -> uint8 (N, H, W), clipping out-of-range values."""
     return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).squeeze(1).cpu().numpy()
+
+
+def map_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
+                device: torch.device) -> list[torch.Tensor]:
+    """``fn`` on each batch of uint8 images (N, S, S) as float tensors on ``device``, results on the
+    CPU, in order; under ``accelerate launch`` each process computes its share of the batches and
+    every process gets all of them (``accel.shard_map``)."""
+    starts = range(0, len(images), batch_size)
+    return shard_map(lambda k: fn(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device)).cpu(), len(starts))

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from busynth.accel import shard_map
-from busynth.data.transforms import to_tensor
+from busynth.data.transforms import map_batches, to_tensor
 
 # torchmetrics is imported inside the functions that use it: importing it takes seconds, paid by
 # every process that imports the study code (each Ray worker too) and needed only when scoring.
@@ -80,9 +79,7 @@ def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 64)
     """float64 (N, D) penultimate features of uint8 images (N, S, S) from ``model.features``."""
     model.eval()
     device = next(model.parameters()).device
-    starts = range(0, len(images), batch_size)
-    chunks = shard_map(lambda k: model.features(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device))
-                       .double().cpu(), len(starts))
+    chunks = map_batches(lambda x: model.features(x).double(), images, batch_size, device)
     if not chunks:
         return np.zeros((0, int(getattr(model, "feature_dim", 0))))
     return torch.cat(chunks).numpy()

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from busynth.accel import local_rows, shard_map
+from busynth.accel import local_rows
 from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
 from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
 from busynth.data.augment import LIGHT, augment_batch
-from busynth.data.transforms import to_tensor
+from busynth.data.transforms import map_batches
 from busynth.engine import train_stage
 from busynth.errors import DataError
 from busynth.segment.metrics import segmentation_scores
@@ -56,9 +56,7 @@ def predict_masks(model: nn.Module, images: np.ndarray, threshold: float = 0.5, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    starts = range(0, len(images), batch_size)
-    out = shard_map(lambda k: torch.sigmoid(model(to_tensor(images[starts[k]:starts[k] + batch_size]).to(device))
-                                            .float())[:, 0].cpu() > threshold, len(starts))
+    out = map_batches(lambda x: torch.sigmoid(model(x).float())[:, 0] > threshold, images, batch_size, device)
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(images.shape, dtype=bool)
 
