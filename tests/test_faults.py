@@ -537,3 +537,16 @@ def test_a_file_size_limit_hit_inside_the_safetensors_writer_is_one_clear_error(
     after = file_hashes(work)
     assert {rel: after.get(rel) for rel in before} == before, "a file written before was changed"
     assert_no_torn_files(work)
+
+
+def test_atomic_writes_get_the_permissions_the_umask_gives_plain_files(tmp_path: Path) -> None:
+    from busynth.io import write_atomic, write_dir_atomic
+
+    old = os.umask(0o027)
+    try:
+        path = write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        folder = write_dir_atomic(tmp_path / "model", lambda tmp: (tmp / "w.bin").write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # group-readable on a shared file system, not mkstemp's 0600
+    assert folder.stat().st_mode & 0o777 == 0o750

@@ -166,3 +166,27 @@ def test_broken_optional_file_becomes_a_note(full_run: Path) -> None:
     (full_run / "cells" / "cvae" / "fold1_seed0" / "predictions.csv").write_text("id,label\nx,benign\n")
     page = build_report(full_run).read_text()
     assert "could not be drawn" in page and "Results" in page and "Config" in page
+
+
+def test_image_grid_outlines_the_mask_edge_in_its_colour() -> None:
+    from busynth.report.grid import CAPTION, GAP, RED, Tile, image_grid, render_tile
+
+    image = np.full((8, 8), 100, dtype=np.uint8)
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 2:6] = True  # becomes rows/cols 4..11 at 16 px
+    tile = np.asarray(render_tile(Tile(image, [(mask, RED)]), size=16))
+    red = np.all(tile == RED, axis=-1)
+    ring = np.zeros((16, 16), dtype=bool)
+    ring[4:12, 4:12] = True
+    ring[5:11, 5:11] = False
+    assert np.array_equal(red, ring)  # the edge only: inside and outside keep the image's grey
+    assert np.all(tile[~ring] == 100)
+    # An empty mask draws nothing; a wide image keeps its aspect ratio.
+    assert not np.all(np.asarray(render_tile(Tile(image, [(np.zeros_like(mask), RED)]), 16)) == RED, axis=-1).any()
+    assert render_tile(Tile(np.zeros((8, 16), dtype=np.uint8)), 32).size == (32, 16)
+    # Rows of different lengths: the canvas is as wide as the longest row, a caption band above each tile.
+    grid = image_grid([[Tile(image, caption="benign"), Tile(image)], [Tile(image)]], size=16)
+    assert grid.size == (2 * (16 + GAP), 2 * (16 + CAPTION + GAP))
+    caption = np.asarray(grid)[:CAPTION, :16 + GAP]
+    assert (caption < 128).any()  # the caption's text is drawn
+    assert np.all(np.asarray(grid)[CAPTION + 16 + GAP:, 16 + GAP:] == 255)  # the short row's missing tile: blank

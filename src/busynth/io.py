@@ -78,6 +78,13 @@ def _relative_to(path: Any, folder: Path | None) -> Path | None:
         return None
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter before 3.14)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -87,6 +94,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     with _naming_failed_writes(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the rest of the group
         os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -116,6 +124,7 @@ def write_dir_atomic(final: str | Path, writer: Callable[[Path], Any]) -> Path:
     with _naming_failed_writes(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp.chmod(0o777 & ~_umask())  # as mkdir would make it (mkdtemp's is 0700)
 
     def commit() -> None:
         old = Path(f"{tmp}.old") if final.exists() else None

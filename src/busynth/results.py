@@ -187,7 +187,7 @@ def add_verdicts(comparisons: dict[str, dict], protocol: Protocol) -> None:
     for name, p_adj in zip(names, adjusted, strict=True):
         primary = comparisons[name][protocol.primary_metric]
         comparisons[name]["p_holm"] = p_adj
-        comparisons[name]["verdict"] = verdict(primary["diff"], p_adj, protocol.alpha)
+        comparisons[name]["verdict"] = verdict(primary["diff"], p_adj, protocol.alpha, primary.get("seeds_per_fold"))
 
 
 def summarize_run(run_dir: Path, methods: Sequence[str], classes: Sequence[str],

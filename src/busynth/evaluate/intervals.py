@@ -38,6 +38,9 @@ from scipy import stats
 from busynth.classify.metrics import percentile_ci, resample_counts, weighted_metric
 
 HELPS, NO_EVIDENCE, HURTS = "helps", "no evidence", "hurts"
+# With one classifier seed per fold no interval can see training randomness (the A/A benchmark's
+# test-image-only procedure excluded 0 in up to 15 % of A/A comparisons): no verdict is given.
+NO_VERDICT = "no verdict (1 seed per fold)"
 # How each procedure (run.interval) is described in the summary and the report.
 PROCEDURE_TEXT = {
     "bootstrap": "two-level bootstrap: classifier seeds within folds and test images resampled",
@@ -287,7 +290,7 @@ def compare(metric: str, folds: Sequence[FoldScores], procedure: str, pos: int |
         out = variance_components(metric, folds, pos, n_boot=n_boot, seed=seed, alpha=alpha)
     else:
         raise ValueError(f"unknown interval procedure {procedure!r}")
-    return {**out, "procedure": procedure}
+    return {**out, "procedure": procedure, "seeds_per_fold": min((min(len(f.a), len(f.b)) for f in folds), default=0)}
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -309,9 +312,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
-def verdict(diff: float, p_adjusted: float, alpha: float = 0.05) -> str:
+def verdict(diff: float, p_adjusted: float, alpha: float = 0.05, seeds_per_fold: int | None = None) -> str:
     """"helps" / "hurts" when the adjusted p-value is below ``alpha`` (by the sign of ``diff``),
-    else "no evidence" (also when either is undefined)."""
+    else "no evidence" (also when either is undefined); NO_VERDICT when the comparison had fewer than
+    two classifier seeds in some fold (``seeds_per_fold``; None: not known, taken as enough)."""
+    if seeds_per_fold is not None and seeds_per_fold < 2:
+        return NO_VERDICT
     if not (math.isfinite(diff) and math.isfinite(p_adjusted)) or p_adjusted >= alpha or diff == 0:
         return NO_EVIDENCE
     return HELPS if diff > 0 else HURTS

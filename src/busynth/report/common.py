@@ -110,11 +110,15 @@ def figure_to_img(fig: Figure, alt: str, save_to: Path | None = None) -> str:
     """Render a matplotlib figure (Agg) to PNG once and return an ``<img>`` tag with a data URI;
     with ``save_to`` the same PNG is also written there (atomically), for use outside the report."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100)  # every figure has layout="constrained": one draw
+    return png_img(buf.getvalue(), alt, save_to)
+
+
+def png_img(png: bytes, alt: str, save_to: Path | None = None) -> str:
+    """An ``<img>`` tag with ``png`` as a data URI; with ``save_to`` the PNG is also written there (atomically)."""
     if save_to is not None:
-        write_atomic(save_to, lambda tmp: tmp.write_bytes(buf.getvalue()))
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+        write_atomic(save_to, lambda tmp: tmp.write_bytes(png))
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:

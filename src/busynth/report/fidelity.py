@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from PIL import Image
 
 from busynth.evaluate.summary import aggregate_fidelity, read_cell_fidelity
 from busynth.io import read_json
@@ -21,7 +19,6 @@ from busynth.report.common import (
     Run,
     cell_dirs,
     esc,
-    figure_to_img,
     fmt,
     html_table,
     natural_key,
@@ -29,6 +26,7 @@ from busynth.report.common import (
     num,
     png_to_img,
 )
+from busynth.report.grid import RED, Tile, grid_to_img, read_grey, read_mask
 
 MASK_PAIRS_PER_CLASS = 4
 # (key in fidelity.json, column title, scale, decimals); arrows say which direction is better.
@@ -229,23 +227,16 @@ def _image_mask_pairs(folder: Path, label: str) -> list[tuple[Path, Path]]:
     return [(image, mask) for image, mask in pairs if image.is_file()]
 
 
-def _mask_pair_figure(folder: Path, classes: list[str]) -> Figure | None:
-    picks = {c: _image_mask_pairs(folder, c)[:MASK_PAIRS_PER_CLASS] for c in classes}
-    rows = [c for c in classes if picks[c]]
-    if not rows:
-        return None
-    ncols = 2 * max(len(picks[c]) for c in rows)
-    fig = Figure(figsize=(1.25 * ncols, 1.45 * len(rows)))
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    for r, c in enumerate(rows):
-        for ax in axes[r]:
-            ax.set_axis_off()
-        for j, (image_path, mask_path) in enumerate(picks[c]):
-            for k, (path, title) in enumerate(((image_path, "image"), (mask_path, "mask"))):
-                ax = axes[r][2 * j + k]
-                ax.imshow(np.asarray(Image.open(path).convert("L")), cmap="gray", vmin=0, vmax=255)
-                ax.set_title(f"{c} {title}" if j == 0 else title, fontsize=7, loc="left")
-    return fig
+def _mask_pair_grid(folder: Path, classes: list[str]) -> list[list[Tile]]:
+    rows = []
+    for c in classes:
+        row = []
+        for j, (image_path, mask_path) in enumerate(_image_mask_pairs(folder, c)[:MASK_PAIRS_PER_CLASS]):
+            row += [Tile(read_grey(image_path), caption=f"{c} image" if j == 0 else "image"),
+                    Tile(read_grey(mask_path), caption="mask")]
+        if row:
+            rows.append(row)
+    return rows
 
 
 def section_mask_pairs(run: Run) -> str:
@@ -255,9 +246,9 @@ def section_mask_pairs(run: Run) -> str:
     root = run.root / "synthetic"
     for method in (m for m in run.methods if (root / m).is_dir()):
         for cell in sorted((p for p in (root / method).iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
-            if (fig := _mask_pair_figure(cell, run.classes)) is not None:
+            if rows := _mask_pair_grid(cell, run.classes):
                 parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>"
-                             + figure_to_img(fig, f"{method} image/mask pairs"))
+                             + grid_to_img(rows, f"{method} image/mask pairs"))
                 break
     if not parts:
         return ""  # no generator wrote masks: nothing to show, no heading
@@ -300,29 +291,14 @@ def _adherence_row(name: str, entries: list[dict[str, Any]]) -> str:
     return f'<tr><td class="l">{esc(name)}</td><td>{len(entries)}</td>' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
 
 
-def _overlay_figure(folder: Path, classes: list[str]) -> Figure | None:
+def _overlay_grid(folder: Path, classes: list[str]) -> list[list[Tile]]:
     """Generated images with their mask's outline drawn on them (red), up to 6 per lesion class."""
-    picks = {}
+    rows = []
     for c in classes:
-        pairs = [(i, m) for i, m in _image_mask_pairs(folder, c)
-                 if np.asarray(Image.open(m).convert("L")).max() > 127]  # lesion masks only
+        pairs = [(read_grey(i), mask) for i, m in _image_mask_pairs(folder, c) if (mask := read_mask(m)).any()][:6]
         if pairs:
-            picks[c] = pairs[:6]
-    if not picks:
-        return None
-    ncols = max(len(p) for p in picks.values())
-    fig = Figure(figsize=(1.4 * ncols, 1.5 * len(picks)))
-    axes = fig.subplots(len(picks), ncols, squeeze=False)
-    for r, (c, pairs) in enumerate(picks.items()):
-        for ax in axes[r]:
-            ax.set_axis_off()
-        for j, (image_path, mask_path) in enumerate(pairs):
-            ax = axes[r][j]
-            ax.imshow(np.asarray(Image.open(image_path).convert("L")), cmap="gray", vmin=0, vmax=255)
-            ax.contour(np.asarray(Image.open(mask_path).convert("L")) > 127, levels=[0.5], colors="red", linewidths=0.8)
-            if j == 0:
-                ax.set_title(c, fontsize=7, loc="left")
-    return fig
+            rows.append([Tile(image, [(mask, RED)], c if j == 0 else "") for j, (image, mask) in enumerate(pairs)])
+    return rows
 
 
 def section_adherence(run: Run) -> str:
@@ -353,8 +329,8 @@ def section_adherence(run: Run) -> str:
     root = run.root / "synthetic"
     for method in found:
         for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
-            if (fig := _overlay_figure(cell, run.classes)) is not None:
+            if rows := _overlay_grid(cell, run.classes):
                 parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small>: mask outlines on generated images</h3>"
-                             + figure_to_img(fig, f"{method} generated images with mask outlines"))
+                             + grid_to_img(rows, f"{method} generated images with mask outlines"))
                 break
     return "".join(parts)

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.metrics import auc, confusion_matrix, roc_curve
 
 from busynth.io import read_json
@@ -32,6 +31,7 @@ from busynth.report.common import (
     pooled_predictions,
     read_csv_or_none,
 )
+from busynth.report.grid import RED, Tile, grid_to_img, read_grey, read_mask
 from busynth.results import summary_interval_text
 
 BAR_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
@@ -121,7 +121,8 @@ def section_verdicts(run: Run) -> str:
     leaky = _leaky_note(run)
     return ("<h2>Verdicts</h2>" + leaky + "<table>" + head + "".join(rows) + "</table>" + note(
         f"Primary metric: {primary}. Interval: {round(100 * (1 - alpha))}% {how}. Verdict: helps / hurts when "
-        f"the Holm-adjusted p-value across the methods compared is below {alpha}, else no evidence. "
+        f"the Holm-adjusted p-value across the methods compared is below {alpha}, else no evidence; no verdict "
+        "when some fold has a single classifier seed (no interval can see training randomness then). "
         "A difference no larger than the A/A row's is indistinguishable from re-training with another seed."
     ))
 
@@ -172,7 +173,7 @@ def section_metric_bars(run: Run) -> str:
     methods = [m for m in run.methods if m in stats]
     if not metrics or not methods:
         return "<h2>Metrics per method</h2>" + note("no metrics to plot")
-    fig = Figure(figsize=(3.6 * len(metrics), 3.4))
+    fig = Figure(figsize=(3.6 * len(metrics), 3.4), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         x = np.arange(len(methods))
         means = [stats[m].get(metric, {}).get("mean", np.nan) for m in methods]
@@ -195,7 +196,7 @@ def section_metric_bars(run: Run) -> str:
 def section_roc(run: Run, filename: str = "predictions.csv", heading: str = "h2") -> str:
     """ROC curves, positive class vs rest, one curve per method pooled over its cells (from each
     cell's ``filename``: the test part, or an external set's predictions)."""
-    fig = Figure(figsize=(5.2, 4.6))
+    fig = Figure(figsize=(5.2, 4.6), layout="constrained")
     ax = fig.subplots()
     drawn = 0
     k = run.classes.index(run.positive)
@@ -267,33 +268,21 @@ def section_training(run: Run) -> str:
     return "<h2>Training curves</h2>" + figure_to_img(fig, "training curves")
 
 
-def _sample_grid(folder: Path, classes: Sequence[str]) -> Figure | None:
-    """Up to SAMPLES_PER_CLASS images per class (rows) with mask outlines in red."""
-    picks = {}
+def _sample_grid(folder: Path, classes: Sequence[str]) -> list[list[Tile]]:
+    """Up to SAMPLES_PER_CLASS images per class (rows) with mask outlines in red; [] when there are none."""
+    rows = []
     for c in classes:
         files = [p for p in (folder / c).glob("*.png") if not p.stem.endswith("_mask")]
-        picks[c] = sorted(files, key=lambda p: natural_key(p.name))[:SAMPLES_PER_CLASS]
-    rows = [c for c in classes if picks[c]]
-    if not rows:
-        return None
-    ncols = max(len(picks[c]) for c in rows)
-    fig = Figure(figsize=(1.3 * ncols, 1.4 * len(rows)))
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
-    for r, c in enumerate(rows):
-        for j, ax in enumerate(axes[r]):
-            ax.set_axis_off()
-            if j >= len(picks[c]):
-                continue
-            path = picks[c][j]
-            ax.imshow(np.asarray(Image.open(path).convert("L")), cmap="gray", vmin=0, vmax=255)
+        picks = sorted(files, key=lambda p: natural_key(p.name))[:SAMPLES_PER_CLASS]
+        row = []
+        for j, path in enumerate(picks):
             mask_path = path.with_name(f"{path.stem}_mask.png")
-            if mask_path.is_file():
-                mask = np.asarray(Image.open(mask_path).convert("L")) > 127
-                if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
-                    ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
-            if j == 0:
-                ax.set_title(c, fontsize=9, loc="left")
-    return fig
+            mask = read_mask(mask_path) if mask_path.is_file() else None
+            outlines = [(mask, RED)] if mask is not None and mask.any() else []
+            row.append(Tile(read_grey(path), outlines, c if j == 0 else ""))
+        if row:
+            rows.append(row)
+    return rows
 
 
 def section_samples(run: Run) -> str:
@@ -304,10 +293,10 @@ def section_samples(run: Run) -> str:
     parts = []
     for method in ordered:
         for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
-            if (fig := _sample_grid(cell, run.classes)) is not None:
+            if rows := _sample_grid(cell, run.classes):
                 png = run.root / "results" / "samples" / f"{method}.png"
                 parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small></h3>"
-                             + figure_to_img(fig, method, save_to=png))
+                             + grid_to_img(rows, method, save_to=png))
                 break
         else:
             parts.append(f"<h3>{esc(method)}</h3>" + note("no images found"))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
-
 from busynth.classify.checkpoints import read_safetensors_json
-from busynth.report.common import Run, cell_dirs, esc, figure_to_img, note
+from busynth.report.common import Run, cell_dirs, esc, note
+from busynth.report.grid import LIME, RED, Tile, grid_to_img
 
 
 def section_segmentation(run: Run) -> str:
@@ -18,17 +17,10 @@ def section_segmentation(run: Run) -> str:
             continue
         tensors, meta = read_safetensors_json(found[0])
         images, true, pred = (tensors[k].numpy() for k in ("images", "true", "pred"))
-        fig = Figure(figsize=(1.5 * len(images), 1.7), layout="constrained")
-        for ax, image, t, p, name in zip(fig.subplots(1, len(images), squeeze=False)[0], images, true, pred,
-                                         meta.get("ids", [""] * len(images))):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-            for mask, colour in ((t, "lime"), (p, "red")):
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.8)
-            ax.set_title(name, fontsize=6)
-            ax.axis("off")
+        tiles = [Tile(image, [(t, LIME), (p, RED)], name) for image, t, p, name in
+                 zip(images, true, pred, meta.get("ids", [""] * len(images)))]
         parts.append(f"<h3>{esc(method)} <small>({esc(found[0].parent.name)})</small></h3>"
-                     + figure_to_img(fig, f"{method} segmentations"))
+                     + grid_to_img([tiles], f"{method} segmentations"))
     if not parts:
         return "<h2>Segmentations</h2>" + note("no cells/*/*/examples.safetensors: no segmentation cell finished")
     return "<h2>Segmentations</h2>" + note(
