@@ -46,7 +46,7 @@ from busynth.generators.base import (
 )
 from busynth.io import derived_seed, read_json, remove_tree, write_json, write_text
 from busynth.locks import claim
-from busynth.registry import FILTERED, REFERENCE, arm_parts, bases
+from busynth.registry import FILTERED, REFERENCE, arm_parts, bases, cell_folder, cell_key
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
@@ -83,7 +83,7 @@ class Cell:
 
     def folder(self, run_dir: Path) -> Path:
         """This cell's folder: ``cells/<method>/fold<f>_seed<s>/`` (``metrics.json`` there = finished)."""
-        return Path(run_dir) / "cells" / self.method / self.key
+        return cell_folder(run_dir, self.method, self.key)
 
     @property
     def reference_cell(self) -> Cell:
@@ -99,12 +99,12 @@ class Cell:
     @property
     def key(self) -> str:
         """Folder name of this cell under its method."""
-        return f"fold{self.fold}_seed{self.seed}"
+        return cell_key(self.fold, self.seed)
 
     @property
     def generator_key(self) -> str:
         """Folder name of this cell's generator fit and synthetic set under their method."""
-        return f"fold{self.fold}_seed{self.generator_seed}"
+        return cell_key(self.fold, self.generator_seed)
 
     @property
     def scores_synthetic_set(self) -> bool:
@@ -240,7 +240,7 @@ def prepare_generator(method: str, fold: int, generator_seed: int, config: Study
     fits it builds on (``Method.after``, when in the run: a fold's ``controlnet`` on its ``sd-lora``
     fit, whichever worker gets there first; a base already fitted and sampled is not loaded).
     Returns the generator."""
-    key = f"fold{fold}_seed{generator_seed}"
+    key = cell_key(fold, generator_seed)
     for base in bases(method, config.run.methods):
         if not ((run_dir / "generators" / base / key / "generator.json").exists()
                 and (run_dir / "synthetic" / base / key / "done.json").exists()):

@@ -36,6 +36,7 @@ from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_text
 from busynth.progress import progress
+from busynth.registry import cell_folder, cell_key
 from busynth.results import PredictionStore, Protocol, build_summary, read_cells
 from busynth.segment.metrics import segmentation_scores
 from busynth.segment.train import load_segmenter, predict_masks
@@ -141,7 +142,7 @@ def check_study_overlap(ext: ExternalSet, study_records: Sequence[Record], confi
 
 def finished_cells(run_dir: Path, methods: Sequence[str]) -> list[Path]:
     """Folders of the finished cells (metrics.json written) of ``methods``, in order."""
-    return [p.parent for m in methods for p in sorted((Path(run_dir) / "cells" / m).glob("*/metrics.json"))]
+    return [p.parent for m in methods for p in sorted(cell_folder(run_dir, m).glob("*/metrics.json"))]
 
 
 def _check_source(run_dir: Path, ext: ExternalSet) -> None:
@@ -205,7 +206,7 @@ def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Seq
     cell's method, fold, seed and training size from metrics.json)."""
     rows = []
     for row in read_cells(run_dir, methods):
-        path = Path(run_dir) / "cells" / row["method"] / f"fold{row['fold']}_seed{row['seed']}" / "external" / f"{name}.csv"
+        path = cell_folder(run_dir, row["method"], cell_key(row["fold"], row["seed"])) / "external" / f"{name}.csv"
         if not path.is_file():
             continue
         keep = {k: row[k] for k in ("method", "fold", "seed", "generator_seed", "n_train_real", "n_synthetic",

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from busynth.errors import ConfigError
 
 REFERENCE = "real"  # the method without synthetic data, every other method's reference
+CELLS = "cells"  # the run folder's cells/<method>/<fold>_<seed>/ tree
+
+
+def cell_key(fold: int, seed: int) -> str:
+    """The name of a cell's (or generator fit's) folder: ``fold<f>_seed<s>``."""
+    return f"fold{fold}_seed{seed}"
+
+
+def cell_folder(run_dir: str | Path, method: str, key: str = "") -> Path:
+    """``cells/<method>/<key>/`` of a run folder (``cells/<method>/`` without ``key``)."""
+    return Path(run_dir) / CELLS / method / key if key else Path(run_dir) / CELLS / method
 
 
 @dataclass(frozen=True)

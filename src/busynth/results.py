@@ -30,7 +30,7 @@ from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.evaluate.intervals import FoldScores, compare, holm, interval_text, verdict
 from busynth.io import read_json, write_json, write_text
-from busynth.registry import arm_parts
+from busynth.registry import arm_parts, cell_folder, cell_key
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
 
 def read_cells(run_dir: Path, methods: Sequence[str]) -> list[dict]:
     """Metric rows of every finished cell of ``methods``, in method order then fold, seed."""
-    return [read_json(path) for method in methods for path in sorted((run_dir / "cells" / method).glob("*/metrics.json"))]
+    return [read_json(path) for method in methods for path in sorted(cell_folder(run_dir, method).glob("*/metrics.json"))]
 
 
 def cells_csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
@@ -124,7 +124,7 @@ class PredictionStore:
         self._cache: dict[tuple[str, int, int], tuple[list[str], np.ndarray, np.ndarray]] = {}
 
     def _cell(self, method: str, fold: int, seed: int) -> Path:
-        return self.run_dir / "cells" / method / f"fold{fold}_seed{seed}"
+        return cell_folder(self.run_dir, method, cell_key(fold, seed))
 
     def has(self, method: str, fold: int, seed: int) -> bool:
         """True when the cell finished (its metrics.json exists) and has this predictions file."""

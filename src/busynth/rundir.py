@@ -29,7 +29,7 @@ from busynth.errors import RunStateError
 from busynth.generators.base import generator_class
 from busynth.io import changed_keys, read_json, write_json, write_text
 from busynth.presets import build_config, dump_config
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, cell_folder
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
     """Record each method's settings in ``cells/<method>/settings.json`` on first use; refuse a
     rerun whose settings for a method differ, naming the changed fields."""
     for method in methods:
-        path = run_dir / "cells" / method / "settings.json"
+        path = cell_folder(run_dir, method) / "settings.json"
         mine = method_settings(method, config)
         if path.exists():
             changed = changed_keys(read_json(path), mine)

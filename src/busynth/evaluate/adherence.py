@@ -30,6 +30,7 @@ from scipy import ndimage
 from busynth.data.records import Record
 from busynth.data.transforms import resize_image, resize_mask
 from busynth.io import read_json, write_json
+from busynth.registry import cell_folder, cell_key
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def evaluate_adherence(run_dir: Path, method: str, fold: int, seed: int, classes
     images carry masks: the generated pairs and, for reference, the fold's real training pairs, per
     class. Returns its content (an existing complete file is returned as is), or None (nothing
     written) when no synthetic image has a mask."""
-    out_path = Path(run_dir) / "cells" / method / f"fold{fold}_seed{seed}" / ADHERENCE_JSON
+    out_path = cell_folder(run_dir, method, cell_key(fold, seed)) / ADHERENCE_JSON
     if out_path.is_file() and (done := read_json(out_path)).get("status") == "ok":
         return done
     if not any(r.mask is not None for r in synthetic):

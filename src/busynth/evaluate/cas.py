@@ -23,7 +23,7 @@ from busynth.data.records import Record
 from busynth.data.transforms import label_indices, stack_images
 from busynth.evaluate.summary import CAS_JSON
 from busynth.io import read_json, write_json
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, cell_folder, cell_key
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ def evaluate_cas(run_dir: Path, method: str, fold: int, seed: int, config: Study
     """Write (once) and return the cell's cas.json: the synthetic-only classifier's metrics on the real
     test part (``synthetic_only``) next to the real-only classifier's of the same fold and seed
     (``real_only``, from its metrics.json); ``{"status": "skipped", ...}`` without synthetic images."""
-    key = f"fold{fold}_seed{seed}"
-    cell = Path(run_dir) / "cells" / method / key
+    key = cell_key(fold, seed)
+    cell = cell_folder(run_dir, method, key)
     if (cell / CAS_JSON).is_file() and (done := read_json(cell / CAS_JSON)).get("status") == "ok":
         return done
     base = {"method": method, "fold": fold, "seed": seed}
@@ -46,7 +46,7 @@ def evaluate_cas(run_dir: Path, method: str, fold: int, seed: int, config: Study
                          stack_images(val, cfg.image_size), label_indices(val, classes), cfg, len(classes),
                          cell / "cas", seed=seed, budget_rows=len(train))
     proba = predict_proba(fit.model, stack_images(test, cfg.image_size), tta=cfg.tta)
-    real = Path(run_dir) / "cells" / REFERENCE / key / "metrics.json"
+    real = cell_folder(run_dir, REFERENCE, key) / "metrics.json"
     result = {**base, "status": "ok", "n_synthetic": len(synthetic), "train_steps": fit.steps,
               "synthetic_only": classification_metrics(label_indices(test, classes), proba, classes),
               "real_only": read_json(real) if real.is_file() else None}

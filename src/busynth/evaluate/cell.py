@@ -32,7 +32,7 @@ from busynth.evaluate.fidelity import FidelitySettings, compare_by_class, divers
 from busynth.evaluate.memorization import Memorization, closest_pairs, mirror_images, nearest_training, pixel_embedding
 from busynth.evaluate.summary import FIDELITY_JSON
 from busynth.io import read_json, write_json, write_png, write_text
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, cell_folder, cell_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def evaluate_cell(run_dir: Path, method: str, fold: int, seed: int, config: Stud
     """
     run_dir = Path(run_dir)
     settings = settings or FidelitySettings(seed=seed)
-    key = f"fold{fold}_seed{seed}"
-    cell_dir = run_dir / "cells" / method / key
+    key = cell_key(fold, seed)
+    cell_dir = cell_folder(run_dir, method, key)
     out_path = cell_dir / FIDELITY_JSON
     if out_path.is_file() and (done := read_json(out_path)).get("status") == "ok":
         return done
     base = {"method": method, "fold": fold, "seed": seed, "classes": list(config.data.classes)}
-    real_cell = run_dir / "cells" / REFERENCE / key
+    real_cell = cell_folder(run_dir, REFERENCE, key)
     reason = _cannot_evaluate(real_cell, synthetic, train)
     if reason:
         logger.warning("fidelity of %s %s skipped: %s", method, key, reason)

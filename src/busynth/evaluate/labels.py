@@ -26,7 +26,7 @@ from busynth.data.records import Record
 from busynth.data.transforms import label_indices, stack_images
 from busynth.evaluate.summary import LABEL_FIDELITY_JSON
 from busynth.io import read_json, write_json
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, cell_folder, cell_key
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ def evaluate_label_fidelity(run_dir: Path, method: str, fold: int, seed: int, co
     """Write (once) and return the cell's label_fidelity.json: ``synthetic`` (the generator's
     images) and ``real_test`` (the reference), both scored by the fold's real-only classifier;
     ``{"status": "skipped", ...}`` until that classifier exists."""
-    key = f"fold{fold}_seed{seed}"
-    out_path = Path(run_dir) / "cells" / method / key / LABEL_FIDELITY_JSON
+    key = cell_key(fold, seed)
+    out_path = cell_folder(run_dir, method, key) / LABEL_FIDELITY_JSON
     if out_path.is_file() and (done := read_json(out_path)).get("status") == "ok":
         return done
     base = {"method": method, "fold": fold, "seed": seed, "classes": list(config.data.classes)}
-    real = Path(run_dir) / "cells" / REFERENCE / key / "classifier"
+    real = cell_folder(run_dir, REFERENCE, key) / "classifier"
     if not (real / "best.safetensors").is_file() or not synthetic:
         note = "no synthetic images" if not synthetic else f"the real-only classifier {real} has not finished"
         result = {**base, "status": "skipped", "note": note}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from busynth.classify.metrics import summarize
 from busynth.io import read_json, write_json
-from busynth.registry import REFERENCE
+from busynth.registry import REFERENCE, cell_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def read_cell_fidelity(run_dir: Path, methods: Sequence[str]) -> dict[str, list[
     """method -> fidelity.json contents of its cells (natural fold/seed order); methods without any are left out."""
     out = {}
     for method in methods:
-        folder = Path(run_dir) / "cells" / method
+        folder = cell_folder(run_dir, method)
         paths = sorted(folder.glob(f"*/{FIDELITY_JSON}"), key=lambda p: _natural_key(p.parent.name))
         if paths:
             out[method] = [read_json(p) for p in paths]
@@ -107,7 +107,7 @@ def read_cell_label_fidelity(run_dir: Path, methods: Sequence[str]) -> dict[str,
     """method -> label_fidelity.json contents of its cells."""
     out = {}
     for method in methods:
-        paths = sorted((Path(run_dir) / "cells" / method).glob(f"*/{LABEL_FIDELITY_JSON}"))
+        paths = sorted(cell_folder(run_dir, method).glob(f"*/{LABEL_FIDELITY_JSON}"))
         if paths:
             out[method] = [read_json(p) for p in paths]
     return out
@@ -119,7 +119,7 @@ def aggregate_cas(run_dir: Path, methods: Sequence[str], metrics: Sequence[str] 
     alone, and of the real-only classifiers of the same cells."""
     out = {}
     for method in methods:
-        ok = [r for p in sorted((Path(run_dir) / "cells" / method).glob(f"*/{CAS_JSON}"))
+        ok = [r for p in sorted(cell_folder(run_dir, method).glob(f"*/{CAS_JSON}"))
               if (r := read_json(p)).get("status") == "ok"]
         if ok:
             out[method] = {"cells": len(ok), **{

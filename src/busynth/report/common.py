@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.io import read_json, write_atomic
-from busynth.registry import study_arms
+from busynth.registry import cell_folder, study_arms
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def natural_key(text: str) -> list[Any]:
 
 def cell_dirs(run: Run, method: str) -> list[Path]:
     """The cell folders (fold<f>_seed<s>) of a method, in natural order."""
-    folder = run.root / "cells" / method
+    folder = cell_folder(run.root, method)
     return sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: natural_key(p.name))
 
 
