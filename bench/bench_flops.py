@@ -125,8 +125,14 @@ def stage_step(stage, trained: torch.nn.Module, data: dict, batch: int, steps: i
     return {"batch": batch, **flops, "seconds": engine_step_seconds(stage, data, batch, steps)}
 
 
-def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
-    cfg = SDLoraConfig(image_size=128)
+def tiny_config(heads: int | None = None) -> SDLoraConfig:
+    """The cpu preset's sd-lora settings (128 px), optionally with ``heads`` attention heads per block
+    (diffusers' ``attention_head_dim`` of SD 1.x is the number of heads; the preset has 8 of dimension 8)."""
+    return SDLoraConfig(image_size=128, tiny={} if heads is None else {"attention_head_dim": heads})
+
+
+def unet_step(batch: int, steps: int, channels_last: bool = False, heads: int | None = None) -> dict:
+    cfg = tiny_config(heads)
     parts, data, emb = tiny_setup(cfg, 4 * batch)
     if channels_last:
         parts.unet.to(memory_format=torch.channels_last)
@@ -134,8 +140,8 @@ def unet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
     return stage_step(stage, parts.unet, data, batch, steps)
 
 
-def controlnet_step(batch: int, steps: int, channels_last: bool = False) -> dict:
-    cfg = SDLoraConfig(image_size=128)
+def controlnet_step(batch: int, steps: int, channels_last: bool = False, heads: int | None = None) -> dict:
+    cfg = tiny_config(heads)
     parts, controlnet, data, emb = controlnet_setup(cfg, 4 * batch)
     if channels_last:
         parts.unet.to(memory_format=torch.channels_last)
@@ -167,22 +173,25 @@ def classifier_step(steps: int) -> dict:
     return {"batch": cfg.batch_size, **counted_flops(one), "seconds": seconds}
 
 
-def ab(steps: int, reps: int) -> dict:
+def ab(steps: int, reps: int, only: str = "") -> dict:
     """Each candidate fix against the step as it is, interleaved; ratio < 1 = faster."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def timing(fn, batch, math=False, channels_last=False):
+    def timing(fn, batch, math=False, channels_last=False, heads=None):
         def run() -> list[float]:
             with sdpa_kernel(SDPBackend.MATH) if math else nullcontext():
-                return [fn(batch, steps, channels_last)["seconds"]]
+                return [fn(batch, steps, channels_last, heads)["seconds"]]
         return run
 
     out = {}
     for name, fn, batch in (("tiny UNet", unet_step, 16), ("ControlNet", controlnet_step, 8)):
         for label, kw in (("math SDPA", {"math": True}), ("channels_last", {"channels_last": True}),
-                          ("both", {"math": True, "channels_last": True})):
+                          ("both", {"math": True, "channels_last": True}),
+                          ("2 heads of dimension 32", {"heads": 2})):
+            if only not in label:
+                continue
             r = interleaved_comparison(timing(fn, batch, **kw), timing(fn, batch), reps)
             out[f"{name} (batch {batch}): {label}"] = r
             print(f"  {name} (batch {batch}), {label}: {r['ours_median_s'] * 1e3:.1f} ms vs "
@@ -196,12 +205,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-scan", default="", help="UNet batch sizes to also time, e.g. 8,16,32")
     parser.add_argument("--ab", type=int, default=0, help="repetitions of the interleaved candidate fixes (0: none)")
+    parser.add_argument("--ab-only", default="", help="only the candidates whose name contains this, e.g. heads")
+    parser.add_argument("--skip-table", action="store_true", help="only the --ab comparisons")
     parser.add_argument("--out", type=Path, default=RESULTS / "flops.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.ab:
         write_json(args.out.with_name("flops_ab.json"), {"device": device_info(), "load_avg": load_avg(),
-                                                         "comparisons": ab(args.steps, args.ab)})
+                                                         "comparisons": ab(args.steps, args.ab, args.ab_only)})
+    if args.skip_table:
+        return
     nominal = nominal_peak_gflops(args.threads)
     attainable = attainable_gflops()
     steps = {"classifier (96 px, batch 32)": classifier_step(args.steps),
