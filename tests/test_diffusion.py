@@ -296,3 +296,32 @@ def test_load_lora_into_named_adapter(fitted):
                                                    requires_safety_checker=False)
     load_lora_into(pipe, out / "lora", adapter_name="x")
     assert pipe.get_list_adapters()["unet"] == ["x"]
+
+
+def test_class_prompted_base_with_moving_average(records, tmp_path, monkeypatch):
+    """base_prompt=class trains the base UNet on each image's class prompt (rows 1..C of the prompt
+    table, the mirrored copies too); base_ema_decay saves the moving average as the base, not the
+    last weights."""
+    from busynth.generators.diffusion import sd_lora
+
+    seen = {}
+    real_train_stage = sd_lora.train_stage
+
+    def spy(stage, data, cfg, out_dir, *args, **kwargs):
+        history = real_train_stage(stage, data, cfg, out_dir, *args, **kwargs)
+        if stage.name == "base":
+            seen.update(prompt=data["prompt"].clone(), ema=kwargs.get("ema_decay"),
+                        last={k: v.clone() for k, v in stage.model.state_dict().items()},
+                        average={k: v.clone() for k, v in stage.ema.module.state_dict().items()})
+        return history
+
+    monkeypatch.setattr(sd_lora, "train_stage", spy)
+    cfg = {**TINY, "base_prompt": "class", "base_ema_decay": 0.5, "lora_training": {"steps": 1, "batch_size": 4}}
+    out = SDLoraGenerator(cfg, classes=CLASSES).fit(records, tmp_path, seed=0)
+    expected = torch.tensor([1 + CLASSES.index(r.label) for r in records] * 2)  # random_flip doubles the rows
+    assert torch.equal(seen["prompt"], expected) and seen["ema"] == 0.5
+    saved = sd_lora.UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet").state_dict()
+    assert all(torch.equal(saved[k], seen["average"][k]) for k in saved)
+    assert any(not torch.equal(saved[k], seen["last"][k]) for k in saved)
+    with pytest.raises(ConfigError, match="generators.sd-lora.base_ema_decay"):
+        SDLoraGenerator({**TINY, "base_ema_decay": 1.0}, classes=CLASSES)
