@@ -60,7 +60,7 @@ class TinyModelConfig(BaseModel):
     # the 16x16 block attention-free, which more than halves a CPU step (0.17 s vs 0.40 s, batch 16).
     attention_max_resolution: int = Field(default=8, ge=1)
     # diffusers' name; for SD 1.x UNets it is the number of heads. 2 heads of dimension 32 (at 64 channels)
-    # instead of 8 of dimension 8: the same FLOPs, 0.84x the time of a base-UNet step on this CPU, and on
+    # instead of 8 of dimension 8: the same FLOPs, 0.70-0.84x the time of a base-UNet step on a 2-core EPYC, and on
     # BUSI fold 0 the same label fidelity and FID (README, "Tiny diffusion"; bench/bench_flops.py --ab).
     attention_head_dim: int = Field(default=2, ge=1)
     norm_num_groups: int = Field(default=16, ge=1)
