@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from busynth.accel import shard_map
 from busynth.classify.checkpoints import save_safetensors
@@ -29,7 +28,7 @@ from busynth.data.leaks import accepted_groups
 from busynth.data.records import Record, lesion_pairs
 from busynth.data.splits import Split
 from busynth.data.transforms import label_indices, stack_images, stack_masks
-from busynth.errors import DataError, LeakError
+from busynth.errors import LeakError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cas import evaluate_cas
 from busynth.evaluate.cell import evaluate_cell
@@ -44,7 +43,7 @@ from busynth.generators.base import (
     synthetic_counts,
     write_samples,
 )
-from busynth.io import derived_seed, read_json, remove_tree, write_json, write_text
+from busynth.io import derived_seed, read_json, read_png, read_png_mask, remove_tree, write_json, write_text
 from busynth.locks import claim
 from busynth.registry import FILTERED, REFERENCE, arm_parts, bases, cell_folder, cell_key
 from busynth.rundir import StudyData
@@ -211,22 +210,14 @@ def read_synthetic(folder: Path, method: str) -> list[Record]:
     """Records for the images listed in a synthetic folder's manifest (see ``read_manifest``)."""
     records = []
     for entry in read_manifest(folder):
-        image = _read_gray(folder / entry["image"])
-        mask = _read_gray(folder / entry["mask"]) > 127 if "mask" in entry else None
+        image = read_png(folder / entry["image"])
+        mask = read_png_mask(folder / entry["mask"]) if "mask" in entry else None
         records.append(Record(
             id=f"{method}:{entry['label']}_{entry['index']}", label=entry["label"], image=image,
             mask=mask, path=str(Path("synthetic") / method / folder.name / entry["image"]),
             meta={"synthetic": True, "seed": entry["seed"]},
         ))
     return records
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the synthetic image ({exc})") from None
 
 
 def _unit(run_dir: Path, folder: Path) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from busynth.accel import commit_on_main
-from busynth.errors import OutputWriteError
+from busynth.errors import DataError, OutputWriteError
 
 # errnos that mean "cannot write there": disk full, quota, read-only, file too large, permissions, I/O
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
@@ -226,6 +226,21 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
     else:
         image = Image.fromarray(np.asarray(array, dtype=np.uint8))
     return write_atomic(path, lambda p: image.save(p, format="PNG"))
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """An image this package wrote (``write_png``: a synthetic image or mask) as uint8 grey (H, W);
+    DataError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image ({exc})") from None
+
+
+def read_png_mask(path: str | Path) -> np.ndarray:
+    """A mask written by ``write_png`` as bool (lesion where the grey value is above 127)."""
+    return read_png(path) > 127
 
 
 def _json_default(obj: Any) -> Any:

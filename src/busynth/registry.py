@@ -26,7 +26,7 @@ def cell_key(fold: int, seed: int) -> str:
 
 def cell_folder(run_dir: str | Path, method: str, key: str = "") -> Path:
     """``cells/<method>/<key>/`` of a run folder (``cells/<method>/`` without ``key``)."""
-    return Path(run_dir) / CELLS / method / key if key else Path(run_dir) / CELLS / method
+    return Path(run_dir) / CELLS / method / key  # joining "" adds nothing
 
 
 @dataclass(frozen=True)

@@ -111,14 +111,7 @@ def figure_to_img(fig: Figure, alt: str, save_to: Path | None = None) -> str:
     with ``save_to`` the same PNG is also written there (atomically), for use outside the report."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)  # every figure has layout="constrained": one draw
-    return png_img(buf.getvalue(), alt, save_to)
-
-
-def png_img(png: bytes, alt: str, save_to: Path | None = None) -> str:
-    """An ``<img>`` tag with ``png`` as a data URI; with ``save_to`` the PNG is also written there (atomically)."""
-    if save_to is not None:
-        write_atomic(save_to, lambda tmp: tmp.write_bytes(png))
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+    return png_to_img(buf.getvalue(), alt, save_to=save_to)
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
@@ -166,7 +159,10 @@ def read_csv_or_none(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
-def png_to_img(data: bytes, alt: str, width: int | None = None) -> str:
-    """An ``<img>`` tag embedding PNG bytes as a data URI (optionally with a display width)."""
+def png_to_img(data: bytes, alt: str, width: int | None = None, save_to: Path | None = None) -> str:
+    """An ``<img>`` tag embedding PNG bytes as a data URI (optionally with a display width); with
+    ``save_to`` the same PNG is also written there (atomically), for use outside the report."""
+    if save_to is not None:
+        write_atomic(save_to, lambda tmp: tmp.write_bytes(data))
     size = f' width="{width}"' if width else ""
     return f'<img alt="{esc(alt)}"{size} src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'

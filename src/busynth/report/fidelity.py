@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from busynth.evaluate.summary import aggregate_fidelity, read_cell_fidelity
-from busynth.io import read_json
+from busynth.io import read_json, read_png, read_png_mask
 from busynth.report.common import (
     Run,
     cell_dirs,
@@ -26,7 +26,7 @@ from busynth.report.common import (
     num,
     png_to_img,
 )
-from busynth.report.grid import RED, Tile, grid_to_img, read_grey, read_mask
+from busynth.report.grid import RED, Tile, grid_to_img
 
 MASK_PAIRS_PER_CLASS = 4
 # (key in fidelity.json, column title, scale, decimals); arrows say which direction is better.
@@ -232,8 +232,8 @@ def _mask_pair_grid(folder: Path, classes: list[str]) -> list[list[Tile]]:
     for c in classes:
         row = []
         for j, (image_path, mask_path) in enumerate(_image_mask_pairs(folder, c)[:MASK_PAIRS_PER_CLASS]):
-            row += [Tile(read_grey(image_path), caption=f"{c} image" if j == 0 else "image"),
-                    Tile(read_grey(mask_path), caption="mask")]
+            row += [Tile(read_png(image_path), caption=f"{c} image" if j == 0 else "image"),
+                    Tile(read_png(mask_path), caption="mask")]
         if row:
             rows.append(row)
     return rows
@@ -295,7 +295,7 @@ def _overlay_grid(folder: Path, classes: list[str]) -> list[list[Tile]]:
     """Generated images with their mask's outline drawn on them (red), up to 6 per lesion class."""
     rows = []
     for c in classes:
-        pairs = [(read_grey(i), mask) for i, m in _image_mask_pairs(folder, c) if (mask := read_mask(m)).any()][:6]
+        pairs = [(read_png(i), mask) for i, m in _image_mask_pairs(folder, c) if (mask := read_png_mask(m)).any()][:6]
         if pairs:
             rows.append([Tile(image, [(mask, RED)], c if j == 0 else "") for j, (image, mask) in enumerate(pairs)])
     return rows

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from busynth.report.common import png_img
+from busynth.report.common import png_to_img
 
 RED, LIME = (230, 20, 20), (40, 220, 40)
 TILE = 112  # the longer side of each image in the grid, in pixels
@@ -36,16 +36,6 @@ class Tile:
     image: np.ndarray
     outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = field(default_factory=tuple)
     caption: str = ""
-
-
-def read_grey(path: Path) -> np.ndarray:
-    """An image file as uint8 grey pixels."""
-    return np.asarray(Image.open(path).convert("L"))
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file as bool (lesion where the grey value is above 127)."""
-    return read_grey(path) > 127
 
 
 @cache
@@ -85,7 +75,7 @@ def image_grid(rows: Sequence[Sequence[Tile]], size: int = TILE) -> Image.Image:
 
 
 def grid_to_img(rows: Sequence[Sequence[Tile]], alt: str, save_to: Path | None = None) -> str:
-    """An ``<img>`` tag with the grid as a PNG data URI (and written to ``save_to``, see ``png_img``)."""
+    """An ``<img>`` tag with the grid as a PNG data URI (and written to ``save_to``, see ``png_to_img``)."""
     buf = io.BytesIO()
     image_grid(rows).save(buf, format="png")
-    return png_img(buf.getvalue(), alt, save_to)
+    return png_to_img(buf.getvalue(), alt, save_to=save_to)

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, confusion_matrix, roc_curve
 
-from busynth.io import read_json
+from busynth.io import read_json, read_png, read_png_mask
 from busynth.report.common import (
     MAX_LIST,
     Run,
@@ -31,7 +31,7 @@ from busynth.report.common import (
     pooled_predictions,
     read_csv_or_none,
 )
-from busynth.report.grid import RED, Tile, grid_to_img, read_grey, read_mask
+from busynth.report.grid import RED, Tile, grid_to_img
 from busynth.results import summary_interval_text
 
 BAR_METRICS = ("balanced_accuracy", "macro_auc", "malignant_auc")
@@ -277,9 +277,9 @@ def _sample_grid(folder: Path, classes: Sequence[str]) -> list[list[Tile]]:
         row = []
         for j, path in enumerate(picks):
             mask_path = path.with_name(f"{path.stem}_mask.png")
-            mask = read_mask(mask_path) if mask_path.is_file() else None
+            mask = read_png_mask(mask_path) if mask_path.is_file() else None
             outlines = [(mask, RED)] if mask is not None and mask.any() else []
-            row.append(Tile(read_grey(path), outlines, c if j == 0 else ""))
+            row.append(Tile(read_png(path), outlines, c if j == 0 else ""))
         if row:
             rows.append(row)
     return rows
