@@ -29,6 +29,7 @@ from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_
 from busynth.generators.diffusion.controlnet import ControlNetGenerator
 from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+from busynth.generators.diffusion.shapes import ShapeModel, outline, outline_mask, shape_features
 from busynth.generators.diffusion.train import ControlNetStage
 from busynth.presets import load_config
 
@@ -249,6 +250,72 @@ def test_sampling_masks_use_a_pool_of_n_in_order_and_seed_each_mask_alone():
     three = sampling_masks(pool, 3, 32, cfg, seed=4, stream=1)
     assert np.array_equal(three[:2], sampling_masks(pool[:2], 2, 32, cfg, seed=4, stream=1))
     assert not np.array_equal(three[:2], sampling_masks(pool[:2], 2, 32, cfg, seed=4, stream=2))
+
+
+def _ellipse(size: int, cy: float, cx: float, a: float, b: float, angle: float = 0.0) -> np.ndarray:
+    """An ellipse with semi-axes ``a`` along direction ``angle`` (from the column axis towards rows) and ``b``."""
+    yy, xx = np.mgrid[:size, :size]
+    y, x = yy - cy, xx - cx
+    u = (x * np.cos(angle) + y * np.sin(angle)) / a
+    v = (-x * np.sin(angle) + y * np.cos(angle)) / b
+    return u * u + v * v <= 1.0
+
+
+def _star(size: int, r: float, phase: float) -> np.ndarray:
+    """A six-pointed lesion about the centre: an irregular margin."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    return np.hypot(yy, xx) <= r * (1 + 0.35 * np.cos(6 * np.arctan2(yy, xx) + phase))
+
+
+def test_outline_recovers_a_lesion_and_its_long_axis():
+    lesion = _ellipse(128, 60, 70, 30, 12, angle=np.pi / 6)
+    cy, cx, orientation, radius = outline(lesion)
+    assert (cy, cx) == pytest.approx((60, 70), abs=0.5)
+    assert orientation == pytest.approx(np.pi / 6, abs=0.02)
+    assert radius.max() == pytest.approx(30, abs=1) and radius.min() == pytest.approx(12, abs=1)
+    redrawn = outline_mask(cy, cx, orientation, radius, 128)
+    assert (redrawn & lesion).sum() / (redrawn | lesion).sum() > 0.9
+    # Of two lesions the larger one is the outline.
+    both = lesion | _ellipse(128, 10, 10, 4, 4)
+    assert outline(both)[:2] == pytest.approx((cy, cx))
+
+
+def test_shape_model_draws_new_masks_with_the_class_statistics():
+    rng = np.random.default_rng(0)
+    oval = [_ellipse(128, 64 + rng.normal(0, 3), 64 + rng.normal(0, 3), 24 + rng.normal(0, 2), 12,
+                     angle=rng.normal(0, 0.1)) for _ in range(30)]
+    spiky = [_star(128, 20 + rng.normal(0, 2), rng.uniform(0, 2 * np.pi)) for _ in range(30)]
+    features = {}
+    for name, pool in (("oval", oval), ("spiky", spiky)):
+        drawn = ShapeModel.fit(pool).sample(40, 128, np.random.default_rng(1))
+        assert drawn.shape == (40, 128, 128) and drawn.any(axis=(1, 2)).all()
+        assert not any(np.array_equal(d, m) for d in drawn for m in pool)  # new outlines, not copies
+        features[name] = {k: (np.mean([shape_features(m)[k] for m in pool]),
+                              np.mean([shape_features(m)[k] for m in drawn])) for k in ("area", "elongation", "irregularity")}
+        assert features[name]["area"][1] == pytest.approx(features[name]["area"][0], rel=0.15)
+        orientations = [outline(m)[2] for m in drawn]
+        if name == "oval":  # wide lesions stay wide: the long axis near the column axis
+            assert np.median(np.minimum(orientations, np.pi - np.array(orientations))) < 0.2
+    assert features["oval"]["elongation"][1] == pytest.approx(2.0, abs=0.2)
+    assert features["spiky"]["elongation"][1] < 1.3
+    assert features["spiky"]["irregularity"][1] > 2 * features["oval"]["irregularity"][1]
+
+
+def test_shape_model_sampling_masks_are_seeded_and_keep_empty_classes_empty():
+    cfg = MaskTransformConfig(source="shape_model")
+    pool = [_lesion(64), _ellipse(64, 30, 30, 12, 8), _ellipse(64, 34, 28, 14, 7, 0.3), None]
+    drawn = sampling_masks(pool, 5, 32, cfg, seed=3, stream=1)
+    assert drawn.shape == (5, 32, 32) and drawn.any(axis=(1, 2)).all()
+    assert np.array_equal(drawn, sampling_masks(pool, 5, 32, cfg, seed=3, stream=1))
+    assert not np.array_equal(drawn, sampling_masks(pool, 5, 32, cfg, seed=4, stream=1))
+    assert not sampling_masks([np.zeros((32, 32), bool)], 3, 32, cfg, seed=0).any()
+    assert not sampling_masks([], 2, 32, cfg, seed=0).any()
+    # n masks given for n images are used in order (and transformed), whatever the source.
+    as_given = sampling_masks(pool[:2], 2, 64, IDENTITY.model_copy(update={"source": "shape_model"}), seed=0)
+    assert np.array_equal(as_given[0], pool[0]) and np.array_equal(as_given[1], pool[1])
+    assert not cfg.is_identity
+    with pytest.raises(ValueError, match="no non-empty mask"):
+        ShapeModel.fit([np.zeros((8, 8), bool)])
 
 
 # --- control adherence -----------------------------------------------------------------------

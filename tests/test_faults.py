@@ -62,8 +62,8 @@ EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtr
           "shutil.copytree", "safetensors.save_file"}
 REMOVALS = {"os.remove", "os.rmdir", "shutil.rmtree", "os.rename"}  # still work on a full disk
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-# io.atomic_path / write_dir_atomic (tempfile): ".<name>.<8 random chars>[.tmp|.old]"
-TEMP_NAME = re.compile(r"^(\..+\.)[a-z0-9_]{8}(\.tmp|\.old)?$")
+# io.atomic_path / write_dir_atomic: ".<name>.<12 random hex digits>.tmp[.old]"
+TEMP_NAME = re.compile(r"^(\..+\.)[0-9a-f]{12}(\.tmp(?:\.old)?)$")
 
 
 def normalize(rel: str) -> str:
@@ -548,5 +548,5 @@ def test_atomic_writes_get_the_permissions_the_umask_gives_plain_files(tmp_path:
         folder = write_dir_atomic(tmp_path / "model", lambda tmp: (tmp / "w.bin").write_bytes(b"x"))
     finally:
         os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o640  # group-readable on a shared file system, not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == 0o640  # group-readable on a shared file system, not 0600
     assert folder.stat().st_mode & 0o777 == 0o750

@@ -18,8 +18,8 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,11 +78,24 @@ def _relative_to(path: Any, folder: Path | None) -> Path | None:
         return None
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back: there is no getter before 3.14)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _new_temporary(parent: Path, name: str, make: Callable[[Path], Any]) -> Path:
+    """``make(path)`` on an unused hidden path ``.<name>.<random>.tmp`` in ``parent``; returns the path.
+
+    Unlike ``tempfile.mkstemp``/``mkdtemp`` (mode 0600/0700, which would hide results from the
+    rest of a group sharing a run folder), ``make`` creates with the usual 0666/0777, so the kernel
+    applies the process's umask itself: no umask is read or changed, which would race with threads."""
+    for _ in range(100):
+        candidate = parent / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            make(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no unused temporary name for {parent / name}")
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
@@ -93,10 +106,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with _naming_failed_writes(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the rest of the group
-        os.close(fd)
-    tmp_path = Path(tmp)
+        tmp_path = _new_temporary(path.parent, path.name, _create_file)
     try:
         with _naming_failed_writes(path):
             yield tmp_path
@@ -123,8 +133,7 @@ def write_dir_atomic(final: str | Path, writer: Callable[[Path], Any]) -> Path:
     final = Path(final)
     with _naming_failed_writes(final):
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        tmp.chmod(0o777 & ~_umask())  # as mkdir would make it (mkdtemp's is 0700)
+        tmp = _new_temporary(final.parent, final.name, lambda p: p.mkdir(0o777))
 
     def commit() -> None:
         old = Path(f"{tmp}.old") if final.exists() else None

@@ -12,6 +12,9 @@ that generated image--mask pairs are not copies of training layouts:
   ``alpha`` is the root-mean-square displacement and means the same for every ``sigma``;
   both are given as shares of the image side, so a setting means the same at 128 and 512 px.
 
+With ``source: shape_model`` the masks are instead new outlines drawn from a statistical shape
+model of the class's training masks (:mod:`busynth.generators.diffusion.shapes`), used as drawn.
+
 Everything is a pure function of its inputs and a seed. Empty masks (normal images) stay
 empty under every transform; a lesion mask that a warp would push out of the image is kept
 untransformed instead, so a lesion class never gets an empty mask by accident.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from scipy import ndimage
 from busynth.config import positive_range
 from busynth.data.augment import AugmentParams, random_affine_grid, warp
 from busynth.data.transforms import resize_mask
+from busynth.generators.diffusion.shapes import ShapeModel
 from busynth.io import derived_seed
 
 logger = logging.getLogger(__name__)
@@ -38,9 +43,14 @@ _MASK_STREAM = 1_000_003  # seeds of the mask draws and transforms, apart from t
 
 
 class MaskTransformConfig(BaseModel):
-    """Random transforms of sampling masks (all off: training masks are used as they are)."""
+    """Where sampling masks come from, and their random transforms (all off: training masks are used
+    as they are)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # training: a class's training masks, drawn and transformed; shape_model: new outlines drawn from
+    # a shape model fitted to them (position, size, orientation, outline; the transforms are not applied).
+    source: Literal["training", "shape_model"] = "training"
 
     hflip: bool = True
     max_rotation: float = Field(default=15.0, ge=0.0, le=180.0)  # degrees, uniform in [-max, max]
@@ -57,7 +67,7 @@ class MaskTransformConfig(BaseModel):
     @property
     def is_identity(self) -> bool:
         """True when no setting changes a mask."""
-        return (not self.hflip and self.max_rotation == 0.0 and tuple(self.scale_range) == (1.0, 1.0)
+        return (self.source == "training" and not self.hflip and self.max_rotation == 0.0 and tuple(self.scale_range) == (1.0, 1.0)
                 and self.elastic_alpha == 0.0)
 
 
@@ -128,8 +138,13 @@ def sampling_masks(pool: Sequence[np.ndarray | None], n: int, size: int, cfg: Ma
                    seed: int, stream: int = 0) -> np.ndarray:
     """``n`` masks for sampling at ``size`` px: ``pool`` itself, in order, when it holds ``n`` masks,
     else ``n`` drawn from it (a class's training masks) with replacement; resized, and mask i transformed
-    with its own seed, derived from (``seed``, ``stream`` (e.g. the class), i). Returns bool
-    (n, size, size); empty masks (normal images, or an empty pool) stay all False."""
+    with its own seed, derived from (``seed``, ``stream`` (e.g. the class), i). With ``cfg.source``
+    ``shape_model`` (and a pool of another size, with a lesion), ``n`` new outlines from a shape model
+    fitted to the pool instead. Returns bool (n, size, size); empty masks (normal images, or an empty
+    pool) stay all False."""
+    if cfg.source == "shape_model" and len(pool) != n and any(m is not None and m.any() for m in pool):
+        model = ShapeModel.fit([m for m in pool if m is not None])
+        return model.sample(n, size, np.random.default_rng([derived_seed(seed, _MASK_STREAM, stream), 2]))
     chosen = list(pool) if len(pool) == n else draw_masks(pool, n, derived_seed(seed, _MASK_STREAM, stream))
     resized = resize_masks(chosen, size)
     if not n:
