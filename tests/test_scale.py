@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from busynth.cells import Cell
-from busynth.executors import Fit, plan
+from busynth.executors import Fit, plan, task_slots
 from busynth.locks import claim, lock_path
 
 ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
@@ -105,6 +105,13 @@ def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
     assert alone[Fit("controlnet", 1, 0)] == []
 
 
+def test_task_slots_count_what_the_cluster_runs_at_once() -> None:
+    assert task_slots({"CPU": 16.0}, 1, 0) == 16
+    assert task_slots({"CPU": 16.0, "GPU": 4.0}, 4, 1) == 4
+    assert task_slots({"CPU": 64.0, "GPU": 2.0}, 4, 1) == 2  # the GPUs bound it
+    assert task_slots({"CPU": 2.0}, 4, 0) == 1  # a task larger than the cluster still runs, one at a time
+
+
 def test_an_unreachable_ray_cluster_is_one_clear_line_before_any_work(tmp_path) -> None:
     pytest.importorskip("ray", reason="ray is in the test extras")
     for address, message in (("127.0.0.1:1", "cannot reach a Ray cluster there"),
@@ -181,5 +188,7 @@ def test_ray_runs_the_study_with_two_workers_and_retries_a_killed_one(tmp_path, 
     text = _finish(proc, tmp_path / "log")
     assert killed, "the cell finished before its worker could be killed"
     assert pid != proc.pid, "the cell ran in the driver, not in a Ray worker"
-    assert "ray: 8 cells" in text
+    assert "ray: 8 cells" in text and "2 at once" in text
+    assert re.search(r"fit done: cvae fold[01]_seed0 in ", text)  # the fits' times feed the ETA
+    assert re.search(r"cell 7/8 done: .*, ETA \d", text)
     assert _metrics(out) == reference

@@ -35,7 +35,7 @@ from busynth.cells import Cell, prepare_generator, run_claimed, score_synthetic_
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
 from busynth.progress import format_duration
-from busynth.registry import REFERENCE, bases
+from busynth.registry import REFERENCE, bases, cell_key
 from busynth.rundir import StudyData
 
 log = logging.getLogger(__name__)
@@ -175,14 +175,22 @@ def _worker_setup(cpus: float) -> None:
         setup_logging(False)
 
 
-def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
+def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[float, bool]:
+    """Fit and sample; returns (seconds, whether anything was computed)."""
     _worker_setup(config.run.cell_cpus)
+    key = cell_key(fit.fold, fit.generator_seed)
+    done = Path(run_dir) / "synthetic" / fit.generator / key / "done.json"
+    computed, started = not done.exists(), time.perf_counter()
     prepare_generator(fit.generator, fit.fold, fit.generator_seed, config, study, Path(run_dir))
+    return time.perf_counter() - started, computed
 
 
-def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[dict, bool]:
+def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[dict, bool, float]:
+    """Run a cell; returns (metrics row, whether it was computed now, seconds)."""
     _worker_setup(config.run.cell_cpus)
-    return run_claimed(cell, config, study, Path(run_dir), wait=True)
+    started = time.perf_counter()
+    row, computed = run_claimed(cell, config, study, Path(run_dir), wait=True)
+    return row, computed, time.perf_counter() - started
 
 
 def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
@@ -196,6 +204,12 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
     ``run.cell_cpus`` CPUs) for the ``with`` block, and have every worker import the study code at
     once, so that Ray's start and the workers' imports overlap the driver's data preparation. A
     Ray already initialised in this process is used as it is and left running."""
+    # Ray collapses worker log lines that differ only in their numbers into "[repeated Nx across
+    # cluster]", which would keep one worker's progress lines (step, loss, ETA) and hide the others'.
+    # Read when Ray is imported, so set before (a Ray imported earlier keeps its setting).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain worker-log prefixes in log files
     try:
         import ray
     except ImportError:
@@ -206,8 +220,6 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
     run = config.run
     started_here = not ray.is_initialized()
     if started_here:
-        if not sys.stderr.isatty():
-            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain worker-log prefixes in log files
         if run.ray_address is None:
             cpus = (run.workers or max(1, (os.cpu_count() or 1) // run.cell_cpus)) * run.cell_cpus
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
@@ -219,7 +231,7 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
                 raise ConfigError(f"run.ray_address={run.ray_address!r}: no Ray cluster there "
                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     warm = ray.remote(num_cpus=run.cell_cpus)(warm_up)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // run.cell_cpus))
+    slots = task_slots(ray.cluster_resources(), run.cell_cpus, 0.0)
     for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
         warm.remote()
     try:
@@ -279,23 +291,46 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
             real = cell.reference_cell
             after = [cell_refs[cell]] + ([cell_refs[real]] if real in cell_refs else [])
             score_refs.append(score_task.remote(cell, *args, *after))
-    names = {ref: f"{c.method} {c.key}" for c, ref in cell_refs.items()}
-    pending, start, finished = list(cell_refs.values()), time.perf_counter(), 0
-    log.info("ray: %d cells, %d generator fits, %d synthetic-set scores submitted (%s CPU, %s GPU per task)",
-             len(cell_refs), len(fit_refs), len(score_refs), config.run.cell_cpus, config.run.cell_gpus)
+    # What each task is, as (method, fits a generator): the kinds whose measured times give the ETA.
+    kinds = {ref: (c.method, False) for c, ref in cell_refs.items()} | {
+        ref: (f.generator, True) for f, ref in fit_refs.items()}
+    names = {ref: f"{c.method} {c.key}" for c, ref in cell_refs.items()} | {
+        ref: f"{f.generator} fold{f.fold}_seed{f.generator_seed}" for f, ref in fit_refs.items()}
+    pending, start, finished = [*fit_refs.values(), *cell_refs.values()], time.perf_counter(), 0
+    seconds: dict[tuple[str, bool], list[float]] = {}
+    slots = task_slots(ray.cluster_resources(), config.run.cell_cpus, config.run.cell_gpus)
+    log.info("ray: %d cells, %d generator fits, %d synthetic-set scores submitted (%s CPU, %s GPU per task; "
+             "%d at once)", len(cell_refs), len(fit_refs), len(score_refs), config.run.cell_cpus,
+             config.run.cell_gpus, slots)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        row, computed = _get(ray, ready[0])
+        [ready], pending = ray.wait(pending, num_returns=1)
+        if kinds[ready][1]:  # a generator fit and its sampling
+            took, computed = _get(ray, ready)
+            if computed:
+                seconds.setdefault(kinds[ready], []).append(took)
+                log.info("fit done: %s in %s", names[ready], format_duration(took))
+            continue
+        row, computed, took = _get(ray, ready)
         finished += 1
-        elapsed = time.perf_counter() - start
-        eta = f", ETA {format_duration(elapsed / finished * len(pending))}" if pending else ""
-        log.info("cell %d/%d done: %s%s%s", finished, len(cell_refs), names[ready[0]],
+        if computed:
+            seconds.setdefault(kinds[ready], []).append(took)
+        left = remaining_seconds([kinds[r] for r in pending], seconds) / slots
+        eta = f", ETA {format_duration(left)}" if pending and seconds else ""
+        log.info("cell %d/%d done: %s%s%s", finished, len(cell_refs), names[ready],
                  "" if computed else " (done before)", eta)
         if computed:
             log_row(row)
-    for ref in [*score_refs, *fit_refs.values()]:
+    for ref in score_refs:
         _get(ray, ref)
     log.info("ray: every task done in %.1f s", time.perf_counter() - start)
+
+
+def task_slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many tasks asking for ``cpus`` CPUs and ``gpus`` GPUs a cluster with ``resources`` runs at once."""
+    slots = resources.get("CPU", 1.0) // cpus if cpus > 0 else float("inf")
+    if gpus > 0:
+        slots = min(slots, resources.get("GPU", 0.0) // gpus)
+    return max(1, int(slots)) if slots != float("inf") else 1
 
 
 def _get(ray, ref):
