@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from busynth.cells import Cell
-from busynth.executors import Fit, plan, task_slots
+from busynth.executors import Fit, _submit_and_wait, plan, task_slots
 from busynth.locks import claim, lock_path
 
 ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
@@ -103,6 +104,71 @@ def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
     # without sd-lora in the run, controlnet fits its own base: no edge
     _, alone, _ = plan([Cell("controlnet", 1, 0)], ["controlnet"])
     assert alone[Fit("controlnet", 1, 0)] == []
+
+
+class _FakeRay:
+    """Ray's task API as ``_submit_and_wait`` uses it, on a recorded timeline: ``wait`` finishes the
+    earliest-submitted task whose argument tasks are done."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus, self.deps, self.done, self.events = cpus, {}, set(), []
+
+    def put(self, value):
+        return value
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": float(self.cpus)}
+
+    def remote(self, **resources):
+        def wrap(function):
+            fake = self
+
+            class Remote:
+                def remote(self, task, *args):
+                    ref = ("ref", len(fake.deps), function.__name__, task)
+                    fake.deps[ref] = [a for a in args if isinstance(a, tuple) and a[:1] == ("ref",)]
+                    fake.events.append(("submit", function.__name__, task))
+                    return ref
+            return Remote()
+        return wrap
+
+    def wait(self, pending, num_returns=1):
+        ref = next(r for r in pending if all(d in self.done for d in self.deps[r]))
+        self.done.add(ref)
+        self.events.append(("done", ref[2], ref[3]))
+        return [ref], [r for r in pending if r != ref]
+
+    def get(self, ref):
+        if ref[2] == "_fit_task":
+            return 60.0, True
+        if ref[2] == "_cell_task":
+            return {"balanced_accuracy": 0.5, "macro_auc": 0.5}, True, 10.0
+        return None
+
+
+def test_ray_submits_every_fit_first_and_cells_a_slot_at_a_time(tmp_path) -> None:
+    methods = ["real", "sd-lora", "controlnet", "cvae"]
+    cells = [Cell(m, f, s, 0) for f in (0, 1) for s in (0, 1) for m in methods]
+    config = SimpleNamespace(run=SimpleNamespace(cell_cpus=1, cell_gpus=0, methods=methods))
+    fake = _FakeRay(cpus=2)
+    _submit_and_wait(fake, cells, config, None, tmp_path)
+    events = fake.events
+    submitted = [e for e in events if e[0] == "submit"]
+    assert [e[1] for e in submitted[:6]] == ["_fit_task"] * 6  # 3 generators x 2 folds, before any cell
+    assert {e[2] for e in events if e[0] == "done" and e[1] == "_cell_task"} == set(cells)
+    in_flight = 0
+    for i, (what, function, task) in enumerate(events):
+        if function == "_cell_task":
+            in_flight += 1 if what == "submit" else -1
+            assert in_flight <= 2, "more cells submitted than the cluster runs at once"
+        if what == "submit" and function == "_cell_task" and task.method != "real":
+            assert ("done", "_fit_task", Fit(task.method, task.fold, 0)) in events[:i], f"{task} before its fit"
+        if what == "submit" and function == "_score_task":
+            assert {("done", "_cell_task", task), ("done", "_cell_task", task.reference_cell)} <= set(events[:i])
+    assert sum(e[:2] == ("submit", "_score_task") for e in events) == 6  # one per generator fit
+    # the ControlNet fits (after sd-lora's) come before the cells that were ready from the start
+    first_controlnet = events.index(("done", "_fit_task", Fit("controlnet", 1, 0)))
+    assert sum(e[:2] == ("done", "_cell_task") for e in events[:first_controlnet]) <= 2
 
 
 def test_task_slots_count_what_the_cluster_runs_at_once() -> None:

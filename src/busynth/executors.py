@@ -272,6 +272,12 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_di
 
 
 def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    """Submit every generator fit at once (each after its bases) and the cells a few at a time: at most
+    one per task slot waits or runs, each once its fits (and, for a filtered arm, its ``real`` cell)
+    are done. Ray has no task priorities and starts ready tasks in about the order they became ready,
+    so cells submitted all at once would keep a fit that became ready later (a fold's ControlNet after
+    its sd-lora) waiting behind every ``real`` cell; the fits, the study's long chains, start first
+    this way. A synthetic set is scored once its cells are done."""
     resources = {"num_cpus": config.run.cell_cpus, "num_gpus": config.run.cell_gpus}
     fit_task, cell_task, score_task = (ray.remote(**resources)(f) for f in (_fit_task, _cell_task, _score_task))
     args = (ray.put(config), ray.put(study), str(run_dir))
@@ -279,47 +285,59 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
     fit_refs: dict = {}
     for fit in fits:  # bases first
         fit_refs[fit] = fit_task.remote(fit, *args, *(fit_refs[b] for b in fit_needs[fit]))
-    cell_refs: dict = {}
-    # Cells a filtered arm waits for come first in `cells` (real runs first): refs exist when needed.
-    for cell in cells:
-        needs = [fit_refs[n] if isinstance(n, Fit) else cell_refs[n] for n in cell_needs[cell] if
-                 isinstance(n, Fit) or n in cell_refs]
-        cell_refs[cell] = cell_task.remote(cell, *args, *needs)
-    score_refs = []
-    for cell in cells:
-        if cell.scores_synthetic_set:
-            real = cell.reference_cell
-            after = [cell_refs[cell]] + ([cell_refs[real]] if real in cell_refs else [])
-            score_refs.append(score_task.remote(cell, *args, *after))
+    in_study = set(cells)
     # What each task is, as (method, fits a generator): the kinds whose measured times give the ETA.
-    kinds = {ref: (c.method, False) for c, ref in cell_refs.items()} | {
-        ref: (f.generator, True) for f, ref in fit_refs.items()}
-    names = {ref: f"{c.method} {c.key}" for c, ref in cell_refs.items()} | {
-        ref: f"{f.generator} fold{f.fold}_seed{f.generator_seed}" for f, ref in fit_refs.items()}
-    pending, start, finished = [*fit_refs.values(), *cell_refs.values()], time.perf_counter(), 0
-    seconds: dict[tuple[str, bool], list[float]] = {}
+    kinds = {ref: (f.generator, True) for f, ref in fit_refs.items()}
+    task_of: dict = {ref: f for f, ref in fit_refs.items()}
+    waiting, to_score = list(cells), [c for c in cells if c.scores_synthetic_set]
+    done: set = set()
+    pending, score_refs, in_flight = list(fit_refs.values()), [], 0
     slots = task_slots(ray.cluster_resources(), config.run.cell_cpus, config.run.cell_gpus)
-    log.info("ray: %d cells, %d generator fits, %d synthetic-set scores submitted (%s CPU, %s GPU per task; "
-             "%d at once)", len(cell_refs), len(fit_refs), len(score_refs), config.run.cell_cpus,
-             config.run.cell_gpus, slots)
+    log.info("ray: %d cells, %d generator fits, %d synthetic-set scores (%s CPU, %s GPU per task; %d at once)",
+             len(cells), len(fit_refs), len(to_score), config.run.cell_cpus, config.run.cell_gpus, slots)
+
+    def submit_ready() -> None:
+        nonlocal in_flight
+        for cell in [c for c in waiting if all(n in done or n not in in_study and not isinstance(n, Fit)
+                                                for n in cell_needs[c])]:
+            if in_flight >= slots:
+                break
+            ref = cell_task.remote(cell, *args)
+            waiting.remove(cell)
+            pending.append(ref)
+            kinds[ref], task_of[ref] = (cell.method, False), cell
+            in_flight += 1
+        for cell in [c for c in to_score if c in done and (c.reference_cell in done or c.reference_cell not in in_study)]:
+            to_score.remove(cell)
+            score_refs.append(score_task.remote(cell, *args))
+
+    start, finished = time.perf_counter(), 0
+    seconds: dict[tuple[str, bool], list[float]] = {}
+    submit_ready()
     while pending:
         [ready], pending = ray.wait(pending, num_returns=1)
-        if kinds[ready][1]:  # a generator fit and its sampling
+        task = task_of[ready]
+        done.add(task)
+        if isinstance(task, Fit):  # a generator fit and its sampling
             took, computed = _get(ray, ready)
             if computed:
                 seconds.setdefault(kinds[ready], []).append(took)
-                log.info("fit done: %s in %s", names[ready], format_duration(took))
-            continue
-        row, computed, took = _get(ray, ready)
-        finished += 1
-        if computed:
-            seconds.setdefault(kinds[ready], []).append(took)
-        left = remaining_seconds([kinds[r] for r in pending], seconds) / slots
-        eta = f", ETA {format_duration(left)}" if pending and seconds else ""
-        log.info("cell %d/%d done: %s%s%s", finished, len(cell_refs), names[ready],
-                 "" if computed else " (done before)", eta)
-        if computed:
-            log_row(row)
+                log.info("fit done: %s %s in %s", task.generator, cell_key(task.fold, task.generator_seed),
+                         format_duration(took))
+        else:
+            row, computed, took = _get(ray, ready)
+            finished, in_flight = finished + 1, in_flight - 1
+            if computed:
+                seconds.setdefault(kinds[ready], []).append(took)
+            left = remaining_seconds([kinds[r] for r in pending] + [(c.method, False) for c in waiting], seconds)
+            eta = f", ETA {format_duration(left / slots)}" if (pending or waiting) and seconds else ""
+            log.info("cell %d/%d done: %s %s%s%s", finished, len(cells), task.method, task.key,
+                     "" if computed else " (done before)", eta)
+            if computed:
+                log_row(row)
+        submit_ready()
+    if waiting:  # cannot happen: every cell's fits were submitted
+        raise RuntimeError(f"ray: {len(waiting)} cell(s) never became ready: {waiting[:3]}")
     for ref in score_refs:
         _get(ray, ref)
     log.info("ray: every task done in %.1f s", time.perf_counter() - start)
