@@ -232,6 +232,14 @@ def test_method_settings_are_checked_per_method(tmp_path):
         experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.classical.max_rotation=30"), tmp_path,
                              build_html=False)
     assert json.loads((tmp_path / "cells/classical/settings.json").read_text())["max_rotation"] == 10.0
+    # a folder started before a setting existed resumes while the setting is at its default
+    settings = tmp_path / "cells/classical/settings.json"
+    saved = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in saved.items() if k != "max_rotation"}))
+    experiment.run_study(smoke_config("run.methods=[real,classical]"), tmp_path, build_html=False)
+    with pytest.raises(RunStateError, match="generators.classical.max_rotation"):
+        experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.classical.max_rotation=30"),
+                             tmp_path, build_html=False)
 
 
 def test_equal_budget_shared_generator_fits_and_the_aa_row(tmp_path):

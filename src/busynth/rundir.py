@@ -153,12 +153,15 @@ def method_settings(method: str, config: StudyConfig) -> dict:
 
 def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
     """Record each method's settings in ``cells/<method>/settings.json`` on first use; refuse a
-    rerun whose settings for a method differ, naming the changed fields."""
+    rerun whose settings for a method differ, naming the changed fields. A setting added to busynth
+    since the folder was started counts as unchanged at its default."""
     for method in methods:
         path = cell_folder(run_dir, method) / "settings.json"
         mine = method_settings(method, config)
         if path.exists():
-            changed = changed_keys(read_json(path), mine)
+            defaults = {} if method == REFERENCE else (
+                generator_class(method).parse_config({}, fit_inputs=False).model_dump(mode="json"))
+            changed = changed_keys(read_json(path), mine, defaults)
             if changed:
                 raise RunStateError(
                     f"run folder {run_dir}: method {method!r} was run with other settings; changed: "
