@@ -140,6 +140,20 @@ def test_samples_are_image_mask_pairs_deterministic_and_reload(fitted):
     assert all(np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask) for x, y in zip(a, again))
 
 
+def test_shape_model_source_draws_new_masks_even_when_the_study_passes_some(fitted, records):
+    gen, _ = fitted
+    given = [r.mask for r in records if r.label == "benign"]  # as the study passes them: n for n images
+    plain = gen.sampling_masks("benign", len(given), seed=1, masks=given)
+    cfg = gen.config
+    try:
+        gen.config = cfg.model_copy(update={"masks": cfg.masks.model_copy(update={"source": "shape_model"})})
+        shaped = gen.sampling_masks("benign", len(given), seed=1, masks=given)
+    finally:
+        gen.config = cfg
+    assert shaped.shape == plain.shape and shaped.any(axis=(1, 2)).all()
+    assert not np.array_equal(shaped, plain)
+
+
 def test_different_masks_give_different_images_for_the_same_seed(fitted):
     gen, _ = fitted
     left, right = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
@@ -310,9 +324,9 @@ def test_shape_model_sampling_masks_are_seeded_and_keep_empty_classes_empty():
     assert not np.array_equal(drawn, sampling_masks(pool, 5, 32, cfg, seed=4, stream=1))
     assert not sampling_masks([np.zeros((32, 32), bool)], 3, 32, cfg, seed=0).any()
     assert not sampling_masks([], 2, 32, cfg, seed=0).any()
-    # n masks given for n images are used in order (and transformed), whatever the source.
-    as_given = sampling_masks(pool[:2], 2, 64, IDENTITY.model_copy(update={"source": "shape_model"}), seed=0)
-    assert np.array_equal(as_given[0], pool[0]) and np.array_equal(as_given[1], pool[1])
+    # a pool of exactly n masks (as the study passes a draw of the training masks) gives new outlines too
+    drawn = sampling_masks(pool[:3], 3, 64, IDENTITY.model_copy(update={"source": "shape_model"}), seed=0)
+    assert drawn.any(axis=(1, 2)).all() and not any(np.array_equal(d, m) for d in drawn for m in pool[:3])
     assert not cfg.is_identity
     with pytest.raises(ValueError, match="no non-empty mask"):
         ShapeModel.fit([np.zeros((8, 8), bool)])

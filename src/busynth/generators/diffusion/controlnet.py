@@ -374,10 +374,14 @@ class ControlNetGenerator(Generator):
     def sampling_masks(self, label: str, n: int, seed: int, masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """The ``n`` masks images of ``label`` are generated with: ``masks`` (n of them are used in order;
         another count is drawn from), else the stored training masks, each transformed with its own seed;
-        empty for ``empty_mask_classes``. Returns bool (n, image_size, image_size)."""
+        with ``masks.source: shape_model``, new outlines from a shape model of the stored training masks
+        (``masks`` is then ignored: the study passes a draw of the same training masks); empty for
+        ``empty_mask_classes``. Returns bool (n, image_size, image_size)."""
         if label in self.cfg.empty_mask_classes:
             return np.zeros((n, self.image_size, self.image_size), dtype=bool)
-        pool = list(masks) if masks is not None else list(self.mask_pool.get(label, []))
+        stored = list(self.mask_pool.get(label, []))
+        use_stored = masks is None or (self.cfg.masks.source == "shape_model" and stored)
+        pool = stored if use_stored else list(masks)
         return sampling_masks(pool, n, self.image_size, self.cfg.masks, seed, stream=self.classes.index(label))
 
     def sample(self, label: str, n: int, seed: int = 0, masks: Sequence[np.ndarray] | None = None) -> list[Synthetic]:

@@ -139,10 +139,9 @@ def sampling_masks(pool: Sequence[np.ndarray | None], n: int, size: int, cfg: Ma
     """``n`` masks for sampling at ``size`` px: ``pool`` itself, in order, when it holds ``n`` masks,
     else ``n`` drawn from it (a class's training masks) with replacement; resized, and mask i transformed
     with its own seed, derived from (``seed``, ``stream`` (e.g. the class), i). With ``cfg.source``
-    ``shape_model`` (and a pool of another size, with a lesion), ``n`` new outlines from a shape model
-    fitted to the pool instead. Returns bool (n, size, size); empty masks (normal images, or an empty
-    pool) stay all False."""
-    if cfg.source == "shape_model" and len(pool) != n and any(m is not None and m.any() for m in pool):
+    ``shape_model`` (and a pool with a lesion), ``n`` new outlines from a shape model fitted to the pool
+    instead. Returns bool (n, size, size); empty masks (normal images, or an empty pool) stay all False."""
+    if cfg.source == "shape_model" and any(m is not None and m.any() for m in pool):
         model = ShapeModel.fit([m for m in pool if m is not None])
         return model.sample(n, size, np.random.default_rng([derived_seed(seed, _MASK_STREAM, stream), 2]))
     chosen = list(pool) if len(pool) == n else draw_masks(pool, n, derived_seed(seed, _MASK_STREAM, stream))
