@@ -148,9 +148,7 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
     ``elongation`` (major over minor axis of the pixel coordinates' covariance, >= 1) and
     ``irregularity`` (1 - solidity: the share of the convex hull the lesion leaves empty)."""
     lesion = largest_lesion(mask)
-    rows, cols = np.nonzero(lesion)
-    if not len(rows):
-        raise ValueError("shape_features: the mask is empty")
+    rows, cols, _, _ = _moments(lesion)
     area = len(rows)
     coords = np.stack([rows, cols], axis=1).astype(np.float64)
     eig = np.linalg.eigvalsh(np.cov(coords, rowvar=False) + np.eye(2) / 12) if area > 1 else np.ones(2)
