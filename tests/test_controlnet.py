@@ -16,6 +16,7 @@ import torch
 from diffusers import ControlNetModel
 from helpers.tiny import CLASSES, TINY_MODEL
 
+from busynth.cells import fit_or_load_generator
 from busynth.checkpoint import list_checkpoints
 from busynth.config import PhantomConfig
 from busynth.data.phantom import make_phantom
@@ -152,6 +153,15 @@ def test_shape_model_source_draws_new_masks_even_when_the_study_passes_some(fitt
         gen.config = cfg
     assert shaped.shape == plain.shape and shaped.any(axis=(1, 2)).all()
     assert not np.array_equal(shaped, plain)
+
+
+def test_a_loaded_fit_samples_with_the_studys_sampling_settings(fitted, tmp_path):
+    _, out = fitted
+    study = load_config("smoke", ["generators.controlnet.masks.source=shape_model",
+                                  "generators.controlnet.guidance_scale=1.5"])
+    loaded = fit_or_load_generator("controlnet", study, [], out, seed=0)
+    assert loaded.cfg.masks.source == "shape_model" and loaded.cfg.guidance_scale == 1.5
+    assert loaded.cfg.training == ControlNetGenerator.load(out).cfg.training  # what was trained stays
 
 
 def test_different_masks_give_different_images_for_the_same_seed(fitted):

@@ -130,7 +130,9 @@ def fit_or_load_generator(method: str, config: StudyConfig, train: list[Record],
     """Fit the method's generator on the training part (resuming inside fit), or load it if done."""
     cls = generator_class(method)
     if (gen_dir / "generator.json").exists():
-        return cls.load(gen_dir)
+        generator = cls.load(gen_dir)  # with the config saved at fit time; sampling follows the study's
+        generator.use_sampling_settings(config.generators.get(method, {}))
+        return generator
     generator = build_generator(method, config)
     generator.fit(train, gen_dir, seed=seed)
     return generator

@@ -89,6 +89,12 @@ class Generator(abc.ABC):
         """What makes two fits the same: classes, training ids and seed (the config is compared too)."""
         return {"classes": self.classes, "train_ids": self.train_ids, "seed": seed}
 
+    def use_sampling_settings(self, section: BaseModel | dict[str, Any] | None) -> None:
+        """Take the ``sampling_fields`` of ``section`` (this method's section of the study's config): a
+        finished fit that was loaded samples as the study asks, not as the config saved with the fit."""
+        wanted = self.parse_config(section, fit_inputs=False)
+        self.config = self.config.model_copy(update={k: getattr(wanted, k) for k in self.sampling_fields})
+
     def check_same_fit(self, where: Path, found: dict[str, Any], seed: int) -> None:
         """Refuse to reuse or resume ``where`` when ``found`` (its saved identity and config) comes
         from a fit with other data, seed or training settings (their fit keys differ: the message names
