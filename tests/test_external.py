@@ -171,6 +171,17 @@ def test_a_run_folder_from_before_a_new_setting_a_retired_one_or_the_classical_m
         open_run_dir(tmp_path, load_config("smoke", ["phantom.scanner=second"]), "phantom")
 
 
+def test_a_segmenter_setting_binds_segmentation_run_folders_only(tmp_path: Path) -> None:
+    classification, segmentation = tmp_path / "classification", tmp_path / "segmentation"
+    open_run_dir(classification, load_config("smoke"), "phantom")
+    open_run_dir(classification, load_config("smoke", ["segmenter.epochs=7"]), "phantom")  # trains no segmenter
+    with pytest.raises(RunStateError, match="classifier.epochs"):
+        open_run_dir(classification, load_config("smoke", ["classifier.epochs=7"]), "phantom")
+    open_run_dir(segmentation, load_config("smoke", ["run.task=segmentation"]), "phantom")
+    with pytest.raises(RunStateError, match="segmenter.epochs"):
+        open_run_dir(segmentation, load_config("smoke", ["run.task=segmentation", "segmenter.epochs=7"]), "phantom")
+
+
 def test_an_external_set_holding_the_study_s_own_images_is_refused(tmp_path: Path) -> None:
     smoke = load_config("smoke").phantom
     copies = write_busi_layout(make_phantom(smoke.model_copy(update={"n_per_class": {"malignant": 3}}), ["malignant"]),

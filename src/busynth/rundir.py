@@ -3,7 +3,7 @@ one folder to one set of settings.
 
 ``data/load_summary.json``, ``audit.json``, ``split.csv`` and ``split_leaks.json`` are written once;
 a rerun reads the stored split back. ``run.json`` holds the fingerprint of the sections every cell
-shares (``SHARED_SECTIONS``) and ``cells/<method>/settings.json`` each method's own settings: a
+shares (``shared_sections`` of its task) and ``cells/<method>/settings.json`` each method's own settings: a
 rerun that changes either is refused, naming the fields, so results are never mixed.
 """
 
@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 # Config sections every cell depends on; a run folder refuses a rerun that changes them.
 SHARED_SECTIONS = ("data", "phantom", "audit", "split", "classifier", "segmenter", "synthesis")
+
+
+def shared_sections(task: str) -> tuple[str, ...]:
+    """The sections the cells of ``run.task`` depend on: a classification cell trains no segmenter, so
+    a changed ``segmenter`` (e.g. a preset's new segmentation default) leaves its run folder usable."""
+    return tuple(s for s in SHARED_SECTIONS if not (task == "classification" and s == "segmenter"))
 
 
 @dataclass
@@ -91,7 +97,8 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     """
     # run.task decides what every cell is, so a folder holds one task (classification keeps old fingerprints)
     task = config.run.task
-    fingerprint = config.fingerprint(*SHARED_SECTIONS) + ("" if task == "classification" else f"-{task}")
+    sections = shared_sections(task)
+    fingerprint = config.fingerprint(*sections) + ("" if task == "classification" else f"-{task}")
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = read_json(info_path)
@@ -99,8 +106,8 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
             old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
             # a setting added to busynth since the folder was started counts as unchanged at its default
             new, defaults = config.model_dump(mode="json"), StudyConfig().model_dump(mode="json")
-            changed = changed_keys({k: old.get(k) or {} for k in SHARED_SECTIONS}, {k: new[k] for k in SHARED_SECTIONS},
-                                   {k: defaults[k] for k in SHARED_SECTIONS})
+            changed = changed_keys({k: old.get(k) or {} for k in sections}, {k: new[k] for k in sections},
+                                   {k: defaults[k] for k in sections})
             if info.get("data") != source:
                 changed.insert(0, f"data source ({info.get('data')} -> {source})")
             old_task = (old.get("run") or {}).get("task", "classification")

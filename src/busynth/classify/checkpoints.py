@@ -45,7 +45,7 @@ def load_best_weights(model: nn.Module, out_dir: Path) -> nn.Module:
     """Load ``out_dir/best.safetensors`` into ``model``; returns it in eval mode."""
     path = Path(out_dir) / BEST
     if not path.exists():
-        raise RunStateError(f"{path} does not exist: no finished classifier epoch in {out_dir}")
+        raise RunStateError(f"{path} does not exist: {out_dir} holds no finished training (no kept weights)")
     tensors, _ = read_safetensors_json(path)
     model.load_state_dict(tensors)
     return model.eval()
