@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
-from busynth.classify.metrics import resample_counts
+from busynth.classify.metrics import resample_counts, restrict_proba
+from busynth.classify.predictions import read_predictions
 from busynth.cli import app
 from busynth.config import PhantomConfig
 from busynth.data.busi import write_busi_layout
@@ -24,6 +26,7 @@ from busynth.rundir import open_run_dir, run_config
 
 runner = CliRunner()
 LESIONS = ["benign", "malignant"]
+CLASSES = ["normal", *LESIONS]
 
 
 def second_scanner(root: Path, n: int = 10) -> Path:
@@ -136,6 +139,24 @@ def test_a_run_scores_every_cell_on_the_external_set_and_evaluate_reproduces_it(
         twin = tmp_path / "b" / cell.parent.relative_to(tmp_path / "a") / "external" / "second.csv"
         assert twin.read_text() == (cell.parent / "external" / "second.csv").read_text()
     assert "External test sets" in (tmp_path / "b" / "report.html").read_text()
+
+    # a set without normal images is scored between benign and malignant: each image's probabilities
+    # renormalised over them; the share called normal is reported beside; --external-classes all scores all
+    raw = [read_predictions(c.parent / "external" / "second.csv", CLASSES)[1:] for c in cells if "/real/" in str(c)]
+    assert summary["external"]["scored_among"] == LESIONS
+    assert summary["external"]["called_absent_class"]["real"] == pytest.approx(
+        np.mean([np.mean(p.argmax(axis=1) == 0) for _, p in raw]))
+    assert summary["methods"]["real"]["balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean([balanced_accuracy_score(y, restrict_proba(p, [1, 2]).argmax(axis=1)) for y, p in raw]))
+    _run("evaluate", tmp_path / "b", "--external", f"second={ext}", "--external-classes", "all")
+    every = json.loads((tmp_path / "b" / "results" / "external" / "second.json").read_text())
+    assert every["external"]["scored_among"] == CLASSES and every["external"]["called_absent_class"] == {}
+    assert every["methods"]["real"]["balanced_accuracy"]["mean"] != summary["methods"]["real"]["balanced_accuracy"]["mean"]
+    assert every["methods"]["real"]["balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean([balanced_accuracy_score(y, p.argmax(axis=1)) for y, p in raw]))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--external", f"second={ext}",
+                                 "--external-classes", "some"])
+    assert result.exit_code == 2 and "run.external_classes" in result.output
 
     # another folder under a name already scored is refused
     other = second_scanner(tmp_path / "other", n=6)

@@ -15,6 +15,7 @@ from busynth.classify.metrics import (
     format_mean_sd,
     macro_auc,
     paired_difference,
+    restrict_proba,
     summarize,
 )
 
@@ -283,3 +284,10 @@ def test_summarize_and_format():
     assert summarize([0.7]) == {"mean": 0.7, "sd": 0.0, "n": 1}
     assert format_mean_sd(0.8123, 0.0341) == "0.812 ± 0.034"
     assert format_mean_sd(0.8123, 0.0341, digits=1) == "0.8 ± 0.0"
+
+
+def test_probabilities_restricted_to_some_classes_are_renormalised_over_them() -> None:
+    proba = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0]])
+    out = restrict_proba(proba, [1, 2])
+    np.testing.assert_allclose(out, [[0.0, 0.75, 0.25], [0.0, 0.25, 0.75], [0.0, 0.5, 0.5]])
+    assert list(out.argmax(axis=1)) == [1, 2, 1]  # the first image, called class 0, is now class 1

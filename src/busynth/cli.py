@@ -15,7 +15,7 @@ from rich.console import Console
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError, RunStateError
 from busynth.logs import setup_logging
-from busynth.presets import dump_config, load_config
+from busynth.presets import build_config, dump_config, load_config
 from busynth.registry import study_arms
 
 app = typer.Typer(
@@ -172,6 +172,9 @@ def _echo_external(run_dir: Path, names: Iterable[str]) -> None:
         ext = summary["external"]
         typer.echo(f"\nexternal set {name} ({ext['n_images']} images: {', '.join(ext['classes_present'])}; "
                    f"resampled by {ext['duplicate_groups']} duplicate groups):")
+        if ext.get("called_absent_class"):
+            typer.echo(f"scored among {', '.join(ext['scored_among'])} (run.external_classes=present); images called "
+                       "an absent class: " + ", ".join(f"{m} {v:.0%}" for m, v in ext["called_absent_class"].items()))
         typer.echo(format_summary(summary))
 
 
@@ -180,6 +183,11 @@ def _echo_external(run_dir: Path, names: Iterable[str]) -> None:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder of `busynth run`.")],
     external: ExternalOpt = None,
+    external_classes: Annotated[
+        str | None,
+        typer.Option(help="Score a set that lacks classes among those it has ('present') or all ('all'); "
+                          "default: the run's run.external_classes."),
+    ] = None,
 ) -> None:
     """Score a finished run's classifiers on external test sets (nothing is trained), then rebuild the report."""
     from busynth.external import evaluate_external, parse_external
@@ -193,6 +201,10 @@ def evaluate(
     if not (run_dir / "results" / "summary.json").is_file():
         raise RunStateError(f"{run_dir} is not a finished run folder (results/summary.json is written by busynth run)")
     cfg = run_config(run_dir)
+    if external_classes is not None:
+        data = cfg.model_dump(mode="json")
+        data["run"]["external_classes"] = external_classes
+        cfg = build_config(data, "--external-classes")
     evaluate_external(run_dir, cfg, sets, study_arms(cfg.run.methods, cfg.synthesis.ratios, cfg.synthesis.filter is not None), Protocol.from_config(cfg.run),
                       run_records(run_dir, cfg))
     build_report(run_dir)

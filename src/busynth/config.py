@@ -268,6 +268,11 @@ class RunConfig(_Strict):
     interval: Literal["bootstrap", "components", "corrected_t"] = "components"
     # Family-wise error rate of the verdicts (and 1 - coverage of the intervals).
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    # An external set that lacks some of the study's classes (BUS-BRA: benign and malignant, no normal)
+    # is scored among the classes it has ("present": each image's probabilities renormalised over them,
+    # the question "benign or malignant?" that set asks; the share of its images the classifier puts in
+    # an absent class is reported beside) or among all classes ("all": an image called normal is wrong).
+    external_classes: Literal["present", "all"] = "present"
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
     # Train on synthetic, test on real (CAS, Ravuri & Vinyals 2019): one more classifier per generator
     # fit, on its synthetic images alone, scored on the real test part (cells/<method>/<cell>/cas.json).

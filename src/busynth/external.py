@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from busynth.classify.checkpoints import load_classifier
-from busynth.classify.metrics import SCORE_NAMES, classification_metrics
+from busynth.classify.metrics import SCORE_NAMES, classification_metrics, restrict_proba
 from busynth.classify.predictions import predictions_csv, read_predictions, scores_csv
 from busynth.classify.train import predict_proba
 from busynth.config import StudyConfig, is_plain_name
@@ -201,9 +203,21 @@ def _segment_cells(todo: Sequence[tuple[Path, ExternalSet]], config: StudyConfig
     return len(todo)
 
 
-def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Sequence[str]) -> list[dict]:
+def scored_among(ext: ExternalSet, classes: Sequence[str], protocol: Protocol) -> list[int] | None:
+    """The class indices a classification set is scored among (``run.external_classes``): those it
+    holds when it lacks some and the protocol says ``present``; None for all classes."""
+    present = [classes.index(c) for c in classes if c in ext.classes_present]
+    if protocol.task != "classification" or protocol.external_classes == "all" or len(present) == len(classes):
+        return None
+    return present
+
+
+def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Sequence[str],
+                  among: Sequence[int] | None = None) -> list[dict]:
     """Per finished cell with predictions of set ``name``: its metrics on that set (plus the
-    cell's method, fold, seed and training size from metrics.json)."""
+    cell's method, fold, seed and training size from metrics.json); with ``among``, scored with the
+    probabilities renormalised over those classes, and ``called_absent`` the share of images whose
+    most probable class (of all) is another."""
     rows = []
     for row in read_cells(run_dir, methods):
         path = cell_folder(run_dir, row["method"], cell_key(row["fold"], row["seed"])) / "external" / f"{name}.csv"
@@ -216,22 +230,32 @@ def external_rows(run_dir: Path, name: str, methods: Sequence[str], classes: Seq
             rows.append({**keep, "n_test": len(y), **dict(zip(SCORE_NAMES, scores.mean(axis=0).tolist()))})
             continue
         _, y, proba = read_predictions(path, classes)
-        rows.append({**keep, "n_test": len(y), **classification_metrics(y, proba, classes)})
+        if among is None:
+            rows.append({**keep, "n_test": len(y), **classification_metrics(y, proba, classes)})
+            continue
+        absent = float(np.mean(~np.isin(proba.argmax(axis=1), among)))
+        rows.append({**keep, "n_test": len(y), "called_absent": absent,
+                     **classification_metrics(y, restrict_proba(proba, among), classes)})
     return rows
 
 
 def summarize_external(run_dir: Path, ext: ExternalSet, methods: Sequence[str], classes: Sequence[str],
                        protocol: Protocol) -> dict:
     """Write and return ``results/external/<name>.json``: the study's summary on this set."""
-    rows = external_rows(run_dir, ext.name, methods, classes)
+    among = scored_among(ext, classes, protocol)
+    rows = external_rows(run_dir, ext.name, methods, classes, among)
     if not rows:
         raise RunStateError(f"{run_dir}: no cell has scored external set {ext.name!r}")
     columns = SCORE_NAMES if protocol.task == "segmentation" else None
     store = PredictionStore(run_dir, classes, rows, filename=f"external/{ext.name}.csv", groups=ext.groups,
-                            columns=columns)
+                            columns=columns, among=among)
     summary = build_summary(store, rows, methods, protocol)
+    called_absent = {m: float(np.mean([r["called_absent"] for r in rows if r["method"] == m]))
+                     for m in summary["methods"]} if among is not None else {}
     summary["external"] = {"name": ext.name, "path": str(ext.path), "n_images": len(ext.records),
                            "classes_present": ext.classes_present,
+                           "scored_among": [classes[k] for k in among] if among is not None else list(classes),
+                           "called_absent_class": called_absent,
                            "duplicate_groups": len({ext.groups[r.id] for r in ext.records}),
                            "near_duplicates_of_study": ext.study_near_duplicates}
     write_json(Path(run_dir) / "results" / "external" / f"{ext.name}.json", summary)

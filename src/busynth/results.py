@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from busynth.classify.metrics import METRIC_NAMES, SCORE_NAMES, format_mean_sd, positive_index, summarize
+from busynth.classify.metrics import (
+    METRIC_NAMES,
+    SCORE_NAMES,
+    format_mean_sd,
+    positive_index,
+    restrict_proba,
+    summarize,
+)
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.evaluate.intervals import FoldScores, compare, holm, interval_text, verdict
@@ -53,6 +60,7 @@ class Protocol:
     n_boot: int = 2000
     seeds: list[int] = field(default_factory=lambda: [0])
     task: str = "classification"
+    external_classes: str = "present"  # run.external_classes
 
     @property
     def scores_file(self) -> tuple[str, Sequence[str] | None]:
@@ -69,7 +77,7 @@ class Protocol:
         """The protocol of a ``RunConfig``."""
         seeds = [run.base_seed + i for i in range(run.seeds)]
         return cls(primary_metric=run.primary_metric, interval=run.interval, alpha=run.alpha,
-                   n_boot=run.bootstrap, seeds=seeds, task=run.task)
+                   n_boot=run.bootstrap, seeds=seeds, task=run.task, external_classes=run.external_classes)
 
 
 def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -113,12 +121,14 @@ class PredictionStore:
 
     ``filename`` is the predictions file inside each cell folder: ``predictions.csv`` (the fold's
     test part) or ``external/<name>.csv`` (an external set); ``groups`` maps image ids to their
-    resampling unit (duplicate group) where images are not drawn one by one."""
+    resampling unit (duplicate group) where images are not drawn one by one; with ``among`` (class
+    indices) the probabilities are renormalised over those classes (:func:`restrict_proba`)."""
 
     def __init__(self, run_dir: Path, classes: Sequence[str], rows: Sequence[dict],
                  filename: str = "predictions.csv", groups: dict[str, int] | None = None,
-                 columns: Sequence[str] | None = None) -> None:
+                 columns: Sequence[str] | None = None, among: Sequence[int] | None = None) -> None:
         self.run_dir, self.classes, self.filename, self.groups = Path(run_dir), list(classes), filename, groups
+        self.among = None if among is None else list(among)
         self.columns = list(columns or classes)  # the value columns: class probabilities or per-image scores
         self.n_train = {(r["method"], r["fold"]): r["n_train_real"] for r in rows}
         self._cache: dict[tuple[str, int, int], tuple[list[str], np.ndarray, np.ndarray]] = {}
@@ -135,7 +145,8 @@ class PredictionStore:
         """ids, y_true and probabilities of one cell's predictions file."""
         key = (method, fold, seed)
         if key not in self._cache:
-            self._cache[key] = read_predictions(self._cell(method, fold, seed) / self.filename, self.columns)
+            ids, y, values = read_predictions(self._cell(method, fold, seed) / self.filename, self.columns)
+            self._cache[key] = (ids, y, values if self.among is None else restrict_proba(values, self.among))
         return self._cache[key]
 
 
@@ -218,6 +229,7 @@ def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Se
         "task": protocol.task,
         "protocol": {"primary_metric": protocol.primary_metric, "interval": protocol.interval,
                      "alpha": protocol.alpha, "bootstrap": protocol.n_boot, "seeds": protocol.seeds,
+                     "external_classes": protocol.external_classes,
                      "folds": folds, "aa_seeds": [list(s) for s in protocol.aa_seeds]},
         "methods": {}, "paired": {}, "vs_baseline": {}, "aa": {}, "cells": len(rows),
     }

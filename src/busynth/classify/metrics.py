@@ -117,6 +117,19 @@ def macro_auc(y_true: np.ndarray, proba: np.ndarray, skip_absent: bool = False) 
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def restrict_proba(proba: np.ndarray, keep: Sequence[int]) -> np.ndarray:
+    """Probabilities (N, C) renormalised over the classes ``keep`` (the others set to 0): the
+    classifier's answer when it must choose among those classes. A row with no mass on them is
+    spread evenly over them."""
+    p = np.zeros_like(np.asarray(proba, dtype=np.float64))
+    idx = list(keep)
+    p[:, idx] = np.asarray(proba, dtype=np.float64)[:, idx]
+    total = p.sum(axis=1, keepdims=True)
+    even = np.zeros_like(p)
+    even[:, idx] = 1.0 / len(idx)
+    return np.where(total > 0, p / np.where(total > 0, total, 1.0), even)
+
+
 def classification_metrics(
     y_true: np.ndarray,
     proba: np.ndarray,

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from busynth.classify.metrics import restrict_proba
 from busynth.classify.predictions import read_predictions
 from busynth.errors import RunStateError
 from busynth.io import read_json, write_atomic
@@ -141,15 +142,18 @@ def cell_dirs(run: Run, method: str) -> list[Path]:
     return sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: natural_key(p.name))
 
 
-def pooled_predictions(run: Run, method: str, filename: str = "predictions.csv") -> tuple[np.ndarray, np.ndarray] | None:
+def pooled_predictions(run: Run, method: str, filename: str = "predictions.csv",
+                       among: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """The predictions (``filename`` in each cell folder: the test part, or ``external/<name>.csv``)
     of all cells of a method, concatenated: y_true (N,) and probabilities (N, C) in ``run.classes``
-    order, read as the results read them; None when no cell has any."""
+    order, read as the results read them (with ``among``, renormalised over those classes); None
+    when no cell has any."""
     cells = [read_predictions(d / filename, run.classes)[1:] for d in cell_dirs(run, method)
              if (d / filename).is_file()]
     if not cells:
         return None
-    return np.concatenate([y for y, _ in cells]), np.concatenate([p for _, p in cells])
+    proba = np.concatenate([p for _, p in cells])
+    return np.concatenate([y for y, _ in cells]), proba if among is None else restrict_proba(proba, among)
 
 
 

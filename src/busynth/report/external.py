@@ -28,10 +28,15 @@ def section_external(run: Run) -> str:
         parts.append(f"<h3>{name}</h3>" + kv_table([
             ("folder", info.get("path", "?")), ("images", info.get("n_images", "?")),
             ("classes present", ", ".join(info.get("classes_present", []))),
+            ("scored among", ", ".join(info.get("scored_among", run.classes))),
+            *[(f"{m}: images called an absent class", f"{share:.1%}")
+              for m, share in info.get("called_absent_class", {}).items()],
             ("duplicate groups (resampling units)", info.get("duplicate_groups", "?")),
         ]))
         parts.append(section_verdicts(sub).replace("<h2>Verdicts</h2>", f"<h3>{name}: verdicts</h3>"))
         parts.append(section_results(sub).replace("<h2>Results</h2>", f"<h3>{name}: results</h3>"))
         if summary.get("task") != "segmentation":  # per-pair scores have no ROC curve
-            parts.append(section_roc(sub, f"external/{path.stem}.csv", heading="h3"))
+            among = [run.classes.index(c) for c in info.get("scored_among", run.classes)]
+            parts.append(section_roc(sub, f"external/{path.stem}.csv", heading="h3",
+                                     among=among if len(among) < len(run.classes) else None))
     return "".join(parts)

@@ -193,15 +193,17 @@ def section_metric_bars(run: Run) -> str:
     )
 
 
-def section_roc(run: Run, filename: str = "predictions.csv", heading: str = "h2") -> str:
+def section_roc(run: Run, filename: str = "predictions.csv", heading: str = "h2",
+                among: Sequence[int] | None = None) -> str:
     """ROC curves, positive class vs rest, one curve per method pooled over its cells (from each
-    cell's ``filename``: the test part, or an external set's predictions)."""
+    cell's ``filename``: the test part, or an external set's predictions, with ``among`` renormalised
+    over those classes as its summary scores them)."""
     fig = Figure(figsize=(5.2, 4.6), layout="constrained")
     ax = fig.subplots()
     drawn = 0
     k = run.classes.index(run.positive)
     for method in run.methods:
-        pooled = pooled_predictions(run, method, filename)
+        pooled = pooled_predictions(run, method, filename, among)
         if pooled is None or len(np.unique(pooled[0])) < 2:
             continue
         y, p = pooled
