@@ -13,7 +13,8 @@ and ``classical`` with verdicts on the primary metric, and the A/A row. Every fo
 score the same external images, so a resample draws the images once for all folds, seeds and
 both methods; the unit drawn is the image's duplicate group (the set's own audit), so near-
 duplicates do not count as independent evidence. Metrics a set cannot define (the AUC of a class
-it lacks) are left out of its summary.
+it lacks) are left out of its summary. A set lacking some classes is scored among those it has
+(``run.external_classes``), with the share of its images called an absent class beside.
 """
 
 from __future__ import annotations
