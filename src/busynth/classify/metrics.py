@@ -121,9 +121,9 @@ def restrict_proba(proba: np.ndarray, keep: Sequence[int]) -> np.ndarray:
     """Probabilities (N, C) renormalised over the classes ``keep`` (the others set to 0): the
     classifier's answer when it must choose among those classes. A row with no mass on them is
     spread evenly over them."""
-    p = np.zeros_like(np.asarray(proba, dtype=np.float64))
-    idx = list(keep)
-    p[:, idx] = np.asarray(proba, dtype=np.float64)[:, idx]
+    proba, idx = np.asarray(proba, dtype=np.float64), list(keep)
+    p = np.zeros_like(proba)
+    p[:, idx] = proba[:, idx]
     total = p.sum(axis=1, keepdims=True)
     even = np.zeros_like(p)
     even[:, idx] = 1.0 / len(idx)
