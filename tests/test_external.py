@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from busynth.data.busi import write_busi_layout
 from busynth.data.phantom import make_phantom
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.evaluate.intervals import FoldScores, two_level_bootstrap, variance_components
-from busynth.external import load_external, parse_external
+from busynth.external import load_external, parse_external, score_cells
 from busynth.io import changed_keys
+from busynth.locks import claim
 from busynth.presets import load_config
 from busynth.rundir import open_run_dir, run_config
 
@@ -130,6 +133,27 @@ def test_a_run_scores_every_cell_on_the_external_set_and_evaluate_reproduces_it(
     # the same study without --external, then scored afterwards: the same files and numbers
     _run("run", "-c", "smoke", "--seeds", "2", "--out", tmp_path / "b")
     assert not (tmp_path / "b" / "results" / "external").exists()
+
+    # a second worker scoring the same folder (it holds one cell's claim) is left that cell, and the
+    # first waits for it instead of scoring it again
+    b, held = tmp_path / "b", cells[0].parent.relative_to(tmp_path / "a")
+    config, mine = run_config(b), b / held / "external" / "second.csv"
+    done: list[int] = []
+    with claim(b, f"external/{held}"):
+        worker = threading.Thread(target=lambda: done.append(
+            score_cells(b, config, [load_external("second", ext, config)], ["real", "classical"])))
+        worker.start()
+        others = [b / c.parent.relative_to(tmp_path / "a") / "external" / "second.csv" for c in cells[1:]]
+        deadline = time.monotonic() + 120
+        while not all(o.is_file() for o in others) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert all(o.is_file() for o in others) and worker.is_alive() and not mine.exists()
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text((cells[0].parent / "external" / "second.csv").read_text())  # the other worker's scores
+        stamp = mine.stat().st_mtime_ns
+    worker.join(60)
+    assert done == [len(cells) - 1] and mine.stat().st_mtime_ns == stamp
     out = _run("evaluate", tmp_path / "b", "--external", f"second={ext}")
     assert "external set second" in out
     again = json.loads((tmp_path / "b" / "results" / "external" / "second.json").read_text())

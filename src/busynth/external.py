@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from busynth.data.records import Record, lesion_pairs
 from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_text
+from busynth.locks import claim
 from busynth.progress import progress
 from busynth.registry import cell_folder, cell_key
 from busynth.results import PredictionStore, Protocol, build_summary, read_cells
@@ -47,6 +48,8 @@ from busynth.segment.train import load_segmenter, predict_masks
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
+# A cell folder and the sets it has not scored -> each set's scores file (text) by set name.
+CellScorer = Callable[[Path, Sequence["ExternalSet"]], dict[str, str]]
 
 
 @dataclass
@@ -163,45 +166,65 @@ def _check_source(run_dir: Path, ext: ExternalSet) -> None:
 
 def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet], methods: Sequence[str]) -> int:
     """Let every finished cell's classifier (or segmenter) score every external set it has not scored
-    yet; returns the number of (cell, set) predictions written."""
-    classes, cfg = config.data.classes, config.classifier
+    yet; returns the number of (cell, set) predictions written. A cell is scored under its claim
+    (``external/<cell folder>``), so workers that finish one run folder together share the work: a
+    cell another worker is scoring is passed over, then waited for and found scored."""
     for ext in sets:
         _check_source(run_dir, ext)
-    cells = finished_cells(run_dir, methods)
-    todo = [(cell, ext) for cell in cells for ext in sets if not (cell / "external" / f"{ext.name}.csv").is_file()]
+
+    def unscored(cell: Path) -> list[ExternalSet]:
+        return [ext for ext in sets if not (cell / "external" / f"{ext.name}.csv").is_file()]
+
+    todo = [cell for cell in finished_cells(run_dir, methods) if unscored(cell)]
     if not todo:
         return 0
-    if config.run.task == "segmentation":
-        return _segment_cells(todo, config)
+    score = _segmenter_scores(sets, config) if config.run.task == "segmentation" else _classifier_scores(sets, config)
+    bar = progress(len(todo), "external scoring", log=log)
+    written, passed_over = 0, []
+    for wait, cells in ((False, todo), (True, passed_over)):  # the second pass waits for the other workers
+        for cell in cells:
+            with claim(run_dir, f"external/{cell.relative_to(run_dir)}", wait=wait) as held:
+                if not held:
+                    passed_over.append(cell)
+                    continue
+                for name, text in score(cell, unscored(cell)).items():
+                    write_text(cell / "external" / f"{name}.csv", text)
+                    written += 1
+            bar.update(1)
+    bar.close()
+    return written
+
+
+def _classifier_scores(sets: Sequence[ExternalSet], config: StudyConfig) -> CellScorer:
+    """A cell's predictions on the sets, as ``predictions.csv`` texts by set name."""
+    classes, cfg = config.data.classes, config.classifier
     images = {ext.name: stack_images(ext.records, cfg.image_size) for ext in sets}
     labels = {ext.name: label_indices(ext.records, classes) for ext in sets}
-    bar = progress(len(todo), "external scoring", log=log)
-    model_of: tuple[Path, object] | None = None
-    for cell, ext in todo:
-        if model_of is None or model_of[0] != cell:
-            model_of = (cell, load_classifier(cell / "classifier", cfg, len(classes)))
-        proba = predict_proba(model_of[1], images[ext.name], tta=cfg.tta)
-        write_text(cell / "external" / f"{ext.name}.csv", predictions_csv(ext.records, labels[ext.name], proba, classes))
-        bar.update(1)
-    bar.close()
-    return len(todo)
+
+    def score(cell: Path, todo: Sequence[ExternalSet]) -> dict[str, str]:
+        model = load_classifier(cell / "classifier", cfg, len(classes))
+        return {ext.name: predictions_csv(ext.records, labels[ext.name], predict_proba(model, images[ext.name], tta=cfg.tta),
+                                          classes) for ext in todo}
+
+    return score
 
 
-def _segment_cells(todo: Sequence[tuple[Path, ExternalSet]], config: StudyConfig) -> int:
-    """The segmentation variant of ``score_cells``: each cell's segmenter on the set's lesion pairs,
-    Dice, IoU and HD95 per pair in ``external/<name>.csv``."""
+def _segmenter_scores(sets: Sequence[ExternalSet], config: StudyConfig) -> CellScorer:
+    """The segmentation variant: Dice, IoU and HD95 of a cell's segmenter per lesion pair of each set."""
     cfg, size = config.segmenter, config.segmenter.image_size
-    pairs = {ext.name: lesion_pairs(ext.records) for _, ext in todo}
+    pairs = {ext.name: lesion_pairs(ext.records) for ext in sets}
     truth = {name: (stack_images(p, size), stack_masks(p, size)) for name, p in pairs.items()}
-    bar = progress(len(todo), "external scoring", log=log)
-    for cell, ext in todo:
-        images, masks = truth[ext.name]
-        scores = segmentation_scores(predict_masks(load_segmenter(cell / "segmenter", cfg), images, cfg.threshold), masks)
-        y = label_indices(pairs[ext.name], config.data.classes)
-        write_text(cell / "external" / f"{ext.name}.csv", scores_csv(pairs[ext.name], y, scores))
-        bar.update(1)
-    bar.close()
-    return len(todo)
+
+    def score(cell: Path, todo: Sequence[ExternalSet]) -> dict[str, str]:
+        model = load_segmenter(cell / "segmenter", cfg)
+        out = {}
+        for ext in todo:
+            images, masks = truth[ext.name]
+            scores = segmentation_scores(predict_masks(model, images, cfg.threshold, tta=cfg.tta), masks)
+            out[ext.name] = scores_csv(pairs[ext.name], label_indices(pairs[ext.name], config.data.classes), scores)
+        return out
+
+    return score
 
 
 def scored_among(ext: ExternalSet, classes: Sequence[str], protocol: Protocol) -> list[int] | None:
