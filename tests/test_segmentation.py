@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from scipy.special import expit
 from typer.testing import CliRunner
 
 from busynth.classify.metrics import SCORE_NAMES, weighted_metric
@@ -60,8 +62,39 @@ def test_unet_learns_lesions_of_32px_phantom_pairs(tmp_path: Path) -> None:
     trivial = max(segmentation_scores(np.ones_like(true), true)[:, 0].mean(), 0.0)  # all lesion / nothing
     assert dice > trivial + 0.25, (dice, trivial)
     again = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
-                          stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)  # finished: loaded, not retrained
+                          stack_masks(test[:8], 32), cfg.model_copy(update={"tta": True}), tmp_path,
+                          cpu=True)  # finished: loaded, not retrained (mirror averaging is not part of training)
     np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
+
+
+class _LeftHalfBias(torch.nn.Module):
+    """A lesion logit of +2 on bright pixels of the left half and -3 on the right, whatever the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = torch.full_like(x, -3.0)
+        side[..., : x.shape[-1] // 2] = 2.0
+        return self.scale * torch.where(x > 0.5, side, torch.full_like(x, -9.0))
+
+
+def test_mirror_averaging_of_lesion_probabilities_is_undone_before_the_threshold() -> None:
+    images = np.zeros((2, 8, 8), dtype=np.uint8)
+    images[0, 2:6, 1:7] = 255  # symmetric: the mirror sees the same bright pixels
+    images[1, :, :3] = 255  # bright on the left only: its mirror sees it on the right
+    model = _LeftHalfBias()
+    plain = predict_masks(model, images)
+    mirrored = predict_masks(model, images, tta=True)
+    # Image 0: left pixels average sigmoid(2) and sigmoid(-3) (0.464 < 0.5): no lesion any more.
+    assert plain[0, 2:6, 1:4].all() and not plain[0, :, 4:].any()
+    assert (expit(2.0) + expit(-3.0)) / 2 < 0.5 and not mirrored[0].any()
+    # Image 1: the flipped pass sees bright pixels on the right (-3) and mirrors them back to the left.
+    np.testing.assert_array_equal(plain[1], images[1] > 0)
+    assert not mirrored[1].any()
+    # At 0.45 the mirrored-back average (0.464) is a lesion; a flip left undone would give 0.440.
+    assert (predict_masks(model, images, threshold=0.45, tta=True) == (images > 0)).all()
 
 
 def test_segmentation_takes_only_methods_with_masks_and_verdicts_on_dice() -> None:

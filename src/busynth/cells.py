@@ -327,7 +327,7 @@ def _segment(fit_set: Sequence[Record], val: Sequence[Record], test: Sequence[Re
     result = fit_segmenter(stack_images(fit_set, size), stack_masks(fit_set, size), stack_images(val, size),
                            stack_masks(val, size), cfg, cell_dir / "segmenter", seed=seed, n_real=n_real)
     images, true = stack_images(test, size), stack_masks(test, size)
-    pred = predict_masks(result.model, images, cfg.threshold)
+    pred = predict_masks(result.model, images, cfg.threshold, tta=cfg.tta)
     scores = segmentation_scores(pred, true)
     write_text(cell_dir / "scores.csv", scores_csv(test, label_indices(test, config.data.classes), scores))
     k = min(len(test), EXAMPLES)

@@ -347,6 +347,8 @@ class SegmenterConfig(_Strict):
     augment: Literal["none", "light"] = "light"  # the classifier's warp (image and mask alike) and jitter
     synthetic_share: float | None = Field(default=None, ge=0.0, lt=1.0)
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # on the sigmoid of the logits
+    # Test-time augmentation: average the lesion probability of each image and its mirror.
+    tta: bool = False
     eval_every: int = Field(default=5, ge=1)
     checkpoint_every: int = Field(default=5, ge=1)
     mixed_precision: MixedPrecision = "no"

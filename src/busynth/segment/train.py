@@ -51,12 +51,21 @@ def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_masks(model: nn.Module, images: np.ndarray, threshold: float = 0.5, batch_size: int = 64) -> np.ndarray:
-    """bool (N, S, S) lesion masks of uint8 images (N, S, S), computed in eval mode."""
+def predict_masks(model: nn.Module, images: np.ndarray, threshold: float = 0.5, batch_size: int = 64,
+                  tta: bool = False) -> np.ndarray:
+    """bool (N, S, S) lesion masks of uint8 images (N, S, S), computed in eval mode. With ``tta`` the
+    lesion probability is averaged over each image and its horizontal mirror (mirrored back)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = map_batches(lambda x: torch.sigmoid(model(x).float())[:, 0] > threshold, images, batch_size, device)
+
+    def lesion(x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(model(x).float())
+        if tta:
+            p = (p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1)) / 2
+        return p[:, 0] > threshold
+
+    out = map_batches(lesion, images, batch_size, device)
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(images.shape, dtype=bool)
 
@@ -86,7 +95,7 @@ class SegmenterStage(EpochStage):
     def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
         val_dice = None
         if scored:
-            pred = predict_masks(kept, self.val[0], self.cfg.threshold)
+            pred = predict_masks(kept, self.val[0], self.cfg.threshold, tta=self.cfg.tta)
             val_dice = float(segmentation_scores(pred, self.val[1])[:, 0].mean()) if len(pred) else None
         if last:
             save_safetensors(self.out_dir / BEST, kept.state_dict(), {"epoch": epoch, "val_dice": val_dice})
@@ -114,7 +123,7 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     stage = SegmenterStage(build_segmenter(cfg), cfg, n_real, len(images) - n_real, (val_images, val_masks), out_dir)
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("eval_every", "checkpoint_every")}
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("eval_every", "checkpoint_every", "tta")}
     identity = {"n_real": n_real, "data_hash": data_hash(images, masks, val_images, val_masks),
                 **{f"segmenter.{k}": v for k, v in settings.items()}}
     data = {"images": torch.from_numpy(images).unsqueeze(1), "masks": torch.from_numpy(masks).unsqueeze(1)}
