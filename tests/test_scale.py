@@ -82,6 +82,16 @@ def _holder(lock: Path) -> int | None:
     return None
 
 
+def _hold(run_dir: Path, unit: str) -> subprocess.Popen:
+    """Another process holding the claim on ``unit`` of ``run_dir`` until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom busynth.locks import claim\n"
+        f"with claim({str(run_dir)!r}, {unit!r}):\n    print('held', flush=True)\n    time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, dict]:
     """The smoke study in one process, one thread."""
@@ -192,12 +202,8 @@ def test_an_unreachable_ray_cluster_is_one_clear_line_before_any_work(tmp_path) 
 
 
 def test_a_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom busynth.locks import claim\n"
-        f"with claim({str(tmp_path)!r}, 'cells/real/fold0_seed0'):\n    print('held', flush=True)\n    time.sleep(600)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold(tmp_path, "cells/real/fold0_seed0")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with claim(tmp_path, "cells/real/fold0_seed0", wait=False) as held:
             assert held is False
         with claim(tmp_path, "cells/real/fold1_seed0", wait=False) as held:  # another unit is free
@@ -237,6 +243,24 @@ def test_a_killed_workers_cell_is_taken_over_by_the_other(tmp_path, reference) -
     first.wait()
     text = _finish(second, tmp_path / "log1")
     assert "taken over from a worker that stopped" in text
+    assert _metrics(out) == reference
+
+
+@pytest.mark.slow
+def test_a_worker_passes_over_a_cell_whose_generator_another_worker_is_fitting(tmp_path, reference) -> None:
+    out, log, unit = tmp_path / "run", tmp_path / "log", "generators/cvae/fold0_seed0"
+    holder = _hold(out, unit)
+    try:
+        worker = _start(out, log)
+        _wait_for(lambda: "waiting for the worker that has it" in log.read_text(), "the worker to come back to it")
+        assert f"another worker has {unit}, which it needs: back to it at the end" in log.read_text()
+        # every other cell was computed meanwhile; this one waits, not having started
+        assert all((out / cell).exists() for cell in reference if "cvae/fold0" not in cell)
+        assert not (out / "cells" / "cvae" / "fold0_seed0").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    _finish(worker, log)  # the fit's claim is free again: this worker fits the generator itself
     assert _metrics(out) == reference
 
 

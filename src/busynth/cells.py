@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from busynth.accel import shard_map
+from busynth.accel import process_state, shard_map
 from busynth.classify.checkpoints import save_safetensors
 from busynth.classify.metrics import classification_metrics
 from busynth.classify.predictions import predictions_csv, scores_csv
@@ -246,6 +246,26 @@ def prepare_generator(method: str, fold: int, generator_seed: int, config: Study
     with claim(run_dir, _unit(run_dir, out_dir)):
         synthesize(generator, method, train, config, out_dir, gen_dir, generator_seed)
     return generator
+
+
+def needs_held(cell: Cell, config: StudyConfig, run_dir: Path) -> str | None:
+    """What an unfinished cell waits on that another worker holds now -- its generator fit or synthetic
+    set, those of the fits they build on, a filtered arm's real cell -- as the unit's name; None
+    when nothing it needs is held. A local worker passes such a cell over instead of blocking on it.
+    Under ``accelerate launch`` (one worker of several processes, whose claims always wait) None."""
+    if cell.method == REFERENCE or process_state() is not None:
+        return None
+    key = cell_key(cell.fold, cell.generator_seed)
+    needs = [(run_dir / part / m / key, done) for m in (*bases(cell.generator, config.run.methods), cell.generator)
+             for part, done in (("generators", "generator.json"), ("synthetic", "done.json"))]
+    if cell.filtered:
+        needs.append((cell.reference_cell.folder(run_dir), "metrics.json"))
+    for folder, done in needs:
+        if not (folder / done).exists():
+            with claim(run_dir, _unit(run_dir, folder), wait=False) as held:
+                if not held:
+                    return _unit(run_dir, folder)
+    return None
 
 
 def run_claimed(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,

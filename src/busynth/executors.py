@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from busynth.accel import process_state
-from busynth.cells import Cell, prepare_generator, run_claimed, score_synthetic_set
+from busynth.cells import Cell, needs_held, prepare_generator, run_claimed, score_synthetic_set
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
 from busynth.progress import format_duration
@@ -127,8 +127,9 @@ def log_row(row: dict) -> None:
 
 def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path,
               tracker_log: Callable[[dict, int], None] | None = None) -> None:
-    """Compute the cells here, in order, each under its claim: a cell another worker holds is skipped
-    and, after the others, waited for (and taken over if that worker died)."""
+    """Compute the cells here, in order, each under its claim: a cell another worker holds, or whose
+    generator fit (or synthetic set) another worker is computing, is skipped and, after the others,
+    waited for (and taken over if that worker died)."""
     todo = [not (c.folder(run_dir) / "metrics.json").exists() for c in cells]
     kinds = cell_kinds(cells, todo, run_dir)
     seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
@@ -138,6 +139,10 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
         eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and todo[i] else ""
         log.info("cell %d/%d: %s %s%s%s", i + 1, len(cells), cell.method, cell.key, "" if todo[i] else " (done)", eta)
         started = time.perf_counter()
+        if todo[i] and (unit := needs_held(cell, config, run_dir)):
+            log.info("  another worker has %s, which it needs: back to it at the end", unit)
+            held_elsewhere.append(i)
+            continue
         row, computed = run_claimed(cell, config, study, run_dir, tracker_log, wait=False)
         if row is None:
             log.info("  another worker has it: back to it at the end")
