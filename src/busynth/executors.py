@@ -151,6 +151,8 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
         if computed:
             seconds.setdefault(kinds[i], []).append(time.perf_counter() - started)
             log_row(row)
+        elif todo[i]:
+            log.info("  done by another worker meanwhile")
     for i in held_elsewhere:
         log.info("cell %d/%d: %s %s: waiting for the worker that has it", i + 1, len(cells), cells[i].method,
                  cells[i].key)
