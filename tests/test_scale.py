@@ -21,7 +21,7 @@ import pytest
 
 from busynth.cells import Cell
 from busynth.executors import Fit, _submit_and_wait, plan, task_slots
-from busynth.locks import claim, lock_path
+from busynth.locks import claim, each_claimed, lock_path
 
 ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
         "classifier.patience=6"]
@@ -214,6 +214,24 @@ def test_a_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path) -> Non
         holder.wait()
     with claim(tmp_path, "cells/real/fold0_seed0", wait=False) as held:  # the kernel released it
         assert held is True
+
+
+def test_each_claimed_passes_over_a_unit_held_elsewhere_and_comes_back_to_it(tmp_path) -> None:
+    holder = _hold(tmp_path, "scores/b")
+    order = []
+    try:
+        for item in each_claimed(tmp_path, ["a", "b", "c"], lambda item: f"scores/{item}"):
+            order.append(item)
+            with claim(tmp_path, f"scores/{item}", wait=False) as held:  # the item's claim is held meanwhile
+                assert held is False
+            if item == "c":
+                assert order == ["a", "c"]
+                holder.kill()  # the other worker ends: its unit is free
+                holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert order == ["a", "c", "b"]
 
 
 @pytest.mark.slow

@@ -358,17 +358,18 @@ def _segment(fit_set: Sequence[Record], val: Sequence[Record], test: Sequence[Re
             **{name: float(scores[:, i].mean()) for i, name in enumerate(SCORES)}}
 
 
+def scores_unit(cell: Cell) -> str:
+    """The claim name of the scoring of a generator cell's synthetic set."""
+    return f"scores/{cell.method}/{cell.key}"
+
+
 def score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     """The scores of a generator cell's synthetic set, read from disk once: fidelity.json (FID/KID,
     precision/recall, diversity, memorisation against the fold's real training images; test images
     enter only the real-vs-real reference), label_fidelity.json (the fold's real-only classifier on
     the synthetic images and on the real test images) and, for images with masks, adherence.json
-    (only this under run.task=segmentation). Each is computed once; a note until the real cell exists."""
-    with claim(run_dir, f"scores/{cell.method}/{cell.key}"):
-        _score_synthetic_set(cell, config, study, run_dir)
-
-
-def _score_synthetic_set(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path) -> None:
+    (only this under run.task=segmentation). Each is computed once; a note until the real cell exists.
+    The caller holds the claim ``scores_unit(cell)``."""
     train = study.split.select(study.records, cell.fold, "train")
     test = study.split.select(study.records, cell.fold, "test")
     synthetic = arm_synthetic(cell, config, train, run_dir)

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from busynth.accel import process_state
-from busynth.cells import Cell, needs_held, prepare_generator, run_claimed, score_synthetic_set
+from busynth.cells import Cell, needs_held, prepare_generator, run_claimed, score_synthetic_set, scores_unit
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
+from busynth.locks import claim, each_claimed
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE, bases, cell_key
 from busynth.rundir import StudyData
@@ -163,9 +164,11 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
 
 
 def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
-    for cell in cells:
-        if cell.scores_synthetic_set:
-            score_synthetic_set(cell, config, study, run_dir)
+    """Score the synthetic sets of the generator cells, each under its claim: a set another worker
+    is scoring is passed over and, after the others, waited for (and found scored)."""
+    scored = [cell for cell in cells if cell.scores_synthetic_set]
+    for cell in each_claimed(run_dir, scored, scores_unit):
+        score_synthetic_set(cell, config, study, run_dir)
 
 
 # --- Ray ------------------------------------------------------------------------------------------
@@ -202,7 +205,8 @@ def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, 
 
 def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
     _worker_setup(config.run.cell_cpus)
-    score_synthetic_set(cell, config, study, Path(run_dir))
+    with claim(run_dir, scores_unit(cell)):
+        score_synthetic_set(cell, config, study, Path(run_dir))
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from busynth.data.records import Record, lesion_pairs
 from busynth.data.transforms import label_indices, stack_images, stack_masks
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.io import read_json, write_json, write_text
-from busynth.locks import claim
+from busynth.locks import each_claimed
 from busynth.progress import progress
 from busynth.registry import cell_folder, cell_key
 from busynth.results import PredictionStore, Protocol, build_summary, read_cells
@@ -180,17 +180,12 @@ def score_cells(run_dir: Path, config: StudyConfig, sets: Sequence[ExternalSet],
         return 0
     score = _segmenter_scores(sets, config) if config.run.task == "segmentation" else _classifier_scores(sets, config)
     bar = progress(len(todo), "external scoring", log=log)
-    written, passed_over = 0, []
-    for wait, cells in ((False, todo), (True, passed_over)):  # the second pass waits for the other workers
-        for cell in cells:
-            with claim(run_dir, f"external/{cell.relative_to(run_dir)}", wait=wait) as held:
-                if not held:
-                    passed_over.append(cell)
-                    continue
-                for name, text in score(cell, unscored(cell)).items():
-                    write_text(cell / "external" / f"{name}.csv", text)
-                    written += 1
-            bar.update(1)
+    written = 0
+    for cell in each_claimed(run_dir, todo, lambda cell: f"external/{cell.relative_to(run_dir)}"):
+        for name, text in score(cell, unscored(cell)).items():
+            write_text(cell / "external" / f"{name}.csv", text)
+            written += 1
+        bar.update(1)
     bar.close()
     return written
 

@@ -17,14 +17,16 @@ claim, the others wait for it at a barrier.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from busynth.accel import barrier, process_state
 from busynth.errors import RunStateError
 
 LOCKS = "locks"  # folder of the run folder holding the lock files
+T = TypeVar("T")
 
 
 def lock_path(run_dir: Path, unit: str) -> Path:
@@ -66,3 +68,19 @@ def claim(run_dir: Path, unit: str, wait: bool = True) -> Iterator[bool]:
         yield True
     finally:
         lock.release()
+
+
+def each_claimed(run_dir: Path, items: Iterable[T], unit: Callable[[T], str]) -> Iterator[T]:
+    """Yield the items in order, each while its claim (``unit(item)``) is held: first those no other
+    worker holds, passing over the others, then those, waiting for each. The caller checks whether
+    an item still needs its work (another worker may have done it)."""
+    passed_over = []
+    for item in items:
+        with claim(run_dir, unit(item), wait=False) as held:
+            if held:
+                yield item
+                continue
+        passed_over.append(item)
+    for item in passed_over:
+        with claim(run_dir, unit(item)):
+            yield item
