@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -216,22 +217,25 @@ def test_a_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path) -> Non
         assert held is True
 
 
-def test_each_claimed_passes_over_a_unit_held_elsewhere_and_comes_back_to_it(tmp_path) -> None:
+def test_each_claimed_passes_over_what_is_held_elsewhere_then_waits_for_it(tmp_path) -> None:
     holder = _hold(tmp_path, "scores/b")
-    order = []
+    order, told, waited = [], [], []
+    # a needs a unit another worker holds until c is done
+    busy = lambda item: "fits/a" if item == "a" and "c" not in order else None
     try:
-        for item in each_claimed(tmp_path, ["a", "b", "c"], lambda item: f"scores/{item}"):
+        for item in each_claimed(tmp_path, ["a", "b", "c", "d"], lambda item: f"scores/{item}", busy,
+                                 lambda item, what: told.append((item, what)), waited.append):
             order.append(item)
             with claim(tmp_path, f"scores/{item}", wait=False) as held:  # the item's claim is held meanwhile
                 assert held is False
-            if item == "c":
-                assert order == ["a", "c"]
-                holder.kill()  # the other worker ends: its unit is free
-                holder.wait()
+            if item == "a":  # second sweep: a's input is ready now, b is still held elsewhere
+                assert order == ["c", "d", "a"] and told == [("a", "fits/a"), ("b", "it")] and waited == []
+                threading.Timer(0.5, holder.kill).start()  # the other worker ends while this one waits
     finally:
         holder.kill()
         holder.wait()
-    assert order == ["a", "c", "b"]
+    assert order == ["c", "d", "a", "b"] and waited == ["b"]  # nothing else left: it waited for b
+    assert len(told) == 2  # each passed over item is reported once
 
 
 @pytest.mark.slow
@@ -271,7 +275,7 @@ def test_a_worker_passes_over_a_cell_whose_generator_another_worker_is_fitting(t
     try:
         worker = _start(out, log)
         _wait_for(lambda: "waiting for the worker that has it" in log.read_text(), "the worker to come back to it")
-        assert f"another worker has {unit}, which it needs: back to it at the end" in log.read_text()
+        assert f"another worker has {unit}, which it needs: back to it later" in log.read_text()
         # every other cell was computed meanwhile; this one waits, not having started
         assert all((out / cell).exists() for cell in reference if "cvae/fold0" not in cell)
         assert not (out / "cells" / "cvae" / "fold0_seed0").exists()

@@ -268,12 +268,17 @@ def needs_held(cell: Cell, config: StudyConfig, run_dir: Path) -> str | None:
     return None
 
 
+def cell_unit(cell: Cell, run_dir: Path) -> str:
+    """The claim name of a cell: its folder in the run folder."""
+    return _unit(run_dir, cell.folder(run_dir))
+
+
 def run_claimed(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
                 tracker_log: Callable[[dict, int], None] | None = None, wait: bool = True) -> tuple[dict | None, bool]:
     """``run_cell`` under the cell's claim: (metrics row, whether it was computed now). With
     ``wait=False`` it returns (None, False) at once when another worker holds the cell."""
     cell_dir = cell.folder(run_dir)
-    with claim(run_dir, _unit(run_dir, cell_dir), wait=wait) as held:
+    with claim(run_dir, cell_unit(cell, run_dir), wait=wait) as held:
         if not held:
             return None, False
         computed = not (cell_dir / "metrics.json").exists()

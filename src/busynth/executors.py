@@ -31,7 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from busynth.accel import process_state
-from busynth.cells import Cell, needs_held, prepare_generator, run_claimed, score_synthetic_set, scores_unit
+from busynth.cells import (
+    Cell,
+    cell_unit,
+    needs_held,
+    prepare_generator,
+    run_cell,
+    run_claimed,
+    score_synthetic_set,
+    scores_unit,
+)
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
 from busynth.locks import claim, each_claimed
@@ -128,39 +137,51 @@ def log_row(row: dict) -> None:
 
 def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path,
               tracker_log: Callable[[dict, int], None] | None = None) -> None:
-    """Compute the cells here, in order, each under its claim: a cell another worker holds, or whose
-    generator fit (or synthetic set) another worker is computing, is skipped and, after the others,
-    waited for (and taken over if that worker died)."""
+    """Compute the cells here, in order, each under its claim (``locks.each_claimed``): a cell another
+    worker holds, or whose generator fit (or synthetic set) another worker is computing, is passed
+    over and tried again after the others; when nothing else is left, waited for (and taken over if
+    that worker died)."""
     todo = [not (c.folder(run_dir) / "metrics.json").exists() for c in cells]
     kinds = cell_kinds(cells, todo, run_dir)
     seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
-    held_elsewhere: list[int] = []
-    for i, cell in enumerate(cells):
-        left = [kinds[j] for j in range(i, len(cells)) if todo[j]]
-        eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and todo[i] else ""
-        log.info("cell %d/%d: %s %s%s%s", i + 1, len(cells), cell.method, cell.key, "" if todo[i] else " (done)", eta)
+    handled: set[int] = set()
+    held_before: set[int] = set()  # cells passed over because another worker held them
+    waited: list[int] = []  # the cells this worker waited for, the last one last
+
+    def name(i: int) -> str:
+        return f"cell {i + 1}/{len(cells)}: {cells[i].method} {cells[i].key}"
+
+    def busy(i: int) -> str | None:
+        return needs_held(cells[i], config, run_dir) if todo[i] else None
+
+    def passed_over(i: int, what: str) -> None:
+        needed = "" if what == "it" else ", which it needs"
+        if what == "it":
+            held_before.add(i)
+        log.info("%s: another worker has %s%s: back to it later", name(i), what, needed)
+
+    def waiting(i: int) -> None:
+        waited.append(i)
+        log.info("%s: waiting for the worker that has it", name(i))
+
+    for i in each_claimed(run_dir, range(len(cells)), lambda i: cell_unit(cells[i], run_dir), busy, passed_over,
+                          waiting):
+        after_wait = bool(waited) and waited[-1] == i
+        computed = not (cells[i].folder(run_dir) / "metrics.json").exists()
+        if not after_wait:
+            left = [kinds[j] for j in range(len(cells)) if todo[j] and j not in handled]
+            eta = f", ETA {format_duration(remaining_seconds(left, seconds))}" if seconds and computed else ""
+            log.info("%s%s%s", name(i), "" if todo[i] else " (done)", eta)
+        handled.add(i)
         started = time.perf_counter()
-        if todo[i] and (unit := needs_held(cell, config, run_dir)):
-            log.info("  another worker has %s, which it needs: back to it at the end", unit)
-            held_elsewhere.append(i)
-            continue
-        row, computed = run_claimed(cell, config, study, run_dir, tracker_log, wait=False)
-        if row is None:
-            log.info("  another worker has it: back to it at the end")
-            held_elsewhere.append(i)
-            continue
+        row = run_cell(cells[i], config, study, run_dir, tracker_log)
         if computed:
             seconds.setdefault(kinds[i], []).append(time.perf_counter() - started)
+            if i in held_before:
+                log.info("  taken over from a worker that stopped")
             log_row(row)
         elif todo[i]:
-            log.info("  done by another worker meanwhile")
-    for i in held_elsewhere:
-        log.info("cell %d/%d: %s %s: waiting for the worker that has it", i + 1, len(cells), cells[i].method,
-                 cells[i].key)
-        row, computed = run_claimed(cells[i], config, study, run_dir, tracker_log, wait=True)
-        log.info("  %s", "taken over from a worker that stopped" if computed else "done by the other worker")
-        if computed:
-            log_row(row)
+            log.info("  done by %s", "the other worker" if i in held_before else "another worker meanwhile")
 
 
 def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:

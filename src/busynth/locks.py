@@ -17,7 +17,7 @@ claim, the others wait for it at a barrier.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -70,17 +70,36 @@ def claim(run_dir: Path, unit: str, wait: bool = True) -> Iterator[bool]:
         lock.release()
 
 
-def each_claimed(run_dir: Path, items: Iterable[T], unit: Callable[[T], str]) -> Iterator[T]:
-    """Yield the items in order, each while its claim (``unit(item)``) is held: first those no other
-    worker holds, passing over the others, then those, waiting for each. The caller checks whether
-    an item still needs its work (another worker may have done it)."""
-    passed_over = []
-    for item in items:
-        with claim(run_dir, unit(item), wait=False) as held:
-            if held:
-                yield item
-                continue
-        passed_over.append(item)
-    for item in passed_over:
-        with claim(run_dir, unit(item)):
-            yield item
+def each_claimed(run_dir: Path, items: Sequence[T], unit: Callable[[T], str],
+                 busy: Callable[[T], str | None] | None = None,
+                 passed_over: Callable[[T, str], None] | None = None,
+                 waiting: Callable[[T], None] | None = None) -> Iterator[T]:
+    """Yield each item once, while its claim (``unit(item)``) is held, so that workers sharing a run
+    folder share the items. Sweeps the items left, in order: an item whose claim another worker
+    holds -- or for which ``busy(item)`` names a unit it needs that another worker holds -- is passed
+    over (``passed_over(item, what)``, the first time) and tried again in the next sweep; a sweep
+    that yields nothing waits for the first item left (``waiting(item)``), so a worker never spins,
+    and takes over the item of a worker that died. The caller checks whether an item still needs
+    its work: another worker may have done it."""
+    pending, told = list(range(len(items))), set()
+    while pending:
+        left = []
+        for k in pending:
+            what = busy(items[k]) if busy else None
+            if what is None:
+                with claim(run_dir, unit(items[k]), wait=False) as held:
+                    if held:
+                        yield items[k]
+                        continue
+                what = "it"
+            if passed_over and k not in told:
+                passed_over(items[k], what)
+            told.add(k)
+            left.append(k)
+        if left and len(left) == len(pending):  # nothing was free: wait for the first
+            k = left.pop(0)
+            if waiting:
+                waiting(items[k])
+            with claim(run_dir, unit(items[k])):
+                yield items[k]
+        pending = left
