@@ -107,12 +107,12 @@ def test_run_study_logs_cell_i_of_n_with_an_eta_from_the_cells_computed_so_far(t
     clock = FakeClock()
     monkeypatch.setattr(executors, "time", SimpleNamespace(perf_counter=clock))
 
-    def fake_cell(cell, config, study, run_dir, tracker_log=None, wait=True) -> tuple[dict, bool]:
+    def fake_cell(cell, config, study, run_dir, tracker_log=None) -> dict:
         done = (run_dir / "cells" / cell.method / cell.key / "metrics.json").exists()
         clock.now += 0 if done else 10
-        return {"balanced_accuracy": 0.5, "macro_auc": 0.5}, not done
+        return {"balanced_accuracy": 0.5, "macro_auc": 0.5}
 
-    monkeypatch.setattr(executors, "run_claimed", fake_cell)
+    monkeypatch.setattr(executors, "run_cell", fake_cell)
     monkeypatch.setattr(experiment, "summarize_fidelity", lambda *a, **k: None)
     monkeypatch.setattr(experiment, "summarize_run", lambda *a, **k: {})
     config = load_config("smoke", ["run.methods=[real]"])
