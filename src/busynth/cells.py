@@ -227,6 +227,11 @@ def _unit(run_dir: Path, folder: Path) -> str:
     return Path(folder).relative_to(run_dir).as_posix()
 
 
+def fit_outputs(method: str, key: str, run_dir: Path) -> list[tuple[Path, str]]:
+    """A generator fit's folders -- the fit, its synthetic set -- each with the file written last."""
+    return [(run_dir / "generators" / method / key, "generator.json"), (run_dir / "synthetic" / method / key, "done.json")]
+
+
 def prepare_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,
                       run_dir: Path) -> Generator:
     """Fit (or load) a fold's generator and sample its synthetic set, each under its claim, after the
@@ -235,12 +240,11 @@ def prepare_generator(method: str, fold: int, generator_seed: int, config: Study
     Returns the generator."""
     key = cell_key(fold, generator_seed)
     for base in bases(method, config.run.methods):
-        if not ((run_dir / "generators" / base / key / "generator.json").exists()
-                and (run_dir / "synthetic" / base / key / "done.json").exists()):
+        if not all((folder / done).exists() for folder, done in fit_outputs(base, key, run_dir)):
             prepare_generator(base, fold, generator_seed, config, study, run_dir)
     train = study.split.select(study.records, fold, "train")
     check_no_leak(study.split, fold, {"generator": [r.id for r in train]}, study.audit.group_of)
-    gen_dir, out_dir = run_dir / "generators" / method / key, run_dir / "synthetic" / method / key
+    (gen_dir, _), (out_dir, _) = fit_outputs(method, key, run_dir)
     with claim(run_dir, _unit(run_dir, gen_dir)):
         generator = fit_or_load_generator(method, config, train, gen_dir, generator_seed)
     with claim(run_dir, _unit(run_dir, out_dir)):
@@ -256,8 +260,8 @@ def needs_held(cell: Cell, config: StudyConfig, run_dir: Path) -> str | None:
     if cell.method == REFERENCE or process_state() is not None:
         return None
     key = cell_key(cell.fold, cell.generator_seed)
-    needs = [(run_dir / part / m / key, done) for m in (*bases(cell.generator, config.run.methods), cell.generator)
-             for part, done in (("generators", "generator.json"), ("synthetic", "done.json"))]
+    needs = [out for m in (*bases(cell.generator, config.run.methods), cell.generator)
+             for out in fit_outputs(m, key, run_dir)]
     if cell.filtered:
         needs.append((cell.reference_cell.folder(run_dir), "metrics.json"))
     for folder, done in needs:
@@ -274,13 +278,10 @@ def cell_unit(cell: Cell, run_dir: Path) -> str:
 
 
 def run_claimed(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
-                tracker_log: Callable[[dict, int], None] | None = None, wait: bool = True) -> tuple[dict | None, bool]:
-    """``run_cell`` under the cell's claim: (metrics row, whether it was computed now). With
-    ``wait=False`` it returns (None, False) at once when another worker holds the cell."""
+                tracker_log: Callable[[dict, int], None] | None = None) -> tuple[dict, bool]:
+    """``run_cell`` under the cell's claim, waiting for it: (metrics row, whether it was computed now)."""
     cell_dir = cell.folder(run_dir)
-    with claim(run_dir, cell_unit(cell, run_dir), wait=wait) as held:
-        if not held:
-            return None, False
+    with claim(run_dir, cell_unit(cell, run_dir)):
         computed = not (cell_dir / "metrics.json").exists()
         return run_cell(cell, config, study, run_dir, tracker_log), computed
 

@@ -4,8 +4,8 @@ the tasks of a Ray cluster (``run.executor: ray``; Moritz et al., OSDI 2018).
 Either way the run folder is the only state. Every cell, generator fit, synthetic set and scoring
 of a synthetic set is computed under its claim (:mod:`busynth.locks`) and committed by atomic
 writes, so any number of workers may share one folder: several ``busynth run`` on one machine, or
-Ray tasks on the nodes of a cluster that mounts it. A unit another worker holds is left alone and
-waited for at the end; the unit of a worker that died is taken over and resumes from its
+Ray tasks on the nodes of a cluster that mounts it. A unit another worker holds is passed over,
+tried again after the others and waited for only when nothing else is free; the unit of a worker that died is taken over and resumes from its
 checkpoints.
 
 The Ray executor submits the study as a graph of tasks (:func:`plan`): a fold's generator fit
@@ -146,7 +146,7 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
     seconds: dict[tuple[str, bool], list[float]] = {}  # cells computed in this invocation, by kind: the ETA
     handled: set[int] = set()
     held_before: set[int] = set()  # cells passed over because another worker held them
-    waited: list[int] = []  # the cells this worker waited for, the last one last
+    waited: set[int] = set()  # the cells this worker waited for
 
     def name(i: int) -> str:
         return f"cell {i + 1}/{len(cells)}: {cells[i].method} {cells[i].key}"
@@ -161,12 +161,12 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
         log.info("%s: another worker has %s%s: back to it later", name(i), what, needed)
 
     def waiting(i: int) -> None:
-        waited.append(i)
+        waited.add(i)
         log.info("%s: waiting for the worker that has it", name(i))
 
     for i in each_claimed(run_dir, range(len(cells)), lambda i: cell_unit(cells[i], run_dir), busy, passed_over,
                           waiting):
-        after_wait = bool(waited) and waited[-1] == i
+        after_wait = i in waited
         computed = not (cells[i].folder(run_dir) / "metrics.json").exists()
         if not after_wait:
             left = [kinds[j] for j in range(len(cells)) if todo[j] and j not in handled]
@@ -220,7 +220,7 @@ def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, 
     """Run a cell; returns (metrics row, whether it was computed now, seconds)."""
     _worker_setup(config.run.cell_cpus)
     started = time.perf_counter()
-    row, computed = run_claimed(cell, config, study, Path(run_dir), wait=True)
+    row, computed = run_claimed(cell, config, study, Path(run_dir))
     return row, computed, time.perf_counter() - started
 
 

@@ -209,6 +209,7 @@ def _segmenter_scores(sets: Sequence[ExternalSet], config: StudyConfig) -> CellS
     cfg, size = config.segmenter, config.segmenter.image_size
     pairs = {ext.name: lesion_pairs(ext.records) for ext in sets}
     truth = {name: (stack_images(p, size), stack_masks(p, size)) for name, p in pairs.items()}
+    labels = {name: label_indices(p, config.data.classes) for name, p in pairs.items()}
 
     def score(cell: Path, todo: Sequence[ExternalSet]) -> dict[str, str]:
         model = load_segmenter(cell / "segmenter", cfg)
@@ -216,7 +217,7 @@ def _segmenter_scores(sets: Sequence[ExternalSet], config: StudyConfig) -> CellS
         for ext in todo:
             images, masks = truth[ext.name]
             scores = segmentation_scores(predict_masks(model, images, cfg.threshold, tta=cfg.tta), masks)
-            out[ext.name] = scores_csv(pairs[ext.name], label_indices(pairs[ext.name], config.data.classes), scores)
+            out[ext.name] = scores_csv(pairs[ext.name], labels[ext.name], scores)
         return out
 
     return score
