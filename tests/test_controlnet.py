@@ -37,7 +37,7 @@ from busynth.presets import load_config
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},
       "lora_training": {"steps": 2, "batch_size": 4}, "lora": {"rank": 2, "alpha": 2.0}, "encode_batch_size": 8}
-CN = {"training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2}, "sampling_steps": 3,
+CN = {"training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 2}, "sampling_steps": 3,
       "guidance_scale": 2.0}
 
 

@@ -23,7 +23,7 @@ from busynth.config import PhantomConfig
 from busynth.data.phantom import make_phantom
 from busynth.engine import StageConfig, batch_indices, learning_rate, train_stage
 from busynth.errors import ConfigError, RunStateError
-from busynth.generators.base import read_generator_info
+from busynth.generators.base import generator_class, read_generator_info
 from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, word_level_clip_tokenizer
 from busynth.generators.diffusion.lora import LoraSettings, add_unet_lora, load_lora_into
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
@@ -256,6 +256,22 @@ def test_config_is_strict():
         SDLoraGenerator({"guidence_scale": 3.0})
     with pytest.raises(ConfigError, match="divisible"):
         SDLoraGenerator({"image_size": 100})
+
+
+@pytest.mark.parametrize("generator", ["sd-lora", "controlnet"])
+def test_a_stage_given_in_part_keeps_the_generators_defaults_for_the_rest(generator):
+    """``--set generators.sd-lora.autoencoder_training.steps=1600`` changes the steps alone: the autoencoder keeps
+    its own learning rate (1e-3), warm-up and prompt dropout, not StageConfig's generic ones (1e-4, 0, 0.1)."""
+    cls = generator_class(generator)
+    stages = ["autoencoder_training", "base_training", "lora_training"] if generator == "sd-lora" else ["training"]
+    defaults = cls({}, classes=CLASSES).cfg
+    for stage in stages:
+        own = getattr(defaults, stage)
+        assert own != StageConfig(steps=own.steps)  # the field's defaults differ from the generic ones
+        changed = getattr(cls({stage: {"steps": own.steps + 7}}, classes=CLASSES).cfg, stage)
+        assert changed == own.model_copy(update={"steps": own.steps + 7})
+    with pytest.raises(ConfigError, match="stepz"):
+        cls({stages[0]: {"stepz": 3}}, classes=CLASSES)
 
 
 def test_sd15_preset_pretrained_path_on_a_saved_tiny_pipeline(tmp_path, records):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -81,6 +81,17 @@ class StageConfig(BaseModel):
     prompt_dropout: float = Field(default=0.1, ge=0.0, le=1.0)
     checkpoint_every: int = Field(default=250, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
+
+
+def stage_over_defaults(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A ``mode="before"`` field validator for a model's ``StageConfig`` fields: a stage given in part (a
+    mapping, as ``--set generators.sd-lora.autoencoder_training.steps=1600`` gives) keeps the field's own
+    default for every setting it leaves out, not StageConfig's generic one (which would silently change, say,
+    the autoencoder's learning rate from 1e-3 to 1e-4)."""
+    if not isinstance(value, Mapping):
+        return value
+    default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
+    return {**default.model_dump(), **value}
 
 
 # --- pure math ---------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from busynth.checkpoint import read_safetensors
 from busynth.config import MixedPrecision
 from busynth.data.records import Record
-from busynth.engine import StageConfig, train_stage
+from busynth.engine import StageConfig, stage_over_defaults, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import (
     Generator,
@@ -146,6 +146,8 @@ class ControlNetConfig(BaseModel):
         if v is not None and (not v or any(c < 1 for c in v)):
             raise ValueError(f"must list positive channel counts, got {v}")
         return v
+
+    _training_keeps_its_defaults = field_validator("training", mode="before")(classmethod(stage_over_defaults))
 
     @field_validator("training")
     @classmethod

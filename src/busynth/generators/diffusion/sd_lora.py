@@ -36,7 +36,7 @@ from busynth.checkpoint import read_safetensors
 from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
-from busynth.engine import StageConfig, train_stage
+from busynth.engine import StageConfig, stage_over_defaults, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
@@ -115,6 +115,9 @@ class SDLoraConfig(BaseModel):
     # bf16 autocast while sampling (weights stay in their dtype). On this CPU (AVX-512 BF16) ~0.76x the
     # time of fp32, images within a grey level or two (bench/bench_speed.py); training under bf16 is slower.
     sampling_precision: SamplingPrecision = "no"
+
+    _stages_keep_their_defaults = field_validator("autoencoder_training", "base_training", "lora_training",
+                                                  mode="before")(classmethod(stage_over_defaults))
 
     @field_validator("pretrained_model")
     @classmethod
