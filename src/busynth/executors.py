@@ -34,6 +34,7 @@ from busynth.accel import process_state
 from busynth.cells import (
     Cell,
     cell_unit,
+    fit_outputs,
     needs_held,
     prepare_generator,
     run_cell,
@@ -106,8 +107,8 @@ def cell_kinds(cells: Sequence[Cell], todo: Sequence[bool], run_dir: Path) -> li
     kinds = []
     for cell, needed in zip(cells, todo, strict=True):
         fit = (cell.generator, cell.generator_key)
-        fits = (needed and cell.method != REFERENCE and fit not in pending
-                and not (run_dir / "generators" / cell.generator / cell.generator_key / "generator.json").exists())
+        (gen_dir, fitted), _ = fit_outputs(*fit, run_dir)
+        fits = needed and cell.method != REFERENCE and fit not in pending and not (gen_dir / fitted).exists()
         if fits:
             pending.add(fit)
         kinds.append((cell.method, fits))
@@ -185,8 +186,9 @@ def run_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_
 
 
 def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
-    """Score the synthetic sets of the generator cells, each under its claim: a set another worker
-    is scoring is passed over and, after the others, waited for (and found scored)."""
+    """Score the synthetic sets of the generator cells, each under its claim (``locks.each_claimed``): a
+    set another worker is scoring is passed over, tried again after the others and waited for only
+    when nothing else is free (and then found scored)."""
     scored = [cell for cell in cells if cell.scores_synthetic_set]
     for cell in each_claimed(run_dir, scored, scores_unit):
         score_synthetic_set(cell, config, study, run_dir)
@@ -209,9 +211,8 @@ def _worker_setup(cpus: float) -> None:
 def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[float, bool]:
     """Fit and sample; returns (seconds, whether anything was computed)."""
     _worker_setup(config.run.cell_cpus)
-    key = cell_key(fit.fold, fit.generator_seed)
-    done = Path(run_dir) / "synthetic" / fit.generator / key / "done.json"
-    computed, started = not done.exists(), time.perf_counter()
+    _, (out_dir, sampled) = fit_outputs(fit.generator, cell_key(fit.fold, fit.generator_seed), Path(run_dir))
+    computed, started = not (out_dir / sampled).exists(), time.perf_counter()
     prepare_generator(fit.generator, fit.fold, fit.generator_seed, config, study, Path(run_dir))
     return time.perf_counter() - started, computed
 

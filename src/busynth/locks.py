@@ -96,7 +96,7 @@ def each_claimed(run_dir: Path, items: Sequence[T], unit: Callable[[T], str],
                 passed_over(items[k], what)
             told.add(k)
             left.append(k)
-        if left and len(left) == len(pending):  # nothing was free: wait for the first
+        if len(left) == len(pending):  # nothing was free: wait for the first
             k = left.pop(0)
             if waiting:
                 waiting(items[k])
