@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from busynth.config import PhantomConfig, StudyConfig, SynthesisConfig
-from busynth.data.augment import AugmentParams, augment_batch, random_affine_grid, warp
+from busynth.data.augment import LIGHT, ON_THE_FLY, STRONG, AugmentParams, augment_batch, random_affine_grid, warp
 from busynth.data.phantom import make_phantom
 from busynth.generators import build_generator
 from busynth.generators.base import synthetic_counts, write_samples
@@ -69,6 +69,20 @@ def test_augmentation_is_deterministic_for_a_generator_seed():
     c, _ = augment_batch(x, AugmentParams(), torch.Generator().manual_seed(10))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_strong_augmentation_moves_images_further_than_light_and_configs_can_name_both():
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    x = (((yy - 20) ** 2 + (xx - 26) ** 2) < 80).float().expand(64, 1, 48, 48).contiguous() * 0.8 + 0.1
+
+    def moved(params: AugmentParams) -> float:
+        out, _ = augment_batch(x, params, torch.Generator().manual_seed(4))
+        return float((out - x).abs().mean())
+
+    assert moved(STRONG) > 1.3 * moved(LIGHT) > 0
+    assert ON_THE_FLY == {"light": LIGHT, "strong": STRONG}
+    assert StudyConfig.model_validate({"classifier": {"augment": "strong"},
+                                       "segmenter": {"augment": "strong"}}).segmenter.augment == "strong"
 
 
 @pytest.fixture(scope="module")

@@ -149,9 +149,10 @@ class ClassifierConfig(_Strict):
     warmup_epochs: float = Field(default=1.0, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] = "balanced"
-    # On-the-fly augmentation of every training image, all methods alike: none, flips only, or
-    # "light" (flip, rotation ±10°, scale 0.9-1.1, shift 5%, gamma and contrast; data/augment.py).
-    augment: Literal["none", "flip", "light"] = "light"
+    # On-the-fly augmentation of every training image, all methods alike: none, flips only,
+    # "light" (flip, rotation ±10°, scale 0.9-1.1, shift 5%, gamma and contrast; data/augment.py) or
+    # "strong" (rotation ±15°, scale 0.75-1.33, shift 10%, wider gamma and contrast, speckle noise).
+    augment: Literal["none", "flip", "light", "strong"] = "light"
     # Test-time augmentation: average the predictions for each image and its mirror.
     tta: bool = True
     # Model selection: "best" keeps the epoch with the best select_metric on the real validation
@@ -344,7 +345,7 @@ class SegmenterConfig(_Strict):
     warmup_epochs: float = Field(default=1.0, ge=0.0)
     # Moving average of the weights over this many epochs (0: the trained weights are kept).
     ema_epochs: float = Field(default=0.0, ge=0.0)
-    augment: Literal["none", "light"] = "light"  # the classifier's warp (image and mask alike) and jitter
+    augment: Literal["none", "light", "strong"] = "light"  # the classifier's warp (image and mask alike) and jitter
     synthetic_share: float | None = Field(default=None, ge=0.0, lt=1.0)
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # on the sigmoid of the logits
     # Test-time augmentation: average the lesion probability of each image and its mirror.

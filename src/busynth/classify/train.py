@@ -30,7 +30,7 @@ from busynth.classify.checkpoints import BEST, finite_or_none, load_best_weights
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig, SegmenterConfig
-from busynth.data.augment import LIGHT, augment_batch
+from busynth.data.augment import ON_THE_FLY, augment_batch
 from busynth.data.transforms import map_batches
 from busynth.engine import Stage, StageConfig, train_stage
 from busynth.errors import DataError
@@ -276,8 +276,8 @@ class ClassifierStage(EpochStage):
         x = batch["images"].float().div_(255.0)
         if cfg.augment == "flip":
             x = random_hflip(x, generator)
-        elif cfg.augment == "light":
-            x, _ = augment_batch(x, LIGHT, generator)
+        elif cfg.augment in ON_THE_FLY:
+            x, _ = augment_batch(x, ON_THE_FLY[cfg.augment], generator)
         y_a, y_b, lam = labels, labels, 1.0
         if cfg.mixup_alpha > 0:
             x, y_a, y_b, lam = _mixup(x, labels, cfg.mixup_alpha, mixing)

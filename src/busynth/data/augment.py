@@ -31,6 +31,13 @@ class AugmentParams:
 # The classifier's on-the-fly "light" augmentation, applied to every method's training images alike.
 LIGHT = AugmentParams(max_rotation=10.0, max_translate=0.05, scale_range=(0.9, 1.1),
                       gamma_range=(0.85, 1.18), contrast_range=(0.9, 1.1), speckle_std=0.0)
+# "strong": wider ranges, in the spirit of nnU-Net's default augmentation (Isensee et al. 2021,
+# Nat. Methods 18:203: scaling 0.7-1.4, gamma 0.7-1.5, contrast, noise) but without its large
+# rotations, since an ultrasound probe stays at the top of the image.
+STRONG = AugmentParams(max_rotation=15.0, max_translate=0.1, scale_range=(0.75, 1.33),
+                       gamma_range=(0.7, 1.4), contrast_range=(0.75, 1.3), speckle_std=0.05)
+# The on-the-fly augmentations a classifier or segmenter config may name.
+ON_THE_FLY = {"light": LIGHT, "strong": STRONG}
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,7 @@ from busynth.accel import local_rows
 from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
 from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
-from busynth.data.augment import LIGHT, augment_batch
+from busynth.data.augment import ON_THE_FLY, augment_batch
 from busynth.data.transforms import map_batches
 from busynth.engine import train_stage
 from busynth.errors import DataError
@@ -87,8 +87,8 @@ class SegmenterStage(EpochStage):
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         x, masks = batch["images"].float().div_(255.0), batch["masks"].float()
-        if self.cfg.augment == "light":
-            x, masks = augment_batch(x, LIGHT, generator, masks=masks)
+        if self.cfg.augment in ON_THE_FLY:
+            x, masks = augment_batch(x, ON_THE_FLY[self.cfg.augment], generator, masks=masks)
         rows = local_rows(len(x))
         return self.loss_fn(self.model(x[rows]), masks[rows].float()), {}
 
