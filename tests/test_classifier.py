@@ -343,3 +343,101 @@ def test_scoring_every_few_epochs_needs_the_fixed_budget() -> None:
 def test_channels_last_on_a_layer_too_narrow_for_its_kernels_is_refused() -> None:
     with pytest.raises(ValueError, match="channels_last needs width >= 8"):
         tiny_config(channels_last=True, width=4)
+
+
+def lesion_set(n: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Speckle with a bright square 'lesion' at a random place (none for class 0; side 12 or 20 px
+    for classes 1 and 2): images uint8 (n, size, size), labels, masks bool (the squares)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, N_CLASSES, n).astype(np.int64)
+    images = rng.normal(60, 15, (n, size, size))
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i, label in enumerate(labels):
+        if label:
+            side = 12 if label == 1 else 20
+            r, c = rng.integers(0, size - side, 2)
+            masks[i, r : r + side, c : c + side] = True
+    images[masks] += 110
+    return np.clip(images, 0, 255).astype(np.uint8), labels, masks
+
+
+def test_lesion_share_loss_is_cross_entropy_against_the_pooled_mask_on_rows_with_a_mask() -> None:
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, 0, :2, :2] = 1  # top-left cell all lesion
+    masks[0, 0, 0, 3] = 1  # one pixel of the top-right cell
+    masks[1] = 1
+    logits = torch.tensor([[[[2.0, 0.0], [-1.0, 0.0]]], [[[5.0, 5.0], [5.0, 5.0]]]])
+    shares = [1.0, 0.25, 0.0, 0.0]
+    by_hand = np.mean([math.log1p(math.exp(v)) - t * v for v, t in zip([2.0, 0.0, -1.0, 0.0], shares, strict=True)])
+    first_only = train_mod.lesion_share_loss(logits, masks, torch.tensor([True, False]))
+    assert float(first_only) == pytest.approx(by_hand, rel=1e-6)
+    both = train_mod.lesion_share_loss(logits, masks, torch.tensor([True, True]))
+    assert float(both) == pytest.approx((by_hand + math.log1p(math.exp(-5.0))) / 2, rel=1e-6)
+    assert float(train_mod.lesion_share_loss(logits, masks, torch.tensor([False, False]))) == 0.0
+
+
+class _SeesInputs(nn.Module):
+    """Wraps a classifier and keeps the last batch it was given."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, None
+
+    def forward(self, x: torch.Tensor, with_mask: bool = False):
+        self.seen = x
+        return self.inner(x, with_mask=with_mask)
+
+
+@pytest.mark.parametrize("augment", ["flip", "light", "strong"])
+def test_masks_go_through_the_same_flips_and_warps_as_their_images(augment, tmp_path, monkeypatch) -> None:
+    images, labels, masks = lesion_set(16, seed=3)
+    images = np.where(masks, 220, 20).astype(np.uint8)  # the image is its mask: any misalignment shows
+    cfg = tiny_config(image_size=64, width=8, mask_weight=1.0, augment=augment)
+    model = _SeesInputs(build_classifier(cfg, N_CLASSES))
+    stage = ClassifierStage(model, cfg, nn.CrossEntropyLoss(), 16, 0, 2, (images, labels), tmp_path, {})
+    seen_masks = []
+    monkeypatch.setattr(train_mod, "lesion_share_loss", lambda logits, m, has: seen_masks.append(m) or m.sum() * 0)
+    batch = {"images": torch.from_numpy(images).unsqueeze(1), "labels": torch.from_numpy(labels),
+             "masks": torch.from_numpy(masks).unsqueeze(1), "has_mask": torch.ones(16, dtype=torch.bool)}
+    loss, extras = stage.loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "mask_loss" in extras
+    x, m = model.seen, seen_masks[0] > 0.5
+    assert not torch.equal(m, torch.from_numpy(masks).unsqueeze(1))  # the batch was moved at all
+    agreement = ((x > 0.45) == m).float().mean().item()  # lesion 0.86 and background 0.08 before jitter
+    assert agreement == 1.0 if augment == "flip" else agreement > 0.98, agreement
+
+
+def test_the_mask_head_learns_where_the_lesion_is_and_rows_without_a_mask_teach_it_nothing(tmp_path) -> None:
+    images, labels, masks = lesion_set(64, seed=4)
+    test_images, _, test_masks = lesion_set(32, seed=5)
+    cfg = tiny_config(image_size=64, width=8, mask_weight=1.0, epochs=12, select="last", augment="flip")
+    fit = fit_classifier(images, labels, images[:16], labels[:16], cfg, N_CLASSES, tmp_path / "mask", seed=0,
+                         cpu=True, train_masks=masks)
+    with torch.no_grad():
+        _, mask_logits = fit.model(torch.from_numpy(test_images).unsqueeze(1).float() / 255, with_mask=True)
+    prob = torch.sigmoid(mask_logits)
+    share = nn.functional.adaptive_avg_pool2d(torch.from_numpy(test_masks).unsqueeze(1).float(), prob.shape[-2:])
+    inside, outside = prob[share > 0.5].mean().item(), prob[share == 0].mean().item()
+    assert inside > outside + 0.2, (inside, outside)  # 0.41 against 0.02 here
+    with (tmp_path / "mask" / "history.csv").open() as fh:
+        mask_losses = [float(r["mask_loss"]) for r in csv.DictReader(fh)]
+    assert np.mean(mask_losses[-4:]) < np.mean(mask_losses[:4]) - 0.1
+    reloaded = load_classifier(tmp_path / "mask", cfg, N_CLASSES)  # as `busynth evaluate` loads it: head and all
+    np.testing.assert_array_equal(predict_proba(reloaded, test_images), predict_proba(fit.model, test_images))
+    # Rows flagged without a mask feed no mask loss: with none flagged the head stays where it began.
+    none = fit_classifier(images, labels, images[:16], labels[:16], cfg, N_CLASSES, tmp_path / "none", seed=0,
+                          cpu=True, train_masks=masks, has_mask=np.zeros(len(images), dtype=bool))
+    assert not torch.count_nonzero(none.model.mask_head.weight) and not torch.count_nonzero(none.model.mask_head.bias)
+
+
+def test_mask_weight_needs_masks_and_the_built_in_network(data, tmp_path) -> None:
+    with pytest.raises(DataError, match="mask_weight > 0 needs the lesion masks"):
+        fit_classifier(*data, tiny_config(mask_weight=1.0), N_CLASSES, tmp_path, cpu=True)
+    with pytest.raises(DataError, match="training masks must be bool"):
+        fit_classifier(*data, tiny_config(mask_weight=1.0), N_CLASSES, tmp_path, cpu=True,
+                       train_masks=np.zeros((3, SIZE, SIZE), dtype=bool))
+    with pytest.raises(ValueError, match="mask_weight > 0 needs arch=resnet"):
+        tiny_config(mask_weight=1.0, arch="timm:resnet18")
+    plain = CompactResNet(N_CLASSES, width=8)
+    with pytest.raises(ValueError, match="without a mask head"):
+        plain(torch.rand(2, 1, SIZE, SIZE), with_mask=True)

@@ -305,3 +305,24 @@ def test_the_components_interval_runs_through_the_study_and_is_named_in_the_summ
     assert "interval (variance components: test-image and classifier-seed parts" in text
     assert "comparisons with one seed per fold: two-level bootstrap" in text
     assert load_config("smoke").run.interval == "components"  # the default
+
+
+def test_the_mask_loss_sees_the_masks_of_real_and_classical_images_and_none_of_the_cvae_ones(tmp_path, monkeypatch):
+    seen: dict[str, tuple[int, np.ndarray]] = {}
+    fit = cells.fit_classifier
+
+    def spy(*args, **kwargs):
+        seen[Path(args[6]).parent.parent.name] = (kwargs["n_real"], kwargs["has_mask"])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(cells, "fit_classifier", spy)
+    config = smoke_config("run.methods=[real,classical,cvae]", "run.only_folds=[0]", "classifier.mask_weight=1.0")
+    experiment.run_study(config, tmp_path, build_html=False)
+    assert set(seen) == {"real", "classical", "cvae"}
+    n_real, has = seen["real"]
+    assert len(has) == n_real and has.all()  # the phantom's normal images have empty masks, not none
+    assert seen["classical"][1].all() and len(seen["classical"][1]) > n_real
+    n, cvae = seen["cvae"]
+    assert n == n_real and cvae[:n].all() and not cvae[n:].any() and len(cvae) > n
+    with (tmp_path / "cells/cvae/fold0_seed0/classifier/history.csv").open() as fh:
+        assert all(np.isfinite(float(r["mask_loss"])) for r in csv.DictReader(fh))

@@ -27,7 +27,7 @@ from busynth.config import StudyConfig, SynthesisConfig
 from busynth.data.leaks import accepted_groups
 from busynth.data.records import Record, lesion_pairs
 from busynth.data.splits import Split
-from busynth.data.transforms import label_indices, stack_images, stack_masks
+from busynth.data.transforms import label_indices, masks_and_flags, stack_images, stack_masks
 from busynth.errors import LeakError
 from busynth.evaluate.adherence import evaluate_adherence
 from busynth.evaluate.cas import evaluate_cas
@@ -328,11 +328,13 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         write_json(cell_dir / "metrics.json", row)
         return row
     size = config.classifier.image_size
+    masks, has_mask = masks_and_flags(fit_set, size) if config.classifier.mask_weight > 0 else (None, None)
     result = fit_classifier(
         stack_images(fit_set, size), label_indices(fit_set, classes),
         stack_images(val, size), label_indices(val, classes),
         config.classifier, len(classes), cell_dir / "classifier", seed=cell.seed,
         tracker_log=_prefixed(tracker_log, f"{cell.method}/{cell.key}"), n_real=len(train),
+        train_masks=masks, has_mask=has_mask,
     )
     proba = predict_proba(result.model, stack_images(test, size), tta=config.classifier.tta)
     y_true = label_indices(test, classes)

@@ -166,6 +166,11 @@ class ClassifierConfig(_Strict):
     ema_epochs: float = Field(default=0.0, ge=0.0)
     # Mixup (Zhang et al. 2018) with Beta(alpha, alpha) weights; 0: off.
     mixup_alpha: float = Field(default=0.0, ge=0.0)
+    # Weight of an auxiliary lesion-mask loss (0: off): a 1x1-conv head on the penultimate stage predicts
+    # the share of lesion in each cell of its grid, trained with binary cross-entropy on the training
+    # images that have a mask (real ones; synthetic ones of generators that write masks). Multi-task
+    # deep supervision from the masks BUSI ships with; only the built-in resnet has the head.
+    mask_weight: float = Field(default=0.0, ge=0.0)
     # The training budget is counted on the real training images (an epoch = one pass over them),
     # for every method alike. Batches are drawn from real + synthetic images: uniformly from their
     # union (null), or with this share of every batch synthetic.
@@ -195,6 +200,13 @@ class ClassifierConfig(_Strict):
     def _best_needs_every_epoch(self) -> ClassifierConfig:
         if self.select == "best" and self.eval_every != 1:
             raise ValueError("eval_every > 1 needs select=last (select=best scores every epoch to pick one)")
+        return self
+
+    @model_validator(mode="after")
+    def _mask_head_needs_builtin(self) -> ClassifierConfig:
+        if self.mask_weight > 0 and self.arch != "resnet":
+            raise ValueError(f"mask_weight > 0 needs arch=resnet (the built-in network has the mask head), "
+                             f"got arch={self.arch!r}")
         return self
 
     @model_validator(mode="after")

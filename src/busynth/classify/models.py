@@ -58,7 +58,9 @@ class CompactResNet(nn.Module):
 
     Stage widths are ``width * (1, 2, 4, 8)``; stages 2-4 halve the resolution. The
     stem (5x5 conv, stride 2, then a 2x2 max-pool) reduces a 128 px image to 32 px
-    before the first stage, which keeps CPU training fast.
+    before the first stage, which keeps CPU training fast. With ``mask_head`` a 1x1 conv on the
+    penultimate stage predicts lesion logits on that stage's grid (``forward(x, with_mask=True)``),
+    an auxiliary target during training only; ``features`` and the logits do not depend on it.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CompactResNet(nn.Module):
         in_channels: int = 1,
         stem_kernel: int = 5,
         stem_pool: bool = True,
+        mask_head: bool = False,
     ) -> None:
         super().__init__()
         if len(depth) == 0 or any(d < 1 for d in depth):
@@ -93,6 +96,9 @@ class CompactResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(in_ch, n_classes)
         self.feature_dim = in_ch
+        # The auxiliary lesion-mask head reads the penultimate stage (the last when there is one).
+        self._mask_stage = max(0, len(depth) - 2)
+        self.mask_head = nn.Conv2d(width * 2**self._mask_stage, 1, 1) if mask_head else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -101,16 +107,35 @@ class CompactResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)  # each block starts as the identity (Goyal et al. 2017)
+        if self.mask_head is not None:  # starts at p = 0.5 everywhere, not at Kaiming-sized logits
+            nn.init.zeros_(self.mask_head.weight)
+            nn.init.zeros_(self.mask_head.bias)
+
+    def _forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled features (N, feature_dim) and, with a mask head, its lesion logits (N, 1, h, w)."""
+        x = self.stem((x - 0.5) / 0.25)
+        mask_logits = None
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if self.mask_head is not None and i == self._mask_stage:
+                mask_logits = self.mask_head(x)
+        return torch.flatten(self.pool(x), 1), mask_logits
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, feature_dim): globally pooled output of the last stage."""
-        x = (x - 0.5) / 0.25
-        x = self.stages(self.stem(x))
-        return torch.flatten(self.pool(x), 1)
+        return self._forward_stages(x)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, n_classes) for images (N, 1, S, S) in [0, 1]."""
-        return self.head(self.dropout(self.features(x)))
+    def forward(self, x: torch.Tensor, with_mask: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, n_classes) for images (N, 1, S, S) in [0, 1]; with ``with_mask`` also the mask
+        head's lesion logits (N, 1, h, w) on the penultimate stage's grid (needs ``mask_head``)."""
+        features, mask_logits = self._forward_stages(x)
+        logits = self.head(self.dropout(features))
+        if not with_mask:
+            return logits
+        if mask_logits is None:
+            raise ValueError("this classifier was built without a mask head (classifier.mask_weight = 0)")
+        return logits, mask_logits
 
 
 class BackboneClassifier(nn.Module):
@@ -244,7 +269,8 @@ def build_classifier(cfg: ClassifierConfig, n_classes: int) -> nn.Module:
     if arch == "resnet":
         if cfg.pretrained:
             raise ConfigError("classifier.pretrained=true needs a timm: or torchvision: classifier.arch")
-        return CompactResNet(n_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout)
+        return CompactResNet(n_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
+                             mask_head=cfg.mask_weight > 0)
     library, _, name = arch.partition(":")
     if library == "timm" and name:
         return _build_timm(name, cfg, n_classes)

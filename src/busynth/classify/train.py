@@ -165,6 +165,22 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig,
         raise DataError(f"{part} labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
 
 
+def _check_masks(masks: np.ndarray | None, has_mask: np.ndarray | None, n: int, cfg: ClassifierConfig
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The training masks and the rows that have one, checked for ``classifier.mask_weight`` > 0."""
+    size = cfg.image_size
+    if masks is None:
+        raise DataError("classifier.mask_weight > 0 needs the lesion masks of the training images")
+    has = np.ones(n, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
+    if masks.dtype != bool or masks.shape != (n, size, size) or has.shape != (n,):
+        raise DataError(f"training masks must be bool (N, {size}, {size}) with one has_mask flag per image, "
+                        f"got {masks.dtype} {masks.shape} and {has.shape} for {n} images")
+    if not has.any():
+        logger.warning("classifier.mask_weight > 0, but none of the %d training images has a mask: "
+                       "the mask loss is 0", n)
+    return masks, has
+
+
 def data_hash(*arrays: np.ndarray) -> str:
     """A digest of arrays (dtype, shape, bytes): the training data's part of a fit key where a model
     is handed arrays rather than image ids (the classifier, the segmenter)."""
@@ -183,12 +199,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.Generator
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """Mixup (Zhang et al. 2018, arXiv:1710.09412): a convex combination of the batch with a
-    permutation of itself; returns (mixed images, labels, permuted labels, weight of the first)."""
+    permutation of itself; returns (mixed images, labels, permuted labels, weight of the first,
+    the permutation)."""
     lam = float(rng.beta(alpha, alpha))
     perm = torch.from_numpy(rng.permutation(len(labels)))
-    return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
+    return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam, perm
+
+
+def lesion_share_loss(mask_logits: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of lesion logits (N, 1, h, w) against the share of lesion pixels of masks
+    (N, 1, S, S) in each cell of the h x w grid (area pooling), averaged over the rows that have a
+    mask (``has_mask``, bool (N,)); 0 when none has."""
+    target = nn.functional.adaptive_avg_pool2d(masks.float(), mask_logits.shape[-2:])
+    per_row = nn.functional.binary_cross_entropy_with_logits(mask_logits.float(), target, reduction="none")
+    weights = has_mask.to(per_row.dtype)
+    return (per_row.mean(dim=(1, 2, 3)) * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 class EpochStage(Stage):
@@ -274,20 +301,38 @@ class ClassifierStage(EpochStage):
         cfg, labels = self.cfg, batch["labels"]
         mixing = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         x = batch["images"].float().div_(255.0)
+        # Masks (N, 1, S, S) ride along with the images through the same flips and warps.
+        masks = batch["masks"].float() if cfg.mask_weight > 0 else None
+        has_mask = batch.get("has_mask")
         if cfg.augment == "flip":
-            x = random_hflip(x, generator)
+            if masks is None:
+                x = random_hflip(x, generator)
+            else:
+                both = random_hflip(torch.cat([x, masks], dim=1), generator)
+                x, masks = both[:, :1], both[:, 1:]
         elif cfg.augment in ON_THE_FLY:
-            x, _ = augment_batch(x, ON_THE_FLY[cfg.augment], generator)
+            x, warped = augment_batch(x, ON_THE_FLY[cfg.augment], generator, masks=masks)
+            masks = None if warped is None else warped.float()
         y_a, y_b, lam = labels, labels, 1.0
         if cfg.mixup_alpha > 0:
-            x, y_a, y_b, lam = _mixup(x, labels, cfg.mixup_alpha, mixing)
+            x, y_a, y_b, lam, perm = _mixup(x, labels, cfg.mixup_alpha, mixing)
+            if masks is not None:  # a mixed image's target: the mixed masks, where both have one
+                masks = lam * masks + (1 - lam) * masks[perm]
+                has_mask = has_mask & has_mask[perm]
         rows = local_rows(len(labels))
-        logits = self.model(x[rows])
+        if masks is None:
+            logits, extras = self.model(x[rows]), {}
+        else:
+            logits, mask_logits = self.model(x[rows], with_mask=True)
+            mask_loss = lesion_share_loss(mask_logits, masks[rows], has_mask[rows])
+            extras = {"mask_loss": float(mask_loss.detach())}
         self.loss_fn.to(logits.device)  # its class weights
         loss = lam * self.loss_fn(logits, y_a[rows])
         if lam < 1.0:
             loss = loss + (1 - lam) * self.loss_fn(logits, y_b[rows])
-        return loss, {}
+        if masks is not None:
+            loss = loss + cfg.mask_weight * mask_loss
+        return loss, extras
 
     def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
         cfg = self.cfg
@@ -351,6 +396,8 @@ def fit_classifier(
     cpu: bool = False,
     n_real: int | None = None,
     budget_rows: int | None = None,
+    train_masks: np.ndarray | None = None,
+    has_mask: np.ndarray | None = None,
 ) -> FitResult:
     """Train a classifier for a fixed budget and return it (chosen weights loaded, eval mode).
 
@@ -364,7 +411,9 @@ def fit_classifier(
     validation images (stopping after ``cfg.patience`` epochs without improvement); "last"
     trains all ``cfg.epochs`` and keeps the final weights. ``budget_rows`` counts the budget on that
     many rows instead of ``n_real`` (a classifier trained on synthetic images alone for the budget of
-    the real training part: busynth.evaluate.cas).
+    the real training part: busynth.evaluate.cas). With ``cfg.mask_weight`` > 0, ``train_masks``
+    (bool (N, S, S)) are the lesion masks of the training images, and ``has_mask`` (bool (N,), default
+    all) says which rows have one: only those feed the auxiliary mask loss.
 
     Training runs on the engine (:func:`busynth.engine.train_stage`): a folder with a checkpoint
     of the same config and data resumes from it; a finished one is just loaded. ``tracker_log(row,
@@ -379,9 +428,11 @@ def fit_classifier(
     n_real = len(train_images) if n_real is None else int(n_real)
     if not 0 < n_real <= len(train_images):
         raise DataError(f"training: n_real={n_real} must lie in 1..{len(train_images)} (the real rows come first)")
+    masks = _check_masks(train_masks, has_mask, len(train_images), cfg) if cfg.mask_weight > 0 else None
     settings = cfg.model_dump(mode="json")
     identity = {"n_classes": n_classes, "n_real": n_real, **({"budget_rows": budget_rows} if budget_rows else {}),
                 "data_hash": data_hash(train_images, train_labels, val_images, val_labels),
+                **({"mask_hash": data_hash(*masks)} if masks is not None else {}),
                 **{f"classifier.{k}": v for k, v in settings.items() if k not in RESUME_FREE_FIELDS}}
     defaults = {f"classifier.{k}": v for k, v in ClassifierConfig().model_dump(mode="json").items()}
 
@@ -396,6 +447,8 @@ def fit_classifier(
                             (val_images, val_labels), out_dir, {"config": settings, "n_classes": n_classes},
                             tracker_log)
     data = {"images": torch.from_numpy(train_images).unsqueeze(1), "labels": torch.from_numpy(train_labels)}
+    if masks is not None:
+        data.update(masks=torch.from_numpy(masks[0]).unsqueeze(1), has_mask=torch.from_numpy(masks[1]))
     history = train_stage(stage, data, stage.schedule(), out_dir, seed=seed, mixed_precision=cfg.mixed_precision,
                           cpu=cpu, precision_field="classifier.mixed_precision", identity=identity,
                           identity_defaults=defaults, ema_decay=stage.moving_average_decay())

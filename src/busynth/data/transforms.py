@@ -41,6 +41,11 @@ def stack_masks(records: Sequence[Record], size: int) -> np.ndarray:
         if records else np.zeros((0, size, size), dtype=bool)
 
 
+def masks_and_flags(records: Sequence[Record], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``stack_masks`` and a bool (N,) flag per record: True where its mask is known (possibly empty)."""
+    return stack_masks(records, size), np.array([r.has_mask for r in records], dtype=bool)
+
+
 def label_indices(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
     """int64 array of class indices in ``classes`` order; unknown labels raise ValueError."""
     index = {c: i for i, c in enumerate(classes)}

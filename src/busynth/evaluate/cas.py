@@ -20,7 +20,7 @@ from busynth.classify.metrics import classification_metrics
 from busynth.classify.train import fit_classifier, predict_proba
 from busynth.config import StudyConfig
 from busynth.data.records import Record
-from busynth.data.transforms import label_indices, stack_images
+from busynth.data.transforms import label_indices, masks_and_flags, stack_images
 from busynth.evaluate.summary import CAS_JSON
 from busynth.io import read_json, write_json
 from busynth.registry import REFERENCE, cell_folder, cell_key
@@ -42,9 +42,10 @@ def evaluate_cas(run_dir: Path, method: str, fold: int, seed: int, config: Study
         write_json(cell / CAS_JSON, result)
         return result
     classes, cfg = list(config.data.classes), config.classifier
+    masks, has_mask = masks_and_flags(synthetic, cfg.image_size) if cfg.mask_weight > 0 else (None, None)
     fit = fit_classifier(stack_images(synthetic, cfg.image_size), label_indices(synthetic, classes),
                          stack_images(val, cfg.image_size), label_indices(val, classes), cfg, len(classes),
-                         cell / "cas", seed=seed, budget_rows=len(train))
+                         cell / "cas", seed=seed, budget_rows=len(train), train_masks=masks, has_mask=has_mask)
     proba = predict_proba(fit.model, stack_images(test, cfg.image_size), tta=cfg.tta)
     real = cell_folder(run_dir, REFERENCE, key) / "metrics.json"
     result = {**base, "status": "ok", "n_synthetic": len(synthetic), "train_steps": fit.steps,
