@@ -96,7 +96,7 @@ class CompactResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(in_ch, n_classes)
         self.feature_dim = in_ch
-        # The auxiliary lesion-mask head reads the penultimate stage (the last when there is one).
+        # The auxiliary lesion-mask head reads the penultimate stage (the only one of a one-stage network).
         self._mask_stage = max(0, len(depth) - 2)
         self.mask_head = nn.Conv2d(width * 2**self._mask_stage, 1, 1) if mask_head else None
         self._init_weights()
@@ -111,13 +111,15 @@ class CompactResNet(nn.Module):
             nn.init.zeros_(self.mask_head.weight)
             nn.init.zeros_(self.mask_head.bias)
 
-    def _forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pooled features (N, feature_dim) and, with a mask head, its lesion logits (N, 1, h, w)."""
+    def _forward_stages(self, x: torch.Tensor, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled features (N, feature_dim) and, when asked for, the mask head's lesion logits (N, 1, h, w)."""
         x = self.stem((x - 0.5) / 0.25)
         mask_logits = None
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if self.mask_head is not None and i == self._mask_stage:
+            if with_mask and i == self._mask_stage:
+                if self.mask_head is None:
+                    raise ValueError("this classifier was built without a mask head (classifier.mask_weight = 0)")
                 mask_logits = self.mask_head(x)
         return torch.flatten(self.pool(x), 1), mask_logits
 
@@ -129,13 +131,9 @@ class CompactResNet(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, n_classes) for images (N, 1, S, S) in [0, 1]; with ``with_mask`` also the mask
         head's lesion logits (N, 1, h, w) on the penultimate stage's grid (needs ``mask_head``)."""
-        features, mask_logits = self._forward_stages(x)
+        features, mask_logits = self._forward_stages(x, with_mask)
         logits = self.head(self.dropout(features))
-        if not with_mask:
-            return logits
-        if mask_logits is None:
-            raise ValueError("this classifier was built without a mask head (classifier.mask_weight = 0)")
-        return logits, mask_logits
+        return (logits, mask_logits) if with_mask else logits
 
 
 class BackboneClassifier(nn.Module):

@@ -311,8 +311,7 @@ class ClassifierStage(EpochStage):
                 both = random_hflip(torch.cat([x, masks], dim=1), generator)
                 x, masks = both[:, :1], both[:, 1:]
         elif cfg.augment in ON_THE_FLY:
-            x, warped = augment_batch(x, ON_THE_FLY[cfg.augment], generator, masks=masks)
-            masks = None if warped is None else warped.float()
+            x, masks = augment_batch(x, ON_THE_FLY[cfg.augment], generator, masks=masks)
         y_a, y_b, lam = labels, labels, 1.0
         if cfg.mixup_alpha > 0:
             x, y_a, y_b, lam, perm = _mixup(x, labels, cfg.mixup_alpha, mixing)
