@@ -36,7 +36,7 @@ from diffusers import ControlNetModel
 from busynth.engine import StageConfig, train_stage
 from busynth.generators.diffusion.components import build_tiny_components, freeze
 from busynth.generators.diffusion.controlnet import conditioning_channels_for
-from busynth.generators.diffusion.sd_lora import SDLoraConfig
+from busynth.generators.diffusion.settings import SDLoraConfig
 from busynth.generators.diffusion.train import ControlNetStage
 from busynth.io import write_json
 

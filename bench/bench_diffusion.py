@@ -40,7 +40,8 @@ from busynth.data.transforms import resize_image
 from busynth.engine import StageConfig, train_stage
 from busynth.generators.diffusion.components import build_tiny_components
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
-from busynth.generators.diffusion.sd_lora import SDLoraConfig, SDLoraGenerator
+from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+from busynth.generators.diffusion.settings import SDLoraConfig
 from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json, write_png
 from busynth.presets import parse_override

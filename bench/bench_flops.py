@@ -52,7 +52,7 @@ from bench_diffusion import device_info, interleaved_comparison, load_avg, tiny_
 from busynth.classify.train import fit_classifier
 from busynth.config import ClassifierConfig
 from busynth.engine import StageConfig, train_stage
-from busynth.generators.diffusion.sd_lora import SDLoraConfig
+from busynth.generators.diffusion.settings import SDLoraConfig
 from busynth.generators.diffusion.train import ControlNetStage, NoisePredictionStage
 from busynth.io import write_json
 

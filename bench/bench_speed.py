@@ -55,7 +55,7 @@ from busynth.data.augment import LIGHT, augment_batch
 from busynth.engine import batch_indices
 from busynth.generators.diffusion.components import build_tiny_components
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
-from busynth.generators.diffusion.sd_lora import SDLoraConfig
+from busynth.generators.diffusion.settings import SDLoraConfig
 from busynth.generators.diffusion.train import NoisePredictionStage
 from busynth.io import write_json
 from busynth.presets import load_config

@@ -26,10 +26,11 @@ from busynth.engine import StageConfig, train_stage
 from busynth.errors import ConfigError
 from busynth.evaluate.adherence import contrast_to_noise, control_adherence, evaluate_adherence
 from busynth.generators.base import read_generator_info
-from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, freeze
+from busynth.generators.diffusion.components import build_tiny_components, freeze
 from busynth.generators.diffusion.controlnet import ControlNetGenerator
 from busynth.generators.diffusion.masks import MaskTransformConfig, elastic_masks, sampling_masks, transform_masks
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator
+from busynth.generators.diffusion.settings import TinyModelConfig
 from busynth.generators.diffusion.shapes import ShapeModel, outline, outline_mask, shape_features
 from busynth.generators.diffusion.train import ControlNetStage
 from busynth.presets import load_config

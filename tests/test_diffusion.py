@@ -24,10 +24,11 @@ from busynth.data.phantom import make_phantom
 from busynth.engine import StageConfig, batch_indices, learning_rate, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import generator_class, read_generator_info
-from busynth.generators.diffusion.components import TinyModelConfig, build_tiny_components, word_level_clip_tokenizer
-from busynth.generators.diffusion.lora import LoraSettings, add_unet_lora, load_lora_into
+from busynth.generators.diffusion.components import build_tiny_components, word_level_clip_tokenizer
+from busynth.generators.diffusion.lora import add_unet_lora, load_lora_into
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
 from busynth.generators.diffusion.sd_lora import SDLoraGenerator, records_to_pixels
+from busynth.generators.diffusion.settings import LoraSettings, TinyModelConfig
 from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage, min_snr_weights
 from busynth.presets import load_config
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from busynth import registry
 from busynth.cli import app
 from busynth.errors import ConfigError
-from busynth.experiment import study_cells
+from busynth.experiment import study_cells, validate_methods
 from busynth.generators import order_methods
 from busynth.presets import load_config
 
@@ -45,3 +45,28 @@ def test_a_dependency_cycle_is_refused_naming_it(monkeypatch) -> None:
     monkeypatch.setitem(registry.METHODS, "b", registry.Method("b", "nowhere:B", after=("a",)))
     with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
         order_methods(["a", "b"])
+
+
+def test_checking_every_methods_settings_imports_no_model_library(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from busynth.generators.base import generator_class, settings_model
+
+    for name in registry.METHODS:  # the light settings model is the generator's own
+        assert settings_model(name) is generator_class(name).config_model, name
+    script = (
+        "import sys\n"
+        "from busynth.experiment import validate_methods\n"
+        "from busynth.presets import load_config\n"
+        "from busynth.rundir import check_method_settings\n"
+        "config = load_config('smoke', ['run.methods=[real,classical,cvae,sd-lora,controlnet]'])\n"
+        "validate_methods(config)\n"
+        f"check_method_settings({str(tmp_path)!r}, config.run.methods, config)\n"
+        "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"  # the run's process checks its config without them (seconds each)
+    assert (tmp_path / "cells" / "controlnet" / "settings.json").is_file()
+    with pytest.raises(ConfigError, match=r"invalid sd-lora settings: .*image_size 100 must be divisible by 32"):
+        validate_methods(load_config("smoke", ['generators={"sd-lora": {"image_size": 100}}']))

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from busynth.cells import Cell
-from busynth.executors import Fit, _submit_and_wait, plan, task_slots
+from busynth.executors import Fit, Sample, Score, _submit_and_wait, plan, task_slots
 from busynth.locks import claim, each_claimed, lock_path
 
 ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
@@ -112,6 +112,9 @@ def test_plan_orders_fits_on_their_bases_and_filtered_arms_after_real() -> None:
     assert fit_needs[Fit("controlnet", 0, 0)] == [Fit("sd-lora", 0, 0)]
     assert cell_needs[Cell("real", 0, 0)] == []
     assert cell_needs[Cell("cvae+filter", 0, 1)] == [Fit("cvae", 0, 0), Cell("real", 0, 0, 0)]
+    # sd-lora's set is sampled in a task of its own, so the ControlNet needs only its fit
+    assert cell_needs[Cell("sd-lora", 0, 0)] == [Sample(Fit("sd-lora", 0, 0))]
+    assert [f.samples for f in fits[:2]] == [False, False] and all(f.samples for f in fits[2:])
     # without sd-lora in the run, controlnet fits its own base: no edge
     _, alone, _ = plan([Cell("controlnet", 1, 0)], ["controlnet"])
     assert alone[Fit("controlnet", 1, 0)] == []
@@ -122,7 +125,7 @@ class _FakeRay:
     earliest-submitted task whose argument tasks are done."""
 
     def __init__(self, cpus: int) -> None:
-        self.cpus, self.deps, self.done, self.events = cpus, {}, set(), []
+        self.cpus, self.deps, self.done, self.events, self.functions = cpus, {}, set(), [], set()
 
     def put(self, value):
         return value
@@ -133,12 +136,13 @@ class _FakeRay:
     def remote(self, **resources):
         def wrap(function):
             fake = self
+            fake.functions.add(function.__name__)
 
             class Remote:
                 def remote(self, task, *args):
-                    ref = ("ref", len(fake.deps), function.__name__, task)
+                    ref = ("ref", len(fake.deps), task)
                     fake.deps[ref] = [a for a in args if isinstance(a, tuple) and a[:1] == ("ref",)]
-                    fake.events.append(("submit", function.__name__, task))
+                    fake.events.append(("submit", task))
                     return ref
             return Remote()
         return wrap
@@ -146,13 +150,13 @@ class _FakeRay:
     def wait(self, pending, num_returns=1):
         ref = next(r for r in pending if all(d in self.done for d in self.deps[r]))
         self.done.add(ref)
-        self.events.append(("done", ref[2], ref[3]))
+        self.events.append(("done", ref[2]))
         return [ref], [r for r in pending if r != ref]
 
     def get(self, ref):
-        if ref[2] == "_fit_task":
+        if isinstance(ref[2], Fit | Sample):
             return 60.0, True
-        if ref[2] == "_cell_task":
+        if isinstance(ref[2], Cell):
             return {"balanced_accuracy": 0.5, "macro_auc": 0.5}, True, 10.0
         return None
 
@@ -163,23 +167,37 @@ def test_ray_submits_every_fit_first_and_cells_a_slot_at_a_time(tmp_path) -> Non
     config = SimpleNamespace(run=SimpleNamespace(cell_cpus=1, cell_gpus=0, methods=methods))
     fake = _FakeRay(cpus=2)
     _submit_and_wait(fake, cells, config, None, tmp_path)
+    assert len(fake.functions) == 1, "one remote function: Ray keeps submission order only within one"
     events = fake.events
-    submitted = [e for e in events if e[0] == "submit"]
-    assert [e[1] for e in submitted[:6]] == ["_fit_task"] * 6  # 3 generators x 2 folds, before any cell
-    assert {e[2] for e in events if e[0] == "done" and e[1] == "_cell_task"} == set(cells)
+    submitted = [task for what, task in events if what == "submit"]
+    fits = [Fit(g, f, 0) for g in ("sd-lora", "controlnet", "cvae") for f in (0, 1)]
+    # 3 generators x 2 folds, and the sampling of the two the ControlNets build on, before any cell
+    assert set(submitted[:8]) == {*fits, Sample(Fit("sd-lora", 0, 0)), Sample(Fit("sd-lora", 1, 0))}
+    assert [f.samples for f in submitted[:6]] == [False, False, True, True, True, True]
+    assert {task for what, task in events if what == "done" and isinstance(task, Cell)} == set(cells)
     in_flight = 0
-    for i, (what, function, task) in enumerate(events):
-        if function == "_cell_task":
+    for i, (what, task) in enumerate(events):
+        if isinstance(task, Cell):
             in_flight += 1 if what == "submit" else -1
             assert in_flight <= 2, "more cells submitted than the cluster runs at once"
-        if what == "submit" and function == "_cell_task" and task.method != "real":
-            assert ("done", "_fit_task", Fit(task.method, task.fold, 0)) in events[:i], f"{task} before its fit"
-        if what == "submit" and function == "_score_task":
-            assert {("done", "_cell_task", task), ("done", "_cell_task", task.reference_cell)} <= set(events[:i])
-    assert sum(e[:2] == ("submit", "_score_task") for e in events) == 6  # one per generator fit
-    # the ControlNet fits (after sd-lora's) come before the cells that were ready from the start
-    first_controlnet = events.index(("done", "_fit_task", Fit("controlnet", 1, 0)))
-    assert sum(e[:2] == ("done", "_cell_task") for e in events[:first_controlnet]) <= 2
+        if what == "submit" and isinstance(task, Cell) and task.method != "real":
+            fit = Fit(task.method, task.fold, 0)
+            assert ("done", Sample(fit) if task.method == "sd-lora" else fit) in events[:i], f"{task} before its set"
+        if what == "submit" and isinstance(task, Sample):
+            assert ("done", task.fit) not in events[:i]  # submitted at once, waiting on its fit
+        if what == "submit" and isinstance(task, Score):
+            assert {("done", task.cell), ("done", task.cell.reference_cell)} <= set(events[:i])
+    assert sum(what == "submit" and isinstance(task, Score) for what, task in events) == 6  # one per generator fit
+    # the ControlNet fits (after sd-lora's fits, not their sampling) come before the cells that were ready
+    # from the start
+    first_controlnet = events.index(("done", Fit("controlnet", 1, 0)))
+    assert sum(what == "done" and isinstance(task, Cell) for what, task in events[:first_controlnet]) <= 2
+    assert deps_of(fake, Fit("controlnet", 0, 0)) == [Fit("sd-lora", 0, 0)]
+
+
+def deps_of(fake: _FakeRay, task) -> list:
+    ref = next(r for r in fake.deps if r[2] == task)
+    return [d[2] for d in fake.deps[ref]]
 
 
 def test_task_slots_count_what_the_cluster_runs_at_once() -> None:

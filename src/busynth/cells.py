@@ -232,36 +232,46 @@ def fit_outputs(method: str, key: str, run_dir: Path) -> list[tuple[Path, str]]:
     return [(run_dir / "generators" / method / key, "generator.json"), (run_dir / "synthetic" / method / key, "done.json")]
 
 
-def prepare_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,
-                      run_dir: Path) -> Generator:
-    """Fit (or load) a fold's generator and sample its synthetic set, each under its claim, after the
-    fits it builds on (``Method.after``, when in the run: a fold's ``controlnet`` on its ``sd-lora``
-    fit, whichever worker gets there first; a base already fitted and sampled is not loaded).
-    Returns the generator."""
+def fit_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,
+                  run_dir: Path) -> Generator:
+    """Fit (or load) a fold's generator under its claim, after the fits it builds on (``Method.after``,
+    when in the run: a fold's ``controlnet`` on its ``sd-lora`` fit, whichever worker gets there
+    first). A base needs only its fit, not its synthetic set: the base's sampling and the fit on top
+    of it may run at once. Returns the generator."""
     key = cell_key(fold, generator_seed)
     for base in bases(method, config.run.methods):
-        if not all((folder / done).exists() for folder, done in fit_outputs(base, key, run_dir)):
-            prepare_generator(base, fold, generator_seed, config, study, run_dir)
+        (base_dir, fitted), _ = fit_outputs(base, key, run_dir)
+        if not (base_dir / fitted).exists():
+            fit_generator(base, fold, generator_seed, config, study, run_dir)
     train = study.split.select(study.records, fold, "train")
     check_no_leak(study.split, fold, {"generator": [r.id for r in train]}, study.audit.group_of)
-    (gen_dir, _), (out_dir, _) = fit_outputs(method, key, run_dir)
+    (gen_dir, _), _ = fit_outputs(method, key, run_dir)
     with claim(run_dir, _unit(run_dir, gen_dir)):
-        generator = fit_or_load_generator(method, config, train, gen_dir, generator_seed)
+        return fit_or_load_generator(method, config, train, gen_dir, generator_seed)
+
+
+def prepare_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,
+                      run_dir: Path) -> Generator:
+    """``fit_generator``, then the fold's synthetic set sampled under its claim (once). Returns the
+    generator."""
+    generator = fit_generator(method, fold, generator_seed, config, study, run_dir)
+    (gen_dir, _), (out_dir, _) = fit_outputs(method, cell_key(fold, generator_seed), run_dir)
     with claim(run_dir, _unit(run_dir, out_dir)):
+        train = study.split.select(study.records, fold, "train")
         synthesize(generator, method, train, config, out_dir, gen_dir, generator_seed)
     return generator
 
 
 def needs_held(cell: Cell, config: StudyConfig, run_dir: Path) -> str | None:
     """What an unfinished cell waits on that another worker holds now -- its generator fit or synthetic
-    set, those of the fits they build on, a filtered arm's real cell -- as the unit's name; None
+    set, the fits they build on, a filtered arm's real cell -- as the unit's name; None
     when nothing it needs is held. A local worker passes such a cell over instead of blocking on it.
     Under ``accelerate launch`` (one worker of several processes, whose claims always wait) None."""
     if cell.method == REFERENCE or process_state() is not None:
         return None
     key = cell_key(cell.fold, cell.generator_seed)
-    needs = [out for m in (*bases(cell.generator, config.run.methods), cell.generator)
-             for out in fit_outputs(m, key, run_dir)]
+    needs = [fit_outputs(m, key, run_dir)[0] for m in bases(cell.generator, config.run.methods)]
+    needs += fit_outputs(cell.generator, key, run_dir)
     if cell.filtered:
         needs.append((cell.reference_cell.folder(run_dir), "metrics.json"))
     for folder, done in needs:

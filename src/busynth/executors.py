@@ -9,8 +9,9 @@ tried again after the others and waited for only when nothing else is free; the 
 checkpoints.
 
 The Ray executor submits the study as a graph of tasks (:func:`plan`): a fold's generator fit
-after the fits it builds on (``controlnet`` after ``sd-lora``, ``registry.Method.after``), each cell
-after its generator fit (and a filtered arm after the fold's ``real`` cell, whose classifier
+after the fits it builds on (``controlnet`` after ``sd-lora``, ``registry.Method.after``; such a
+base's synthetic set is sampled in a task of its own, while the fit on top of it trains), each cell
+after its synthetic set (and a filtered arm after the fold's ``real`` cell, whose classifier
 filters), each synthetic set's scoring after its cells; the summary waits for all of them. Each
 task asks for ``run.cell_cpus`` CPUs and ``run.cell_gpus`` GPUs; Ray places the tasks and retries a
 task whose worker died (``max_retries``).
@@ -25,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from busynth.accel import process_state
 from busynth.cells import (
     Cell,
     cell_unit,
+    fit_generator,
     fit_outputs,
     needs_held,
     prepare_generator,
@@ -44,6 +46,7 @@ from busynth.cells import (
 )
 from busynth.config import StudyConfig
 from busynth.errors import BusynthError, ConfigError
+from busynth.generators.base import generator_class
 from busynth.locks import claim, each_claimed
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE, bases, cell_key
@@ -54,11 +57,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Fit:
-    """A generator fit of one fold and generator seed, with its synthetic set."""
+    """A generator fit of one fold and generator seed. Its task samples the fit's synthetic set too,
+    unless ``samples`` is False: a fit others build on, whose set is a ``Sample`` task of its own, so
+    that the fits on top of it (a fold's ControlNet on its sd-lora) need not wait for the sampling."""
 
     generator: str
     fold: int
     generator_seed: int
+    samples: bool = field(default=True, compare=False)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The synthetic set of a fit others build on, sampled in a task of its own after the fit."""
+
+    fit: Fit
+
+
+@dataclass(frozen=True)
+class Score:
+    """The scoring of a generator cell's synthetic set (fidelity, label fidelity, adherence)."""
+
+    cell: Cell
 
 
 def cell_fit(cell: Cell) -> Fit | None:
@@ -68,8 +88,10 @@ def cell_fit(cell: Cell) -> Fit | None:
 
 def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict[Fit, list[Fit]], dict[Cell, list]]:
     """The study as a graph: the generator fits (those others build on first, so a fit always comes
-    after its bases), what each fit waits for (fits of ``Method.after`` methods in ``methods``), and what each cell
-    waits for (its fit; a filtered arm also the ``real`` cell of its fold and generator seed)."""
+    after its bases; such a base's ``samples`` False), what each fit waits for (the fits of
+    ``Method.after`` methods in ``methods``, not their synthetic sets), and what each cell waits for
+    (the task that samples its fit's synthetic set: the fit, or the base's ``Sample``; a filtered arm
+    also the ``real`` cell of its fold and generator seed)."""
     fits: list[Fit] = []
     fit_needs: dict[Fit, list[Fit]] = {}
 
@@ -82,21 +104,20 @@ def plan(cells: Sequence[Cell], methods: Sequence[str]) -> tuple[list[Fit], dict
         fit_needs[fit] = needs
         fits.append(fit)
 
-    cell_needs: dict[Cell, list] = {}
-    for cell in cells:
-        fit = cell_fit(cell)
-        needs: list = []
-        if fit is not None:
-            add(fit)
-            needs.append(fit)
-        if cell.filtered:
-            needs.append(cell.reference_cell)
-        cell_needs[cell] = needs
+    for fit in filter(None, map(cell_fit, cells)):
+        add(fit)
     # Longest chains first (list scheduling): a fit others build on (sd-lora under controlnet) is
     # submitted before the rest, so that Ray, which starts ready tasks in submission order, begins
     # the study's critical path at once. Bases still come before what builds on them.
     dependents = {f: sum(f in needs for needs in fit_needs.values()) for f in fits}
-    fits.sort(key=lambda f: -dependents[f])
+    fits = [replace(f, samples=not dependents[f]) for f in sorted(fits, key=lambda f: -dependents[f])]
+    cell_needs: dict[Cell, list] = {}
+    for cell in cells:
+        fit = cell_fit(cell)
+        needs: list = [] if fit is None else [Sample(fit) if dependents[fit] else fit]
+        if cell.filtered:
+            needs.append(cell.reference_cell)
+        cell_needs[cell] = needs
     return fits, fit_needs, cell_needs
 
 
@@ -208,27 +229,27 @@ def _worker_setup(cpus: float) -> None:
         setup_logging(False)
 
 
-def _fit_task(fit: Fit, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[float, bool]:
-    """Fit and sample; returns (seconds, whether anything was computed)."""
+def _task(job: Fit | Sample | Cell | Score, config: StudyConfig, study: StudyData, run_dir: str, *after):
+    """One task of the study's graph, in a Ray worker: a generator fit or its sampling (returns
+    (seconds, whether anything was computed)), a cell ((metrics row, computed, seconds)) or the scoring
+    of a synthetic set (None). Every kind is this one remote function because Ray starts the ready
+    tasks of one function in the order they became ready but takes turns between functions, which
+    let cheap cells overtake the fits of the study's longest chain."""
     _worker_setup(config.run.cell_cpus)
-    _, (out_dir, sampled) = fit_outputs(fit.generator, cell_key(fit.fold, fit.generator_seed), Path(run_dir))
-    computed, started = not (out_dir / sampled).exists(), time.perf_counter()
-    prepare_generator(fit.generator, fit.fold, fit.generator_seed, config, study, Path(run_dir))
+    folder, started = Path(run_dir), time.perf_counter()
+    if isinstance(job, Cell):
+        row, computed = run_claimed(job, config, study, folder)
+        return row, computed, time.perf_counter() - started
+    if isinstance(job, Score):
+        with claim(folder, scores_unit(job.cell)):
+            score_synthetic_set(job.cell, config, study, folder)
+        return None
+    fit, samples = (job.fit, True) if isinstance(job, Sample) else (job, job.samples)
+    (gen_dir, fitted), (out_dir, sampled) = fit_outputs(fit.generator, cell_key(fit.fold, fit.generator_seed), folder)
+    computed = not (out_dir / sampled if samples else gen_dir / fitted).exists()
+    prepare = prepare_generator if samples else fit_generator
+    prepare(fit.generator, fit.fold, fit.generator_seed, config, study, folder)
     return time.perf_counter() - started, computed
-
-
-def _cell_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> tuple[dict, bool, float]:
-    """Run a cell; returns (metrics row, whether it was computed now, seconds)."""
-    _worker_setup(config.run.cell_cpus)
-    started = time.perf_counter()
-    row, computed = run_claimed(cell, config, study, Path(run_dir))
-    return row, computed, time.perf_counter() - started
-
-
-def _score_task(cell: Cell, config: StudyConfig, study: StudyData, run_dir: str, *after) -> None:
-    _worker_setup(config.run.cell_cpus)
-    with claim(run_dir, scores_unit(cell)):
-        score_synthetic_set(cell, config, study, Path(run_dir))
 
 
 @contextmanager
@@ -266,7 +287,7 @@ def ray_session(config: StudyConfig) -> Iterator[None]:
     warm = ray.remote(num_cpus=run.cell_cpus)(warm_up)
     slots = task_slots(ray.cluster_resources(), run.cell_cpus, 0.0)
     for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
-        warm.remote()
+        warm.remote(list(config.run.methods))
     try:
         yield
     finally:
@@ -290,9 +311,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                           f"({exc.strerror or exc})") from None
 
 
-def warm_up() -> None:
-    """A task that only imports what the cell tasks need (this module imports it all)."""
+def warm_up(methods: Sequence[str]) -> None:
+    """A task that only imports what the tasks of a study of ``methods`` need: this module (the cells)
+    and the generators' modules (diffusers and peft take seconds, on the path of every fit)."""
     _worker_setup(1)
+    for method in methods:
+        if method != REFERENCE:
+            generator_class(method)
 
 
 def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
@@ -305,58 +330,63 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_di
 
 
 def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
-    """Submit every generator fit at once (each after its bases) and the cells a few at a time: at most
-    one per task slot waits or runs, each once its fits (and, for a filtered arm, its ``real`` cell)
-    are done. Ray has no task priorities and starts ready tasks in about the order they became ready,
-    so cells submitted all at once would keep a fit that became ready later (a fold's ControlNet after
-    its sd-lora) waiting behind every ``real`` cell; the fits, the study's long chains, start first
-    this way. A synthetic set is scored once its cells are done."""
+    """Submit every generator fit at once (each after its bases; a base's sampling after it) and the
+    cells a few at a time: at most one per task slot waits or runs, each once its synthetic set (and,
+    for a filtered arm, its ``real`` cell) is done. Ray has no task priorities
+    and starts ready tasks in about the order they became ready, so cells submitted all at once would
+    keep a fit that became ready later (a fold's ControlNet after its sd-lora) waiting behind every
+    ``real`` cell; the fits, the study's long chains, start first this way. A synthetic set is scored
+    once its cells are done."""
     resources = {"num_cpus": config.run.cell_cpus, "num_gpus": config.run.cell_gpus}
-    fit_task, cell_task, score_task = (ray.remote(**resources)(f) for f in (_fit_task, _cell_task, _score_task))
+    task = ray.remote(**resources)(_task)
     args = (ray.put(config), ray.put(study), str(run_dir))
     fits, fit_needs, cell_needs = plan(cells, config.run.methods)
-    fit_refs: dict = {}
+    refs: dict = {}
     for fit in fits:  # bases first
-        fit_refs[fit] = fit_task.remote(fit, *args, *(fit_refs[b] for b in fit_needs[fit]))
+        refs[fit] = task.remote(fit, *args, *(refs[b] for b in fit_needs[fit]))
+    for fit in fits:
+        if not fit.samples:
+            refs[Sample(fit)] = task.remote(Sample(fit), *args, refs[fit])
     in_study = set(cells)
+    task_of: dict = {ref: job for job, ref in refs.items()}
     # What each task is, as (method, fits a generator): the kinds whose measured times give the ETA.
-    kinds = {ref: (f.generator, True) for f, ref in fit_refs.items()}
-    task_of: dict = {ref: f for f, ref in fit_refs.items()}
+    kinds = {ref: (getattr(job, "fit", job).generator, True) for ref, job in task_of.items()}
     waiting, to_score = list(cells), [c for c in cells if c.scores_synthetic_set]
     done: set = set()
-    pending, score_refs, in_flight = list(fit_refs.values()), [], 0
+    pending, score_refs, in_flight = list(refs.values()), [], 0
     slots = task_slots(ray.cluster_resources(), config.run.cell_cpus, config.run.cell_gpus)
     log.info("ray: %d cells, %d generator fits, %d synthetic-set scores (%s CPU, %s GPU per task; %d at once)",
-             len(cells), len(fit_refs), len(to_score), config.run.cell_cpus, config.run.cell_gpus, slots)
+             len(cells), len(fits), len(to_score), config.run.cell_cpus, config.run.cell_gpus, slots)
 
     def submit_ready() -> None:
         nonlocal in_flight
-        for cell in [c for c in waiting if all(n in done or n not in in_study and not isinstance(n, Fit)
+        for cell in [c for c in waiting if all(n in done or isinstance(n, Cell) and n not in in_study
                                                 for n in cell_needs[c])]:
             if in_flight >= slots:
                 break
-            ref = cell_task.remote(cell, *args)
+            ref = task.remote(cell, *args)
             waiting.remove(cell)
             pending.append(ref)
             kinds[ref], task_of[ref] = (cell.method, False), cell
             in_flight += 1
         for cell in [c for c in to_score if c in done and (c.reference_cell in done or c.reference_cell not in in_study)]:
             to_score.remove(cell)
-            score_refs.append(score_task.remote(cell, *args))
+            score_refs.append(task.remote(Score(cell), *args))
 
     start, finished = time.perf_counter(), 0
     seconds: dict[tuple[str, bool], list[float]] = {}
     submit_ready()
     while pending:
         [ready], pending = ray.wait(pending, num_returns=1)
-        task = task_of[ready]
-        done.add(task)
-        if isinstance(task, Fit):  # a generator fit and its sampling
+        job = task_of[ready]
+        done.add(job)
+        if isinstance(job, Fit | Sample):
             took, computed = _get(ray, ready)
             if computed:
                 seconds.setdefault(kinds[ready], []).append(took)
-                log.info("fit done: %s %s in %s", task.generator, cell_key(task.fold, task.generator_seed),
-                         format_duration(took))
+                fit = getattr(job, "fit", job)
+                log.info("%s done: %s %s in %s", "sampling" if isinstance(job, Sample) else "fit", fit.generator,
+                         cell_key(fit.fold, fit.generator_seed), format_duration(took))
         else:
             row, computed, took = _get(ray, ready)
             finished, in_flight = finished + 1, in_flight - 1
@@ -364,7 +394,7 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
                 seconds.setdefault(kinds[ready], []).append(took)
             left = remaining_seconds([kinds[r] for r in pending] + [(c.method, False) for c in waiting], seconds)
             eta = f", ETA {format_duration(left / slots)}" if (pending or waiting) and seconds else ""
-            log.info("cell %d/%d done: %s %s%s%s", finished, len(cells), task.method, task.key,
+            log.info("cell %d/%d done: %s %s%s%s", finished, len(cells), job.method, job.key,
                      "" if computed else " (done before)", eta)
             if computed:
                 log_row(row)

@@ -31,7 +31,7 @@ from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
 from busynth.executors import ray_session, run_local, run_ray, score_local
 from busynth.external import check_study_overlap, load_external, score_and_summarize
-from busynth.generators.base import generator_class
+from busynth.generators.base import parse_settings
 from busynth.locks import claim
 from busynth.registry import REFERENCE, study_arms
 from busynth.results import Protocol, aa_seed_halves, summarize_run
@@ -62,7 +62,7 @@ def validate_methods(config: StudyConfig) -> None:
     """Refuse invalid generator settings (and sections of unknown methods) before any work starts;
     ``run.methods`` itself is checked by the config."""
     for method, section in config.generators.items():
-        generator_class(method).parse_config(section)
+        parse_settings(method, section)
 
 
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,

@@ -38,15 +38,19 @@ class Method:
     generator: str
     after: tuple[str, ...] = ()
     masks: bool = False  # its images come with lesion masks (usable for segmentation)
+    # Its settings model as "module:Class" when that module is lighter than the generator's (checking
+    # a config then imports no model code); empty: the generator class's config_model.
+    settings: str = ""
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("classical", "busynth.generators.classical:ClassicalAugmenter", masks=True),
     Method("cvae", "busynth.generators.cvae:CVAEGenerator"),
-    Method("sd-lora", "busynth.generators.diffusion.sd_lora:SDLoraGenerator"),
+    Method("sd-lora", "busynth.generators.diffusion.sd_lora:SDLoraGenerator",
+           settings="busynth.generators.diffusion.settings:SDLoraConfig"),
     # controlnet builds on the same fold's sd-lora fit when sd-lora is in the run: sd-lora runs first.
     Method("controlnet", "busynth.generators.diffusion.controlnet:ControlNetGenerator", after=("sd-lora",),
-           masks=True),
+           masks=True, settings="busynth.generators.diffusion.settings:ControlNetConfig"),
 )}
 
 

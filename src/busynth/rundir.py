@@ -26,7 +26,7 @@ from busynth.data.phantom import make_phantom
 from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.errors import RunStateError
-from busynth.generators.base import generator_class
+from busynth.generators.base import parse_settings
 from busynth.io import changed_keys, read_json, write_json, write_text
 from busynth.presets import build_config, dump_config
 from busynth.registry import REFERENCE, cell_folder
@@ -155,7 +155,7 @@ def method_settings(method: str, config: StudyConfig) -> dict:
     """The resolved settings of one method (its generator config with defaults filled in)."""
     if method == REFERENCE:
         return {}
-    return generator_class(method).parse_config(config.generators.get(method, {})).model_dump(mode="json")
+    return parse_settings(method, config.generators.get(method, {})).model_dump(mode="json")
 
 
 def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
@@ -167,7 +167,7 @@ def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyCo
         mine = method_settings(method, config)
         if path.exists():
             defaults = {} if method == REFERENCE else (
-                generator_class(method).parse_config({}, fit_inputs=False).model_dump(mode="json"))
+                parse_settings(method, {}, fit_inputs=False).model_dump(mode="json"))
             changed = changed_keys(read_json(path), mine, defaults)
             if changed:
                 raise RunStateError(

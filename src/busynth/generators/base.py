@@ -61,14 +61,7 @@ class Generator(abc.ABC):
         """Validate a dict (or None for defaults) into this generator's config model. With
         ``fit_inputs`` False (reloading a fitted artifact) inputs only a fit reads, such as a folder
         to start from, are not checked (validation context ``{"fit_inputs": False}``)."""
-        if isinstance(config, cls.config_model):
-            return config
-        try:
-            return cls.config_model.model_validate(dict(config or {}), context={"fit_inputs": fit_inputs})
-        except ValidationError as exc:
-            section = f"generators.{cls.name}"
-            msgs = "; ".join(f"{'.'.join([section, *map(str, e['loc'])])}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"invalid {cls.name} settings: {msgs}") from None
+        return validate_settings(cls.config_model, cls.name, config, fit_inputs)
 
     @abc.abstractmethod
     def fit(self, train_records: Sequence[Record], out_dir: Path, seed: int = 0) -> Path:
@@ -137,6 +130,35 @@ def generator_class(name: str) -> type[Generator]:
     """The generator class of method ``name`` (imported now), with a clear error for unknown names."""
     module, _, attribute = generator_method(name).generator.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def settings_model(name: str) -> type[BaseModel]:
+    """The settings model of method ``name``: ``Method.settings``, imported without the generator's
+    module (a diffusion generator's imports diffusers, seconds), else the class's ``config_model``."""
+    path = generator_method(name).settings
+    if not path:
+        return generator_class(name).config_model
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def parse_settings(name: str, config: BaseModel | dict[str, Any] | None, fit_inputs: bool = True) -> BaseModel:
+    """``Generator.parse_config`` of method ``name``, through :func:`settings_model`."""
+    return validate_settings(settings_model(name), name, config, fit_inputs)
+
+
+def validate_settings(model: type[BaseModel], name: str, config: BaseModel | dict[str, Any] | None,
+                      fit_inputs: bool) -> BaseModel:
+    """``config`` (a dict, None for the defaults, or already a ``model``) validated into ``model``,
+    errors as one ConfigError naming each field under ``generators.<name>``."""
+    if isinstance(config, model):
+        return config
+    try:
+        return model.model_validate(dict(config or {}), context={"fit_inputs": fit_inputs})
+    except ValidationError as exc:
+        section = f"generators.{name}"
+        msgs = "; ".join(f"{'.'.join([section, *map(str, e['loc'])])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid {name} settings: {msgs}") from None
 
 
 def build_generator(name: str, study: StudyConfig) -> Generator:

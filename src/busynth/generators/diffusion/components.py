@@ -18,9 +18,7 @@ only pickled ``*.bin`` weights is refused with a clear error, never unpickled.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,11 +28,11 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from busynth.errors import BusynthError, ConfigError, RunStateError
+from busynth.generators.diffusion.settings import TinyModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,48 +41,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "clip_sample": False,
                 "steps_offset": 1, "prediction_type": "epsilon"}
-
-
-class TinyModelConfig(BaseModel):
-    """Sizes of the ``tiny`` Stable Diffusion built from scratch (defaults: 128 px, 16x16 latents)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # One entry per encoder block; len - 1 downsamplings, so 4 entries make an f8 autoencoder.
-    vae_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=2)
-    vae_layers_per_block: int = Field(default=1, ge=1)
-    latent_channels: int = Field(default=4, ge=1)
-    unet_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=2)
-    unet_layers_per_block: int = Field(default=1, ge=1)
-    # Cross-attention (and so LoRA) only in UNet blocks whose latent side is <= this; 8 keeps
-    # the 16x16 block attention-free, which more than halves a CPU step (0.17 s vs 0.40 s, batch 16).
-    attention_max_resolution: int = Field(default=8, ge=1)
-    # diffusers' name; for SD 1.x UNets it is the number of heads. 2 heads of dimension 32 (at 64 channels)
-    # instead of 8 of dimension 8: the same FLOPs, 0.70-0.84x the time of a base-UNet step on a 2-core EPYC, and on
-    # BUSI fold 0 the same label fidelity and FID (README, "Tiny diffusion"; bench/bench_flops.py --ab).
-    attention_head_dim: int = Field(default=2, ge=1)
-    norm_num_groups: int = Field(default=16, ge=1)
-    text_hidden_size: int = Field(default=64, ge=8)
-    text_layers: int = Field(default=2, ge=1)
-    text_heads: int = Field(default=2, ge=1)
-    max_prompt_tokens: int = Field(default=32, ge=4)
-
-    @model_validator(mode="after")
-    def _groups_divide_channels(self) -> TinyModelConfig:
-        if any(c < 1 for c in [*self.vae_channels, *self.unet_channels]):
-            raise ValueError(f"channel counts must be positive, got vae_channels={self.vae_channels}, "
-                             f"unet_channels={self.unet_channels}")
-        bad = [c for c in [*self.vae_channels, *self.unet_channels] if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count, not {bad}")
-        if self.text_hidden_size % self.text_heads:
-            raise ValueError("text_hidden_size must be divisible by text_heads")
-        return self
-
-    @property
-    def vae_factor(self) -> int:
-        """Downsampling factor of the autoencoder (2 ** (blocks - 1))."""
-        return 2 ** (len(self.vae_channels) - 1)
 
 
 @dataclass
@@ -204,36 +160,6 @@ def build_tiny_components(cfg: TinyModelConfig, image_size: int, prompts: Sequen
 
 
 # --- loading saved or pretrained models: safetensors only, clear errors ------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def check_model_source(value: str, marker: str) -> str:
-    """Validate a hub id or a local model folder: a path that exists must be a folder holding
-    ``marker`` (``model_index.json`` for a pipeline, ``config.json`` for one model); a path that
-    does not exist is refused unless it reads as a hub id (``org/name``). Returns ``value``."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{value!r} is a file, not a model folder")
-        if not (path / marker).is_file():
-            raise ValueError(f"{value!r} is not a diffusers model folder (no {marker})")
-        return value
-    if _HUB_ID.match(value) and ".." not in value:
-        return value  # a hub id: resolved (or refused) when it is loaded
-    raise ValueError(f"{value!r}: no such folder (a hub id looks like 'org/name')")
-
-
-def local_vae_factor(source: str | Path) -> int | None:
-    """The downsampling factor (2 ** (len(block_out_channels) - 1)) of the autoencoder in a local
-    pipeline folder, or None when ``source`` is not such a folder (a hub id)."""
-    path = Path(source).expanduser() / "vae" / "config.json"
-    try:
-        channels = json.loads(path.read_text())["block_out_channels"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return 2 ** (len(channels) - 1)
-
 
 def from_pretrained(cls: Any, source: str | Path, *, what: str, error: type[BusynthError] = RunStateError,
                     weights: bool = True, **kwargs: Any) -> Any:

@@ -46,13 +46,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
-from busynth.config import MixedPrecision
 from busynth.data.records import Record
-from busynth.engine import StageConfig, stage_over_defaults, train_stage
+from busynth.engine import train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import (
     Generator,
@@ -62,7 +61,6 @@ from busynth.generators.base import (
 )
 from busynth.generators.diffusion.components import (
     Components,
-    check_model_source,
     freeze,
     from_pretrained,
     move_to,
@@ -75,7 +73,6 @@ from busynth.generators.diffusion.lora import (
     unet_fingerprint,
 )
 from busynth.generators.diffusion.masks import (
-    MaskTransformConfig,
     resize_masks,
     sampling_masks,
 )
@@ -88,73 +85,11 @@ from busynth.generators.diffusion.sd_lora import (
     encode_moments,
     records_to_pixels,
 )
+from busynth.generators.diffusion.settings import ControlNetConfig
 from busynth.generators.diffusion.train import ControlNetStage
 from busynth.io import atomic_path, fit_key, write_dir_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def _checks_fit_inputs(info: ValidationInfo) -> bool:
-    """False when a fitted artifact's config is being reloaded (see ``Generator.parse_config``)."""
-    return not isinstance(info.context, dict) or info.context.get("fit_inputs", True)
-
-
-class ControlNetConfig(BaseModel):
-    """Settings of ``controlnet``; defaults are the tiny CPU preset (the base decides size and prompts)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # An sd-lora artifact folder to build on; None = the sibling sd-lora cell, else fit one into base/.
-    base: str | None = None
-    sd_lora: SDLoraConfig = Field(default_factory=SDLoraConfig)  # only used when the base is fitted here
-    # A pretrained ControlNet (hub id or folder, e.g. lllyasviel/control_v11p_sd15_seg) instead of from_unet.
-    pretrained_controlnet: str | None = None
-    # Channels of the conditioning encoder (one entry per 2x downsampling + 1); None: sized to the base.
-    conditioning_embedding_channels: list[int] | None = None
-    training: StageConfig = Field(default_factory=lambda: StageConfig(
-        steps=1200, batch_size=8, lr=5e-4, warmup_steps=50, prompt_dropout=0.1, snr_gamma=5.0, checkpoint_every=200))
-    random_flip: bool = True
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    encode_batch_size: int = Field(default=16, ge=1)
-    # Classes sampled with empty masks whatever masks are passed (images without a lesion).
-    empty_mask_classes: list[str] = Field(default_factory=lambda: ["normal"])
-    masks: MaskTransformConfig = Field(default_factory=MaskTransformConfig)
-    conditioning_scale: float = Field(default=1.0, ge=0.0)
-    sampling_steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=3.0, ge=0.0)
-    sample_batch_size: int = Field(default=32, ge=1)
-
-    @field_validator("base")
-    @classmethod
-    def _base_is_a_fit(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if not _checks_fit_inputs(info):
-            return v  # a fitted artifact holds what it needs of its base
-        if v is not None and not (Path(v) / "generator.json").is_file():
-            problem = "not an sd-lora fit (no generator.json)" if Path(v).is_dir() else "no such folder"
-            raise ValueError(f"{v!r}: {problem}")
-        return v
-
-    @field_validator("pretrained_controlnet")
-    @classmethod
-    def _pretrained_controlnet_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return v if v is None or not _checks_fit_inputs(info) else check_model_source(v, "config.json")
-
-    @field_validator("conditioning_embedding_channels")
-    @classmethod
-    def _positive_channels(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(c < 1 for c in v)):
-            raise ValueError(f"must list positive channel counts, got {v}")
-        return v
-
-    _training_keeps_its_defaults = field_validator("training", mode="before")(classmethod(stage_over_defaults))
-
-    @field_validator("training")
-    @classmethod
-    def _trains(cls, v: StageConfig) -> StageConfig:
-        if v.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {v.steps}")
-        return v
 
 
 def fused_base_pipeline(source: str | Path, lora_dir: Path, dtype: torch.dtype = torch.float32,

@@ -25,28 +25,17 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 
 from busynth.checkpoint import read_safetensors
 from busynth.errors import RunStateError
+from busynth.generators.diffusion.settings import LoraSettings
 from busynth.io import write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
-
-class LoraSettings(BaseModel):
-    """Rank, scale and placement of the LoRA adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(default=8, ge=1)
-    # alpha / rank scales the update; alpha = rank gives scale 1.
-    alpha: float = Field(default=8.0, gt=0.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS), min_length=1)
 
 
 def add_unet_lora(unet: UNet2DConditionModel, settings: LoraSettings, weight_dtype: torch.dtype = torch.float32,

@@ -23,37 +23,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from busynth.checkpoint import read_safetensors
-from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
-from busynth.engine import StageConfig, stage_over_defaults, train_stage
+from busynth.engine import StageConfig, train_stage
 from busynth.errors import ConfigError, RunStateError
 from busynth.generators.base import Generator, Synthetic, read_generator_info, save_generator_info
 from busynth.generators.diffusion.components import (
     Components,
-    TinyModelConfig,
-    check_model_source,
     freeze,
     from_pretrained,
     load_components,
     load_pretrained_components,
-    local_vae_factor,
     move_to,
     weight_dtype,
 )
 from busynth.generators.diffusion.lora import (
     LORA_WEIGHT_NAME,
-    LoraSettings,
     add_unet_lora,
     check_same_base,
     load_lora_into,
@@ -61,93 +56,11 @@ from busynth.generators.diffusion.lora import (
     unet_fingerprint,
 )
 from busynth.generators.diffusion.sample import sample_gray, with_dpm_solver
+from busynth.generators.diffusion.settings import SDLoraConfig
 from busynth.generators.diffusion.train import AutoencoderStage, NoisePredictionStage
 from busynth.io import atomic_path, fit_key, write_dir_atomic
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PROMPTS = {
-    "normal": "a breast ultrasound image of normal breast tissue: skin, fat, fibroglandular layer and muscle, no mass",
-    "benign": "a breast ultrasound image of a benign lesion: oval, circumscribed, hypoechoic mass",
-    "malignant": "a breast ultrasound image of a malignant lesion: irregular, spiculated, hypoechoic mass "
-                 "with posterior acoustic shadowing",
-}
-
-
-class SDLoraConfig(BaseModel):
-    """Settings of ``sd-lora``; defaults are the tiny CPU preset (128 px, fits a BUSI fold in minutes)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["tiny", "pretrained"] = "tiny"
-    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    image_size: int = Field(default=128, ge=8)
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    prompts: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROMPTS))
-    generic_prompt: str = "a breast ultrasound image"
-    # tiny only: what the base UNet is pre-trained on. "class": each image with its class prompt
-    # (prompt_dropout still teaches the unconditional model that guidance needs); "generic": every image
-    # with generic_prompt, so the class reaches the UNet only through the LoRA stage. On BUSI (cpu
-    # preset, fold 0) "class" raised label fidelity from 0.01/0.33/0.70 to 0.19/0.61/0.97
-    # (normal/benign/malignant) at the same cost (README, "Tiny diffusion").
-    base_prompt: Literal["generic", "class"] = "class"
-    # tiny only: keep an exponential moving average of the base UNet's weights with this decay and use
-    # it as the base (as diffusers' training scripts do with --use_ema); None: the last weights.
-    base_ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
-    lora_mode: Literal["shared", "per_class"] = "shared"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    autoencoder_training: StageConfig = Field(default_factory=lambda: StageConfig(
-        steps=400, batch_size=8, lr=1e-3, warmup_steps=20, prompt_dropout=0.0, checkpoint_every=200))
-    autoencoder_crop: int = Field(default=64, ge=8)
-    autoencoder_kl_weight: float = Field(default=1e-6, ge=0.0)
-    base_training: StageConfig = Field(default_factory=lambda: StageConfig(
-        steps=1600, batch_size=16, lr=1e-3, warmup_steps=50, prompt_dropout=0.1, snr_gamma=5.0))
-    lora_training: StageConfig = Field(default_factory=lambda: StageConfig(
-        steps=400, batch_size=16, lr=1e-3, warmup_steps=20, prompt_dropout=0.1, snr_gamma=5.0))
-    # Also cache latents of the left-right mirrored images (a flip of the latent is not one of the image).
-    random_flip: bool = True
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    encode_batch_size: int = Field(default=16, ge=1)
-    sampling_steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=3.0, ge=0.0)
-    sample_batch_size: int = Field(default=32, ge=1)
-    # bf16 autocast while sampling (weights stay in their dtype). On this CPU (AVX-512 BF16) ~0.76x the
-    # time of fp32, images within a grey level or two (bench/bench_speed.py); training under bf16 is slower.
-    sampling_precision: SamplingPrecision = "no"
-
-    _stages_keep_their_defaults = field_validator("autoencoder_training", "base_training", "lora_training",
-                                                  mode="before")(classmethod(stage_over_defaults))
-
-    @field_validator("pretrained_model")
-    @classmethod
-    def _pretrained_model_exists(cls, v: str, info: ValidationInfo) -> str:
-        return check_model_source(v, "model_index.json") if info.data.get("source") == "pretrained" else v
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> SDLoraConfig:
-        if self.source == "tiny":
-            factor = self.tiny.vae_factor * 2 ** (len(self.tiny.unet_channels) - 1)
-            if self.image_size % factor:
-                raise ValueError(f"image_size {self.image_size} must be divisible by {factor} for the tiny model "
-                                 f"(autoencoder factor {self.tiny.vae_factor} times the UNet's "
-                                 f"{2 ** (len(self.tiny.unet_channels) - 1)})")
-            crop = min(self.autoencoder_crop, self.image_size)
-            if crop % self.tiny.vae_factor:
-                raise ValueError(f"autoencoder_crop {self.autoencoder_crop} must be divisible by the autoencoder "
-                                 f"factor {self.tiny.vae_factor}")
-        else:
-            factor = max(8, local_vae_factor(self.pretrained_model) or 8)
-            if self.image_size % factor:
-                raise ValueError(f"image_size {self.image_size} must be divisible by {factor}, the downsampling "
-                                 f"factor of the autoencoder of {self.pretrained_model}")
-        stages = ("autoencoder_training", "base_training", "lora_training") if self.source == "tiny" \
-            else ("lora_training",)
-        for stage in stages:
-            if getattr(self, stage).steps < 1:
-                raise ValueError(f"{stage}.steps must be at least 1, got {getattr(self, stage).steps}")
-        return self
-
 
 def records_to_pixels(records: Sequence[Record], size: int) -> torch.Tensor:
     """Records -> float32 (N, 3, size, size) in [-1, 1], the gray image repeated on 3 channels."""
