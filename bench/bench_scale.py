@@ -90,8 +90,8 @@ def study_warm(tmp: Path, methods: str, reps: int, preset: str = "smoke") -> dic
     for rep in range(reps):
         for workers in (1, 2):
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-            ray.get([ray.remote(num_cpus=1)(warm_up).remote() for _ in range(workers)])
             config = load_config(preset, [f"run.methods=[{methods}]", "run.executor=ray"])
+            ray.get([ray.remote(num_cpus=1)(warm_up).remote(config.run.methods) for _ in range(workers)])
             start = time.perf_counter()
             run_study(config, tmp / f"warm-w{workers}-r{rep}")
             times[workers].append(time.perf_counter() - start)

@@ -322,3 +322,23 @@ def test_ray_runs_the_study_with_two_workers_and_retries_a_killed_one(tmp_path, 
     assert re.search(r"fit done: cvae fold[01]_seed0 in ", text)  # the fits' times feed the ETA
     assert re.search(r"cell 7/8 done: .*, ETA \d", text)
     assert _metrics(out) == reference
+
+
+@pytest.mark.slow
+def test_ray_samples_a_base_apart_from_its_fit_and_matches_one_process(tmp_path) -> None:
+    pytest.importorskip("ray", reason="ray is in the test extras")
+    args = ["--methods", "real,sd-lora,controlnet", "--seeds", "1"]
+    ray_log, local_log = tmp_path / "ray.log", tmp_path / "local.log"
+    text = _finish(_start(tmp_path / "ray", ray_log, *args, "--executor", "ray", "--workers", "2"), ray_log)
+    _finish(_start(tmp_path / "local", local_log, *args), local_log)
+    # sd-lora's fit is a task, its sampling another (the ControlNet needs only the fit); the others sample in theirs
+    for fold in (0, 1):
+        assert f"fit done: sd-lora fold{fold}_seed0 in " in text and f"sampling done: sd-lora fold{fold}_seed0 in " in text
+        assert f"fit done: controlnet fold{fold}_seed0 in " in text
+    assert "sampling done: controlnet" not in text
+    assert _metrics(tmp_path / "ray") == _metrics(tmp_path / "local")
+    for run in ("ray", "local"):  # the synthetic sets themselves are the same images
+        assert (tmp_path / run / "synthetic" / "sd-lora" / "fold0_seed0" / "done.json").is_file()
+    ray_set = sorted((tmp_path / "ray" / "synthetic" / "controlnet" / "fold1_seed0").rglob("*.png"))
+    local_set = sorted((tmp_path / "local" / "synthetic" / "controlnet" / "fold1_seed0").rglob("*.png"))
+    assert ray_set and [p.read_bytes() for p in ray_set] == [p.read_bytes() for p in local_set]
