@@ -332,11 +332,11 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_di
 def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     """Submit every generator fit at once (each after its bases; a base's sampling after it) and the
     cells a few at a time: at most one per task slot waits or runs, each once its synthetic set (and,
-    for a filtered arm, its ``real`` cell) is done. Ray has no task priorities
-    and starts ready tasks in about the order they became ready, so cells submitted all at once would
-    keep a fit that became ready later (a fold's ControlNet after its sd-lora) waiting behind every
-    ``real`` cell; the fits, the study's long chains, start first this way. A synthetic set is scored
-    once its cells are done."""
+    for a filtered arm, its ``real`` cell) is done. Ray has no task priorities and starts the ready
+    tasks of one function in about the order they became ready, so cells submitted all at once
+    would keep a fit that became ready later (a fold's ControlNet after its sd-lora) waiting behind
+    every ``real`` cell; the fits, the study's long chains, start first this way. A synthetic set is
+    scored once its cells are done."""
     resources = {"num_cpus": config.run.cell_cpus, "num_gpus": config.run.cell_gpus}
     task = ray.remote(**resources)(_task)
     args = (ray.put(config), ray.put(study), str(run_dir))
