@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -11,6 +14,7 @@ from busynth.cli import app
 from busynth.errors import ConfigError
 from busynth.experiment import study_cells, validate_methods
 from busynth.generators import order_methods
+from busynth.generators.base import generator_class, settings_model
 from busynth.presets import load_config
 
 
@@ -48,11 +52,6 @@ def test_a_dependency_cycle_is_refused_naming_it(monkeypatch) -> None:
 
 
 def test_checking_every_methods_settings_imports_no_model_library(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    from busynth.generators.base import generator_class, settings_model
-
     for name in registry.METHODS:  # the light settings model is the generator's own
         assert settings_model(name) is generator_class(name).config_model, name
     script = (

@@ -81,6 +81,11 @@ class Score:
     cell: Cell
 
 
+def fit_of(job: Fit | Sample) -> Fit:
+    """The generator fit a fit or sampling task is about."""
+    return job.fit if isinstance(job, Sample) else job
+
+
 def cell_fit(cell: Cell) -> Fit | None:
     """The generator fit a cell trains on (None for ``real``)."""
     return None if cell.method == REFERENCE else Fit(cell.generator, cell.fold, cell.generator_seed)
@@ -244,7 +249,8 @@ def _task(job: Fit | Sample | Cell | Score, config: StudyConfig, study: StudyDat
         with claim(folder, scores_unit(job.cell)):
             score_synthetic_set(job.cell, config, study, folder)
         return None
-    fit, samples = (job.fit, True) if isinstance(job, Sample) else (job, job.samples)
+    fit = fit_of(job)
+    samples = isinstance(job, Sample) or fit.samples
     (gen_dir, fitted), (out_dir, sampled) = fit_outputs(fit.generator, cell_key(fit.fold, fit.generator_seed), folder)
     computed = not (out_dir / sampled if samples else gen_dir / fitted).exists()
     prepare = prepare_generator if samples else fit_generator
@@ -350,7 +356,7 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
     in_study = set(cells)
     task_of: dict = {ref: job for job, ref in refs.items()}
     # What each task is, as (method, fits a generator): the kinds whose measured times give the ETA.
-    kinds = {ref: (getattr(job, "fit", job).generator, True) for ref, job in task_of.items()}
+    kinds = {ref: (fit_of(job).generator, True) for ref, job in task_of.items()}
     waiting, to_score = list(cells), [c for c in cells if c.scores_synthetic_set]
     done: set = set()
     pending, score_refs, in_flight = list(refs.values()), [], 0
@@ -384,7 +390,7 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
             took, computed = _get(ray, ready)
             if computed:
                 seconds.setdefault(kinds[ready], []).append(took)
-                fit = getattr(job, "fit", job)
+                fit = fit_of(job)
                 log.info("%s done: %s %s in %s", "sampling" if isinstance(job, Sample) else "fit", fit.generator,
                          cell_key(fit.fold, fit.generator_seed), format_duration(took))
         else:

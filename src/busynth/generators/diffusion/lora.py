@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 
 
-
 def add_unet_lora(unet: UNet2DConditionModel, settings: LoraSettings, weight_dtype: torch.dtype = torch.float32,
                   gradient_checkpointing: bool = False) -> LoraConfig:
     """Freeze ``unet`` (cast to ``weight_dtype``), add a trainable LoRA adapter (kept in float32
