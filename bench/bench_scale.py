@@ -81,7 +81,7 @@ def study_warm(tmp: Path, methods: str, reps: int, preset: str = "smoke") -> dic
     import ray
     import torch
 
-    from busynth.executors import warm_up
+    from busynth.cluster import warm_up, warm_up_modules
     from busynth.experiment import run_study
     from busynth.presets import load_config
 
@@ -91,7 +91,7 @@ def study_warm(tmp: Path, methods: str, reps: int, preset: str = "smoke") -> dic
         for workers in (1, 2):
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             config = load_config(preset, [f"run.methods=[{methods}]", "run.executor=ray"])
-            ray.get([ray.remote(num_cpus=1)(warm_up).remote(config.run.methods) for _ in range(workers)])
+            ray.get([ray.remote(num_cpus=1)(warm_up).remote(warm_up_modules(config.run.methods)) for _ in range(workers)])
             start = time.perf_counter()
             run_study(config, tmp / f"warm-w{workers}-r{rep}")
             times[workers].append(time.perf_counter() - start)

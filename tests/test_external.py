@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from busynth.classify.metrics import resample_counts, restrict_proba
 from busynth.classify.predictions import read_predictions
-from busynth.cli import app
+from busynth.cli import app, parse_external
 from busynth.config import PhantomConfig
 from busynth.data.busi import write_busi_layout
 from busynth.data.phantom import make_phantom
 from busynth.errors import ConfigError, DataError, RunStateError
 from busynth.evaluate.intervals import FoldScores, two_level_bootstrap, variance_components
-from busynth.external import load_external, parse_external, score_cells
+from busynth.external import load_external, score_cells
 from busynth.io import changed_keys
 from busynth.locks import claim
 from busynth.presets import load_config

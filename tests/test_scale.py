@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 from busynth.cells import Cell
-from busynth.executors import Fit, Sample, Score, _submit_and_wait, plan, task_slots
+from busynth.cluster import task_slots
+from busynth.executors import Fit, Sample, Score, _submit_and_wait, plan
 from busynth.locks import claim, each_claimed, lock_path
 
 ARGS = ["-c", "smoke", "--methods", "real,classical,cvae", "--set", "classifier.epochs=6", "--set",
@@ -342,3 +343,33 @@ def test_ray_samples_a_base_apart_from_its_fit_and_matches_one_process(tmp_path)
     ray_set = sorted((tmp_path / "ray" / "synthetic" / "controlnet" / "fold1_seed0").rglob("*.png"))
     local_set = sorted((tmp_path / "local" / "synthetic" / "controlnet" / "fold1_seed0").rglob("*.png"))
     assert ray_set and [p.read_bytes() for p in ray_set] == [p.read_bytes() for p in local_set]
+
+
+def test_ray_starts_before_the_study_code_is_imported_and_stops_in_the_background(tmp_path) -> None:
+    pytest.importorskip("ray", reason="ray is in the test extras")
+    script = (
+        "import sys\n"
+        "import ray\n"
+        "from busynth import cluster\n"
+        "from busynth.presets import load_config\n"
+        "inits, real_init = [], ray.init\n"
+        "ray.init = lambda *a, **k: inits.append(k) or real_init(*a, **k)\n"
+        "config = load_config('smoke', ['run.executor=ray', 'run.workers=1', 'run.methods=[real,cvae]'])\n"
+        "cluster.start_ray(config)\n"
+        "cluster.start_ray(config)  # the study's own session inside the CLI's: the same instance\n"
+        "print('driver', 'torch' in sys.modules, len(inits), inits[0]['num_cpus'])\n"
+        "probe = ray.remote(num_cpus=1)(lambda: [m in sys.modules for m in ('busynth.executors', "
+        "'busynth.generators.cvae', 'diffusers')])\n"
+        "print('worker', ray.get(probe.remote()))  # queued behind the warm-up on the one slot\n"
+        "cluster.stop_ray()\n"
+        "stopping = cluster._state['stopping']\n"
+        "cluster.start_ray(config)  # waits for the shutdown, then a fresh instance\n"
+        "print('restart', stopping.is_alive(), ray.is_initialized(), len(inits))\n"
+        "cluster.stop_ray()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "driver False 1 1" in lines  # Ray is up and warming its worker while the driver has no torch yet
+    assert "worker [True, True, False]" in lines  # the executors and the run's generators, nothing else
+    assert "restart False True 2" in lines

@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from busynth.config import StudyConfig
+from busynth.config import StudyConfig, is_plain_name
 from busynth.errors import BusynthError, ConfigError, RunStateError
 from busynth.logs import setup_logging
 from busynth.presets import build_config, dump_config, load_config
@@ -114,10 +114,6 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run the study (resumes in the same --out folder): every fold x seed x method, then the report."""
-    from busynth.experiment import run_study
-    from busynth.external import parse_external
-    from busynth.results import format_summary
-
     external_sets = parse_external(external or [])
     method_list = None if methods is None else "[" + ",".join(m.strip() for m in methods.split(",") if m.strip()) + "]"
     data_path = _data_path(data)
@@ -130,11 +126,37 @@ def run(
                                     "run.workers": workers})
     if out is None:
         out = Path("runs") / f"{Path(config).stem}-{data_path.name if data_path else 'phantom'}"
+    if cfg.run.executor == "ray":
+        from busynth.cluster import start_ray
+
+        start_ray(cfg)  # before the study code is imported: Ray's workers boot and import it meanwhile
+    from busynth.experiment import run_study
+    from busynth.results import format_summary
+
     summary = run_study(cfg, out, data_path, split_file, external=external_sets)
     typer.echo(format_summary(summary))
     _echo_label_fidelity(out)
     _echo_external(out, external_sets)
     typer.echo(f"\nrun folder: {out}\nreport: {out / 'report.html'}")
+
+
+def parse_external(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=PATH`` options as {name: folder}; a ConfigError names the bad option."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--external {spec!r}: expected NAME=PATH, e.g. busbra=../shared/data/BUS-BRA-dev")
+        if not is_plain_name(name) or name.startswith("."):
+            raise ConfigError(f"--external {spec!r}: the name {name!r} must be a plain file name (no path)")
+        if name in out:
+            raise ConfigError(f"--external {spec!r}: the name {name!r} is given twice")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"--external {spec!r}: {folder} is not a folder")
+        out[name] = folder
+    return out
 
 
 def _echo_label_fidelity(run_dir: Path) -> None:
@@ -190,7 +212,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a finished run's classifiers on external test sets (nothing is trained), then rebuild the report."""
-    from busynth.external import evaluate_external, parse_external
+    from busynth.external import evaluate_external
     from busynth.report import build_report
     from busynth.results import Protocol
     from busynth.rundir import run_config, run_records

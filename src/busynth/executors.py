@@ -20,18 +20,13 @@ task whose worker died (``max_retries``).
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from busynth.accel import process_state
 from busynth.cells import (
     Cell,
     cell_unit,
@@ -44,9 +39,9 @@ from busynth.cells import (
     score_synthetic_set,
     scores_unit,
 )
+from busynth.cluster import task_slots, worker_setup
 from busynth.config import StudyConfig
-from busynth.errors import BusynthError, ConfigError
-from busynth.generators.base import generator_class
+from busynth.errors import BusynthError
 from busynth.locks import claim, each_claimed
 from busynth.progress import format_duration
 from busynth.registry import REFERENCE, bases, cell_key
@@ -223,24 +218,13 @@ def score_local(cells: Sequence[Cell], config: StudyConfig, study: StudyData, ru
 # --- Ray ------------------------------------------------------------------------------------------
 
 
-def _worker_setup(cpus: float) -> None:
-    """In a Ray worker process: torch threads for the task's CPUs, and the CLI's plain log lines."""
-    import torch
-
-    from busynth.logs import setup_logging
-
-    torch.set_num_threads(max(1, int(cpus)))
-    if not logging.getLogger().handlers:
-        setup_logging(False)
-
-
 def _task(job: Fit | Sample | Cell | Score, config: StudyConfig, study: StudyData, run_dir: str, *after):
     """One task of the study's graph, in a Ray worker: a generator fit or its sampling (returns
     (seconds, whether anything was computed)), a cell ((metrics row, computed, seconds)) or the scoring
     of a synthetic set (None). Every kind is this one remote function because Ray starts the ready
     tasks of one function in the order they became ready but takes turns between functions, which
     let cheap cells overtake the fits of the study's longest chain."""
-    _worker_setup(config.run.cell_cpus)
+    worker_setup(config.run.cell_cpus)
     folder, started = Path(run_dir), time.perf_counter()
     if isinstance(job, Cell):
         row, computed = run_claimed(job, config, study, folder)
@@ -258,78 +242,10 @@ def _task(job: Fit | Sample | Cell | Score, config: StudyConfig, study: StudyDat
     return time.perf_counter() - started, computed
 
 
-@contextmanager
-def ray_session(config: StudyConfig) -> Iterator[None]:
-    """Connect to ``run.ray_address`` (or start a local Ray instance with ``run.workers`` x
-    ``run.cell_cpus`` CPUs) for the ``with`` block, and have every worker import the study code at
-    once, so that Ray's start and the workers' imports overlap the driver's data preparation. A
-    Ray already initialised in this process is used as it is and left running."""
-    # Ray collapses worker log lines that differ only in their numbers into "[repeated Nx across
-    # cluster]", which would keep one worker's progress lines (step, loss, ETA) and hide the others'.
-    # Read when Ray is imported, so set before (a Ray imported earlier keeps its setting).
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain worker-log prefixes in log files
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("run.executor=ray needs Ray: pip install 'busynth[ray]'") from None
-    if process_state() is not None:
-        raise ConfigError("run.executor=ray runs every cell in a Ray worker of its own: start it with "
-                          "`busynth run`, not under accelerate launch")
-    run = config.run
-    started_here = not ray.is_initialized()
-    if started_here:
-        if run.ray_address is None:
-            cpus = (run.workers or max(1, (os.cpu_count() or 1) // run.cell_cpus)) * run.cell_cpus
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-        else:
-            check_reachable(run.ray_address)
-            try:
-                ray.init(address=run.ray_address, log_to_driver=True)
-            except (ConnectionError, RuntimeError) as exc:
-                raise ConfigError(f"run.ray_address={run.ray_address!r}: no Ray cluster there "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    warm = ray.remote(num_cpus=run.cell_cpus)(warm_up)
-    slots = task_slots(ray.cluster_resources(), run.cell_cpus, 0.0)
-    for _ in range(slots):  # one per task slot: each lands on its own worker while all slots are free
-        warm.remote(list(config.run.methods))
-    try:
-        yield
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """For ``host:port`` and ``ray://host:port``: a TCP connection within ``timeout`` seconds, else a
-    ConfigError naming the address (Ray itself keeps retrying an unreachable cluster for minutes).
-    ``auto`` and other forms are left to Ray."""
-    if address == "auto":
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"run.ray_address={address!r}: expected auto, host:port or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ConfigError(f"run.ray_address={address!r}: cannot reach a Ray cluster there "
-                          f"({exc.strerror or exc})") from None
-
-
-def warm_up(methods: Sequence[str]) -> None:
-    """A task that only imports what the tasks of a study of ``methods`` need: this module (the cells)
-    and the generators' modules (diffusers and peft take seconds, on the path of every fit)."""
-    _worker_setup(1)
-    for method in methods:
-        if method != REFERENCE:
-            generator_class(method)
-
-
 def run_ray(cells: Sequence[Cell], config: StudyConfig, study: StudyData, run_dir: Path) -> None:
     """Compute every cell, generator fit and synthetic-set score as Ray tasks (see the module
-    docstring), inside :func:`ray_session`. Returns when all are done; a task's error is raised here
-    as busynth's own error."""
+    docstring), inside :func:`busynth.cluster.ray_session`. Returns when all are done; a task's error
+    is raised here as busynth's own error."""
     import ray
 
     _submit_and_wait(ray, cells, config, study, Path(run_dir).resolve())
@@ -410,14 +326,6 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
     for ref in score_refs:
         _get(ray, ref)
     log.info("ray: every task done in %.1f s", time.perf_counter() - start)
-
-
-def task_slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
-    """How many tasks asking for ``cpus`` CPUs and ``gpus`` GPUs a cluster with ``resources`` runs at once."""
-    slots = resources.get("CPU", 1.0) // cpus if cpus > 0 else float("inf")
-    if gpus > 0:
-        slots = min(slots, resources.get("GPU", 0.0) // gpus)
-    return max(1, int(slots)) if slots != float("inf") else 1
 
 
 def _get(ray, ref):

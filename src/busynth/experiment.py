@@ -26,10 +26,11 @@ from pathlib import Path
 
 from busynth.accel import is_main_process
 from busynth.cells import Cell
+from busynth.cluster import ray_session
 from busynth.config import StudyConfig
 from busynth.errors import ConfigError
 from busynth.evaluate.summary import summarize_fidelity
-from busynth.executors import ray_session, run_local, run_ray, score_local
+from busynth.executors import run_local, run_ray, score_local
 from busynth.external import check_study_overlap, load_external, score_and_summarize
 from busynth.generators.base import parse_settings
 from busynth.locks import claim

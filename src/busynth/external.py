@@ -31,12 +31,12 @@ from busynth.classify.checkpoints import load_classifier
 from busynth.classify.metrics import SCORE_NAMES, classification_metrics, restrict_proba
 from busynth.classify.predictions import predictions_csv, read_predictions, scores_csv
 from busynth.classify.train import predict_proba
-from busynth.config import StudyConfig, is_plain_name
+from busynth.config import StudyConfig
 from busynth.data.audit import audit_records
 from busynth.data.busi import load_dataset
 from busynth.data.records import Record, lesion_pairs
 from busynth.data.transforms import label_indices, stack_images, stack_masks
-from busynth.errors import ConfigError, DataError, RunStateError
+from busynth.errors import DataError, RunStateError
 from busynth.io import read_json, write_json, write_text
 from busynth.locks import each_claimed
 from busynth.progress import progress
@@ -73,25 +73,6 @@ class ExternalSet:
         """What identifies the set's content: its path, image ids and labels."""
         return {"path": str(self.path.resolve()), "ids": [r.id for r in self.records],
                 "labels": [r.label for r in self.records]}
-
-
-def parse_external(specs: Sequence[str]) -> dict[str, Path]:
-    """``NAME=PATH`` options as {name: folder}; a ConfigError names the bad option."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        name = name.strip()
-        if not sep or not name or not path:
-            raise ConfigError(f"--external {spec!r}: expected NAME=PATH, e.g. busbra=../shared/data/BUS-BRA-dev")
-        if not is_plain_name(name) or name.startswith("."):
-            raise ConfigError(f"--external {spec!r}: the name {name!r} must be a plain file name (no path)")
-        if name in out:
-            raise ConfigError(f"--external {spec!r}: the name {name!r} is given twice")
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"--external {spec!r}: {folder} is not a folder")
-        out[name] = folder
-    return out
 
 
 def load_external(name: str, path: Path, config: StudyConfig) -> ExternalSet:
