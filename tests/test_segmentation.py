@@ -47,13 +47,14 @@ def test_resampled_score_is_the_weighted_mean_of_the_per_image_scores() -> None:
     np.testing.assert_allclose(weighted_metric("hd95", y, scores, w, None), [14 / 3, 11 / 3])
 
 
-def test_unet_learns_lesions_of_32px_phantom_pairs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
+def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: str) -> None:
     pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 4, "benign": 40, "malignant": 40},
                                                     size=32)))
     assert len(pairs) == 80  # normal images have no lesion: not segmentation pairs
     train, test = pairs[:56], pairs[56:]
     cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=40, batch_size=8, lr=5e-3,
-                          eval_every=10, checkpoint_every=10)
+                          eval_every=10, checkpoint_every=10, arch=arch)
     fit = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
                         stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)
     assert fit.steps == 40 * 7 and [r["epoch"] for r in fit.history][-1] == 39
@@ -65,6 +66,7 @@ def test_unet_learns_lesions_of_32px_phantom_pairs(tmp_path: Path) -> None:
                           stack_masks(test[:8], 32), cfg.model_copy(update={"tta": True}), tmp_path,
                           cpu=True)  # finished: loaded, not retrained (mirror averaging is not part of training)
     np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
+    assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet"}[arch]
 
 
 class _LeftHalfBias(torch.nn.Module):

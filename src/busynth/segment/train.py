@@ -41,11 +41,15 @@ class SegmenterFit:
 
 
 def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
-    """MONAI's 2-D UNet: one input channel (grayscale), one output channel (the lesion logit)."""
+    """MONAI's 2-D UNet or AttentionUnet (``segmenter.arch``): one input channel (grayscale), one
+    output channel (the lesion logit)."""
     # MONAI is imported where it is used: its package import takes seconds (it loads all of its
     # networks), paid by every process that imports the study code (each Ray worker too).
-    from monai.networks.nets import UNet
+    from monai.networks.nets import AttentionUnet, UNet
 
+    if cfg.arch == "attention_unet":
+        return AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
+                             strides=tuple(cfg.strides), dropout=cfg.dropout)
     return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
                 strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout)
 
