@@ -21,7 +21,7 @@ from busynth.data.transforms import stack_images, stack_masks
 from busynth.errors import ConfigError
 from busynth.presets import load_config
 from busynth.segment.metrics import segmentation_scores
-from busynth.segment.train import fit_segmenter, predict_masks
+from busynth.segment.train import build_segmenter, fit_segmenter, predict_masks
 
 runner = CliRunner()
 
@@ -67,6 +67,22 @@ def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: st
                           cpu=True)  # finished: loaded, not retrained (mirror averaging is not part of training)
     np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
     assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet"}[arch]
+
+
+@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
+def test_the_segmenters_norm_setting_is_the_norm_it_trains_with(arch: str) -> None:
+    def norms(norm: str) -> set[tuple[str, int]]:
+        cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], arch=arch, norm=norm)
+        return {(type(m).__name__, m.num_features) for m in build_segmenter(cfg).modules()
+                if isinstance(m, torch.nn.BatchNorm2d | torch.nn.InstanceNorm2d)}
+
+    instance, batch = norms("instance"), norms("batch")
+    assert {c for n, c in batch if n == "BatchNorm2d"} >= {8, 16}
+    # Per image everywhere; an attention gate's one-channel logit keeps its learned scale and shift.
+    assert {(n, c) for n, c in instance if n == "BatchNorm2d"} <= {("BatchNorm2d", 1)}
+    assert {c for n, c in instance if n == "InstanceNorm2d"} >= {8, 16}
+    if arch == "attention_unet":
+        assert ("BatchNorm2d", 1) in instance
 
 
 class _LeftHalfBias(torch.nn.Module):

@@ -348,9 +348,12 @@ class SegmenterConfig(_Strict):
     image_size: int = Field(default=96, ge=16)
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1)
-    # unet: MONAI's UNet (residual units, instance norm); attention_unet: MONAI's AttentionUnet
-    # (Oktay et al. 2018: attention gates on the skip connections; batch norm; num_res_units unused).
+    # unet: MONAI's UNet (residual units); attention_unet: MONAI's AttentionUnet (Oktay et al. 2018:
+    # attention gates on the skip connections; num_res_units unused).
     arch: Literal["unet", "attention_unet"] = "unet"
+    # Normalisation of the feature maps: instance (each image by itself, MONAI's UNet default) or
+    # batch (MONAI's AttentionUnet default).
+    norm: Literal["instance", "batch"] = "instance"
     num_res_units: int = Field(default=1, ge=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     epochs: int = Field(default=40, ge=1)

@@ -48,10 +48,23 @@ def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
     from monai.networks.nets import AttentionUnet, UNet
 
     if cfg.arch == "attention_unet":
-        return AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
-                             strides=tuple(cfg.strides), dropout=cfg.dropout)
+        model = AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
+                              strides=tuple(cfg.strides), dropout=cfg.dropout)
+        if cfg.norm == "instance":
+            instance_norm(model)
+        return model
     return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
-                strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout)
+                strides=tuple(cfg.strides), num_res_units=cfg.num_res_units, dropout=cfg.dropout, norm=cfg.norm)
+
+
+def instance_norm(model: nn.Module) -> None:
+    """Swap the batch norms of MONAI's AttentionUnet (fixed in its blocks, no option) for the instance
+    norms of MONAI's UNet, except the one-channel norm of each gate's attention logit, which stays a
+    learned scale and shift: normalising it per image would force every image's gate half open."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d) and child.num_features > 1:
+                setattr(parent, name, nn.InstanceNorm2d(child.num_features))
 
 
 @torch.no_grad()
