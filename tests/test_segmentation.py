@@ -21,7 +21,7 @@ from busynth.data.transforms import stack_images, stack_masks
 from busynth.errors import ConfigError
 from busynth.presets import load_config
 from busynth.segment.metrics import segmentation_scores
-from busynth.segment.train import build_segmenter, fit_segmenter, predict_masks
+from busynth.segment.train import SegmenterStage, build_segmenter, fit_segmenter, predict_masks
 
 runner = CliRunner()
 
@@ -47,14 +47,14 @@ def test_resampled_score_is_the_weighted_mean_of_the_per_image_scores() -> None:
     np.testing.assert_allclose(weighted_metric("hd95", y, scores, w, None), [14 / 3, 11 / 3])
 
 
-@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
-def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(("arch", "deep"), [("unet", 0), ("attention_unet", 0), ("dynunet", 1)])
+def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: str, deep: int) -> None:
     pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 4, "benign": 40, "malignant": 40},
                                                     size=32)))
     assert len(pairs) == 80  # normal images have no lesion: not segmentation pairs
     train, test = pairs[:56], pairs[56:]
     cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=40, batch_size=8, lr=5e-3,
-                          eval_every=10, checkpoint_every=10, arch=arch)
+                          eval_every=10, checkpoint_every=10, arch=arch, deep_supervision=deep)
     fit = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
                         stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)
     assert fit.steps == 40 * 7 and [r["epoch"] for r in fit.history][-1] == 39
@@ -66,10 +66,37 @@ def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: st
                           stack_masks(test[:8], 32), cfg.model_copy(update={"tta": True}), tmp_path,
                           cpu=True)  # finished: loaded, not retrained (mirror averaging is not part of training)
     np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
-    assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet"}[arch]
+    assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet", "dynunet": "DynUNet"}[arch]
 
 
-@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
+def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_path: Path) -> None:
+    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32, 64], strides=[2, 2, 2], arch="dynunet",
+                          deep_supervision=2)
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, 32, 32), dtype=np.uint8)
+    masks = np.zeros((4, 1, 32, 32), dtype=bool)
+    masks[:, :, 8:20, 10:24] = True
+    val = (images[:2, 0], masks[:2, 0])
+    stage = SegmenterStage(build_segmenter(cfg), cfg.model_copy(update={"augment": "none"}), 4, 0, val, tmp_path)
+    batch = {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks)}
+    stage.model.train()
+    heads = stage.model(batch["images"].float() / 255)
+    assert heads.shape == (4, 3, 1, 32, 32)  # the main head and two coarser ones, upsampled to the image
+    loss, _ = stage.loss(batch, torch.Generator().manual_seed(0))
+    target = batch["masks"].float()
+    per_head = [float(stage.loss_fn(heads[:, k].detach(), target)) for k in range(3)]
+    assert loss.item() == pytest.approx(per_head[0] + per_head[1] / 2 + per_head[2] / 4, rel=1e-5)
+    loss.backward()
+    for head in stage.model.deep_supervision_heads:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    stage.model.eval()
+    assert stage.model(batch["images"].float() / 255).shape == (4, 1, 32, 32)
+    with pytest.raises(ValueError, match="deep_supervision needs segmenter.arch=dynunet"):
+        SegmenterConfig(deep_supervision=1, arch="attention_unet")
+    with pytest.raises(ValueError, match="at most len\\(strides\\) - 1 = 2"):
+        SegmenterConfig(deep_supervision=3, arch="dynunet")
+
+
+@pytest.mark.parametrize("arch", ["unet", "attention_unet", "dynunet"])
 def test_the_segmenters_norm_setting_is_the_norm_it_trains_with(arch: str) -> None:
     def norms(norm: str) -> set[tuple[str, int]]:
         cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], arch=arch, norm=norm)
@@ -113,6 +140,11 @@ def test_mirror_averaging_of_lesion_probabilities_is_undone_before_the_threshold
     assert not mirrored[1].any()
     # At 0.45 the mirrored-back average (0.464) is a lesion; a flip left undone would give 0.440.
     assert (predict_masks(model, images, threshold=0.45, tta=True) == (images > 0)).all()
+
+
+def test_the_gpu_preset_segments_with_the_cpu_presets_measured_segmenter() -> None:
+    assert load_config("sd15").segmenter == load_config("cpu").segmenter
+    assert load_config("sd15").segmenter.arch == "attention_unet"
 
 
 def test_segmentation_takes_only_methods_with_masks_and_verdicts_on_dice() -> None:

@@ -349,8 +349,14 @@ class SegmenterConfig(_Strict):
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1)
     # unet: MONAI's UNet (residual units); attention_unet: MONAI's AttentionUnet (Oktay et al. 2018:
-    # attention gates on the skip connections; num_res_units unused).
-    arch: Literal["unet", "attention_unet"] = "unet"
+    # attention gates on the skip connections; num_res_units unused); dynunet: MONAI's DynUNet, the
+    # nnU-Net layout (Isensee et al. 2021: two 3x3 convolutions per level, leaky ReLU, transposed-conv
+    # upsampling; residual blocks when num_res_units > 0) with optional deep supervision.
+    arch: Literal["unet", "attention_unet", "dynunet"] = "unet"
+    # dynunet only: this many extra lesion heads on the decoder's coarser levels, each trained on the
+    # same loss at weights 1/2, 1/4, ... of the main head's (MONAI's DeepSupervisionLoss); test
+    # predictions use the main head alone.
+    deep_supervision: int = Field(default=0, ge=0)
     # Normalisation of the feature maps: instance (each image by itself, MONAI's UNet default) or
     # batch (MONAI's AttentionUnet default).
     norm: Literal["instance", "batch"] = "instance"
@@ -377,6 +383,11 @@ class SegmenterConfig(_Strict):
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"segmenter.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
                              f"got {len(self.strides)}")
+        if self.deep_supervision and self.arch != "dynunet":
+            raise ValueError(f"segmenter.deep_supervision needs segmenter.arch=dynunet, got arch={self.arch}")
+        if self.deep_supervision > len(self.strides) - 1:
+            raise ValueError(f"segmenter.deep_supervision can be at most len(strides) - 1 = {len(self.strides) - 1} "
+                             f"(heads on levels above the bottleneck), got {self.deep_supervision}")
         if self.image_size % math.prod(self.strides):
             raise ValueError(f"segmenter.image_size {self.image_size} must be divisible by the product of "
                              f"segmenter.strides ({math.prod(self.strides)})")

@@ -41,12 +41,25 @@ class SegmenterFit:
 
 
 def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
-    """MONAI's 2-D UNet or AttentionUnet (``segmenter.arch``): one input channel (grayscale), one
-    output channel (the lesion logit)."""
+    """MONAI's 2-D UNet, AttentionUnet or DynUNet (``segmenter.arch``): one input channel (grayscale),
+    one output channel (the lesion logit)."""
     # MONAI is imported where it is used: its package import takes seconds (it loads all of its
     # networks), paid by every process that imports the study code (each Ray worker too).
-    from monai.networks.nets import AttentionUnet, UNet
+    from monai.networks.nets import AttentionUnet, DynUNet, UNet
 
+    if cfg.arch == "dynunet":  # the input level at stride 1, then the levels of segmenter.strides
+        model = DynUNet(spatial_dims=2, in_channels=1, out_channels=1, kernel_size=[3] * len(cfg.channels),
+                        strides=[1, *cfg.strides], upsample_kernel_size=list(cfg.strides), filters=list(cfg.channels),
+                        dropout=cfg.dropout or None, norm_name=cfg.norm, res_block=cfg.num_res_units > 0,
+                        deep_supervision=cfg.deep_supervision > 0, deep_supr_num=max(cfg.deep_supervision, 1))
+        # DynUNet registers its layers twice: as input_block, downsamples, bottleneck, upsamples and
+        # deep_supervision_heads, and again inside skip_layers, the recursive module its forward runs.
+        # Its state dict then holds every tensor under two names, which safetensors refuses to write.
+        # skip_layers becomes a plain attribute: forward runs the same layers, each saved once.
+        params = {id(p) for p in model.parameters()}
+        object.__setattr__(model, "skip_layers", model._modules.pop("skip_layers"))
+        assert {id(p) for p in model.parameters()} == params  # every weight is still registered
+        return model
     if cfg.arch == "attention_unet":
         model = AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
                               strides=tuple(cfg.strides), dropout=cfg.dropout)
@@ -97,17 +110,21 @@ class SegmenterStage(EpochStage):
     def __init__(self, model: nn.Module, cfg: SegmenterConfig, n_real: int, n_synthetic: int,
                  val: tuple[np.ndarray, np.ndarray], out_dir: Path) -> None:
         super().__init__(model, cfg, n_real, n_synthetic, steps_per_epoch(n_real, cfg.batch_size), out_dir)
-        from monai.losses import DiceCELoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         self.val = val
         self.loss_fn = DiceCELoss(sigmoid=True)
+        self.deep_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         x, masks = batch["images"].float().div_(255.0), batch["masks"].float()
         if self.cfg.augment in ON_THE_FLY:
             x, masks = augment_batch(x, ON_THE_FLY[self.cfg.augment], generator, masks=masks)
         rows = local_rows(len(x))
-        return self.loss_fn(self.model(x[rows]), masks[rows].float()), {}
+        logits, target = self.model(x[rows]), masks[rows].float()
+        if logits.dim() == 5:  # DynUNet's deep supervision in training: (N, heads, 1, S, S), main head first
+            return self.deep_loss_fn(list(logits.unbind(1)), target), {}
+        return self.loss_fn(logits, target), {}
 
     def end_epoch(self, epoch: int, kept: nn.Module, last: bool, scored: bool, row: dict[str, Any]) -> bool:
         val_dice = None
