@@ -92,6 +92,8 @@ def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_p
     assert stage.model(batch["images"].float() / 255).shape == (4, 1, 32, 32)
     with pytest.raises(ValueError, match="deep_supervision needs segmenter.arch=dynunet"):
         SegmenterConfig(deep_supervision=1, arch="attention_unet")
+    with pytest.raises(ValueError, match="num_res_units=2 has no effect with segmenter.arch=attention_unet"):
+        SegmenterConfig(num_res_units=2, arch="attention_unet")
     with pytest.raises(ValueError, match="at most len\\(strides\\) - 1 = 2"):
         SegmenterConfig(deep_supervision=3, arch="dynunet")
 
@@ -155,6 +157,8 @@ def test_segmentation_takes_only_methods_with_masks_and_verdicts_on_dice() -> No
         load_config("smoke", ["run.primary_metric=dice"])
     with pytest.raises(ConfigError, match="segmenter.strides"):
         load_config("smoke", ["segmenter.strides=[2]"])
+    with pytest.raises(ConfigError, match="segmenter.num_res_units=0 has no effect"):
+        load_config("cpu", ["segmenter.num_res_units=0"])
 
 
 def test_a_segmentation_study_end_to_end(tmp_path: Path) -> None:

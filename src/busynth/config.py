@@ -349,7 +349,7 @@ class SegmenterConfig(_Strict):
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1)
     # unet: MONAI's UNet (residual units); attention_unet: MONAI's AttentionUnet (Oktay et al. 2018:
-    # attention gates on the skip connections; num_res_units unused); dynunet: MONAI's DynUNet, the
+    # attention gates on the skip connections; num_res_units has no effect); dynunet: MONAI's DynUNet, the
     # nnU-Net layout (Isensee et al. 2021: two 3x3 convolutions per level, leaky ReLU, transposed-conv
     # upsampling; residual blocks when num_res_units > 0) with optional deep supervision.
     arch: Literal["unet", "attention_unet", "dynunet"] = "unet"
@@ -383,6 +383,9 @@ class SegmenterConfig(_Strict):
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"segmenter.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
                              f"got {len(self.strides)}")
+        if self.arch == "attention_unet" and self.num_res_units != 1:  # 1: the default, in every saved config
+            raise ValueError(f"segmenter.num_res_units={self.num_res_units} has no effect with "
+                             f"segmenter.arch=attention_unet (two plain convolutions per level); use unet or dynunet")
         if self.deep_supervision and self.arch != "dynunet":
             raise ValueError(f"segmenter.deep_supervision needs segmenter.arch=dynunet, got arch={self.arch}")
         if self.deep_supervision > len(self.strides) - 1:
