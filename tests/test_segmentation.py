@@ -98,6 +98,34 @@ def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_p
         SegmenterConfig(deep_supervision=3, arch="dynunet")
 
 
+def test_an_interrupted_deeply_supervised_dynunet_resumes_to_the_uninterrupted_weights(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 2, "benign": 12, "malignant": 12},
+                                                    size=32)))
+    data = (stack_images(pairs[:20], 32), stack_masks(pairs[:20], 32), stack_images(pairs[20:], 32),
+            stack_masks(pairs[20:], 32))
+    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=4, batch_size=8,
+                          arch="dynunet", deep_supervision=1, ema_epochs=1.0, eval_every=1, checkpoint_every=1)
+    full = fit_segmenter(*data, cfg, tmp_path / "full", seed=3, cpu=True)
+
+    end_epoch = SegmenterStage.end_epoch
+
+    def killed_in_epoch_2(self, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return end_epoch(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(SegmenterStage, "end_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
+    monkeypatch.setattr(SegmenterStage, "end_epoch", end_epoch)
+    assert [c.name for c in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-6"]  # after epochs 0 and 1
+    resumed = fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
+    assert resumed.steps == full.steps == 4 * 3
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["unet", "attention_unet", "dynunet"])
 def test_the_segmenters_norm_setting_is_the_norm_it_trains_with(arch: str) -> None:
     def norms(norm: str) -> set[tuple[str, int]]:
