@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from busynth.data.busi import write_busi_layout
 from busynth.data.phantom import make_phantom
 from busynth.data.records import lesion_pairs
 from busynth.data.transforms import stack_images, stack_masks
-from busynth.errors import ConfigError
+from busynth.engine import _what_was_trained
+from busynth.errors import ConfigError, RunStateError
+from busynth.io import fit_key
 from busynth.presets import load_config
 from busynth.segment.metrics import segmentation_scores
 from busynth.segment.train import SegmenterStage, build_segmenter, fit_segmenter, predict_masks
@@ -120,6 +123,20 @@ def test_an_interrupted_deeply_supervised_dynunet_resumes_to_the_uninterrupted_w
         fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
     monkeypatch.setattr(SegmenterStage, "end_epoch", end_epoch)
     assert [c.name for c in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-6"]  # after epochs 0 and 1
+    state_file = tmp_path / "cut" / "checkpoint-6" / "state.json"
+    state = json.loads(state_file.read_text())
+
+    def rewrite(identity: dict) -> None:  # as the checkpoint's writer would have: its key follows its identity
+        state["identity"] = identity
+        state["fit_key"] = fit_key(_what_was_trained(state))
+        state_file.write_text(json.dumps(state))
+
+    identity = dict(state["identity"])
+    rewrite({**identity, "segmenter.validation": "train"})
+    with pytest.raises(RunStateError, match="segmenter.validation"):
+        fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
+    del identity["segmenter.validation"]
+    rewrite(identity)  # written before the setting existed: it counts as its default
     resumed = fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
     assert resumed.steps == full.steps == 4 * 3
     for key, value in full.model.state_dict().items():
@@ -209,6 +226,29 @@ def test_a_segmentation_study_end_to_end(tmp_path: Path) -> None:
     assert "dice" in result.output and "A/A real" in result.output
     other = runner.invoke(app, ["run", "-c", "smoke", "--out", str(out)])  # the same folder, another task
     assert other.exit_code == 2 and "run.task (segmentation -> classification)" in other.output
+
+
+def test_the_segmenter_can_train_on_the_folds_validation_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--methods", "real",
+                                 "--set", "segmenter.validation=train", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with (out / "data" / "split.csv").open() as fh:
+        split = [row for row in csv.DictReader(fh) if row["label"] != "normal"]
+    cells = sorted(out.glob("cells/real/fold*"))
+    assert len(cells) == 4  # 2 folds x (seed 0, and seed 1 for the A/A row)
+    for cell in cells:
+        fold = cell.name.split("_")[0].removeprefix("fold")
+        part = {p: {r["id"] for r in split if r["fold"] == fold and r["part"] == p} for p in ("train", "val", "test")}
+        assert part["val"], "the fold must have validation pairs for this test to mean anything"
+        ids = json.loads((cell / "ids.json").read_text())
+        assert ids["val"] == [] and set(ids["classifier_train"]) == part["train"] | part["val"]
+        assert set(ids["test"]) == part["test"]
+        metrics = json.loads((cell / "metrics.json").read_text())
+        assert metrics["n_val"] == 0 and metrics["n_train_real"] == len(part["train"] | part["val"])
+        assert metrics["train_steps"] == 3 * -(-metrics["n_train_real"] // 8)  # the budget counts them (3 epochs, batch 8)
+        with (cell / "segmenter" / "history.csv").open() as fh:
+            assert not any(row["val_dice"] for row in csv.DictReader(fh))  # no learning curve on training pairs
 
 
 def test_a_segmentation_study_scores_an_external_set_of_another_scanner(tmp_path: Path) -> None:

@@ -325,6 +325,8 @@ def run_cell(cell: Cell, config: StudyConfig, study: StudyData, run_dir: Path,
         synthetic = arm_synthetic(cell, config, train, run_dir)
     if config.run.task == "segmentation":
         train, val, test, synthetic = (lesion_pairs(part) for part in (train, val, test, synthetic))
+        if config.segmenter.validation == "train":
+            train, val = train + val, []
     fit_set = train + synthetic
     used = {"classifier_train": [r.id for r in fit_set], "val": [r.id for r in val],
             "generator_train": generator_ids, "test": [r.id for r in test]}

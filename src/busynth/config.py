@@ -374,6 +374,10 @@ class SegmenterConfig(_Strict):
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # on the sigmoid of the logits
     # Test-time augmentation: average the lesion probability of each image and its mirror.
     tta: bool = False
+    # The fold's validation pairs: "monitor" scores the kept weights on them every eval_every epochs
+    # (a learning curve; the last weights are kept either way), "train" adds them to the real training
+    # pairs (and to the budget) and draws no curve, as nnU-Net's final models train on every training case.
+    validation: Literal["monitor", "train"] = "monitor"
     eval_every: int = Field(default=5, ge=1)
     checkpoint_every: int = Field(default=5, ge=1)
     mixed_precision: MixedPrecision = "no"

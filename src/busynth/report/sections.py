@@ -257,7 +257,7 @@ def section_training(run: Run) -> str:
     fig = Figure(figsize=(3.4 * len(panels), 2.9), layout="constrained")
     for ax, (method, hists) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for name, h in hists:
-            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "val_dice", "train_loss") if c in h), None)
+            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "val_dice", "train_loss") if c in h and h[c].notna().any()), None)
             if col is None:
                 continue
             x = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))

@@ -163,6 +163,7 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     data = {"images": torch.from_numpy(images).unsqueeze(1), "masks": torch.from_numpy(masks).unsqueeze(1)}
     history = train_stage(stage, data, stage.schedule(), out_dir, seed=seed, mixed_precision=cfg.mixed_precision,
                           cpu=cpu, precision_field="segmenter.mixed_precision", identity=identity,
+                          identity_defaults={f"segmenter.{k}": v for k, v in SegmenterConfig().model_dump(mode="json").items()},
                           ema_decay=stage.moving_average_decay())
     model = load_best_weights(stage.model, out_dir)
     return SegmenterFit(model, len(history), [r for r in history if r.get("epoch") is not None])
