@@ -242,6 +242,36 @@ def test_method_settings_are_checked_per_method(tmp_path):
                              tmp_path, build_html=False)
 
 
+def test_a_study_reuses_another_runs_generator_fits_only_when_they_are_its_own(tmp_path):
+    source = tmp_path / "source"
+    experiment.run_study(smoke_config("run.methods=[real,classical]", "run.only_folds=[0]"), source, build_html=False)
+    seg = tmp_path / "seg"  # the use: a segmentation study on a classification study's synthetic sets
+    result = CliRunner().invoke(app, ["run", "-c", "smoke", "--set", "run.task=segmentation", "--methods",
+                                      "real,classical", "--synthetic-from", str(source), "--out", str(seg)])
+    assert result.exit_code == 0, result.output
+    for part, done in (("generators", "generator.json"), ("synthetic", "done.json")):
+        # the same files (hard links), not fitted or sampled again: rewriting would have made new ones
+        assert (seg / part / "classical/fold0_seed0" / done).stat().st_ino == \
+            (source / part / "classical/fold0_seed0" / done).stat().st_ino
+        assert (seg / part / "classical/fold1_seed0" / done).is_file()  # the source lacks fold 1: made here
+        assert not (source / part / "classical/fold1_seed0").exists()
+    assert json.loads((seg / "generators" / rundir.REUSED).read_text()) == {"classical/fold0_seed0": str(source.resolve())}
+    ids = json.loads((seg / "cells/classical/fold0_seed0/ids.json").read_text())["classifier_train"]
+    assert any(i.startswith("classical:") for i in ids)
+    refused = {"synthesis.ratio": ["synthesis.ratio=1.0"], "phantom.seed": ["phantom.seed=5"],
+               "generators.classical.max_rotation": ["generators.classical.max_rotation=30"],
+               "other images than this run's training part of fold 0": ["split.seed=3"]}
+    for n, (message, overrides) in enumerate(refused.items()):
+        with pytest.raises(RunStateError, match=message):
+            experiment.run_study(smoke_config("run.methods=[real,classical]", *overrides), tmp_path / f"r{n}",
+                                 build_html=False, synthetic_from=source)
+        assert not (tmp_path / f"r{n}" / "generators/classical").exists()
+    with pytest.raises(RunStateError, match="is not a run folder"):
+        experiment.run_study(smoke_config(), tmp_path / "r", build_html=False, synthetic_from=tmp_path / "nothing")
+    with pytest.raises(RunStateError, match="this run's own folder"):
+        experiment.run_study(smoke_config(), source, build_html=False, synthetic_from=source)
+
+
 def test_equal_budget_shared_generator_fits_and_the_aa_row(tmp_path):
     """Every method of a cell trains the same optimizer steps; a fold's generator is fitted once and
     its synthetic set reused by every classifier seed; the A/A row is in summary.json and the report."""

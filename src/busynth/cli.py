@@ -104,6 +104,9 @@ def run(
     seeds: Annotated[int | None, typer.Option(help="Seeds per fold.")] = None,
     split_file: Annotated[Path | None, typer.Option(help="Use this split CSV instead of making one.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config>-<data>).")] = None,
+    synthetic_from: Annotated[Path | None, typer.Option(
+        help="Another run folder: reuse its finished generator fits and synthetic sets (same images, "
+        "split, synthesis and method settings, else refused) instead of fitting them again.")] = None,
     tracker: Annotated[str | None, typer.Option(help="none, wandb or tensorboard (local CSV/JSON always).")] = None,
     external: ExternalOpt = None,
     executor: Annotated[str | None, typer.Option(
@@ -133,7 +136,7 @@ def run(
     from busynth.experiment import run_study
     from busynth.results import format_summary
 
-    summary = run_study(cfg, out, data_path, split_file, external=external_sets)
+    summary = run_study(cfg, out, data_path, split_file, external=external_sets, synthetic_from=synthetic_from)
     typer.echo(format_summary(summary))
     _echo_label_fidelity(out)
     _echo_external(out, external_sets)

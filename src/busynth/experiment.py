@@ -36,7 +36,7 @@ from busynth.generators.base import parse_settings
 from busynth.locks import claim
 from busynth.registry import REFERENCE, study_arms
 from busynth.results import Protocol, aa_seed_halves, summarize_run
-from busynth.rundir import StudyData, check_method_settings, open_run_dir, prepare_data
+from busynth.rundir import StudyData, check_method_settings, open_run_dir, prepare_data, reuse_fits
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,13 @@ def validate_methods(config: StudyConfig) -> None:
 
 
 def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, split_file: Path | None = None,
-              build_html: bool = True, external: dict[str, Path] | None = None) -> dict:
+              build_html: bool = True, external: dict[str, Path] | None = None,
+              synthetic_from: Path | None = None) -> dict:
     """Run (or resume) the whole study in ``run_dir``; returns the results summary. ``external``
     ({name: folder}) are test sets from elsewhere that every cell's classifier scores at the end
-    (``busynth.external``; loaded first, so a bad folder stops the run before any training)."""
+    (``busynth.external``; loaded first, so a bad folder stops the run before any training).
+    ``synthetic_from`` is another run folder whose finished generator fits and synthetic sets this
+    run reuses (``rundir.reuse_fits``)."""
     validate_methods(config)
     external_sets = [load_external(name, path, config) for name, path in (external or {}).items()]
     run_dir = Path(run_dir)
@@ -79,10 +82,10 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
             log.warning("run.tracker=%s: with run.executor=ray the tracker gets no per-epoch metrics (the "
                         "cells run in Ray workers); the run folder has them all", config.run.tracker)
         with ray_session(config):  # Ray starts while the data are prepared here
-            study, cells = prepare_study(config, run_dir, data, split_file, external_sets)
+            study, cells = prepare_study(config, run_dir, data, split_file, external_sets, synthetic_from)
             run_ray(cells, config, study, run_dir)
     else:
-        study, cells = prepare_study(config, run_dir, data, split_file, external_sets)
+        study, cells = prepare_study(config, run_dir, data, split_file, external_sets, synthetic_from)
         tracker = open_tracker(config, run_dir) if is_main_process() else None
         try:
             run_local(cells, config, study, run_dir, tracker.log if tracker else None)
@@ -103,8 +106,9 @@ def run_study(config: StudyConfig, run_dir: Path, data: Path | None = None, spli
 
 
 def prepare_study(config: StudyConfig, run_dir: Path, data: Path | None, split_file: Path | None,
-                  external_sets: Sequence) -> tuple[StudyData, list[Cell]]:
-    """The run folder's settings and data stages (under the folder's ``run`` claim), and the cells."""
+                  external_sets: Sequence, synthetic_from: Path | None = None) -> tuple[StudyData, list[Cell]]:
+    """The run folder's settings and data stages (under the folder's ``run`` claim), the generator
+    fits reused from ``synthetic_from`` (under it too), and the cells."""
     run_dir.mkdir(parents=True, exist_ok=True)
     source = "phantom" if data is None else str(Path(data).resolve())
     with claim(run_dir, "run"):  # other workers on this folder wait until its settings and split are written
@@ -123,7 +127,12 @@ def prepare_study(config: StudyConfig, run_dir: Path, data: Path | None, split_f
     if config.run.seeds < 3:
         log.warning("run.seeds=%d: with fewer than 3 classifier seeds per fold the intervals barely see training "
                     "randomness (the A/A row shows how much); use run.seeds=5 for a verdict", config.run.seeds)
-    return study, study_cells(config, folds)
+    cells = study_cells(config, folds)
+    if synthetic_from is not None:
+        fits = dict.fromkeys((c.generator, c.fold, c.generator_key) for c in cells if c.method != REFERENCE)
+        with claim(run_dir, "run"):
+            reuse_fits(synthetic_from, run_dir, config, study.split, source, list(fits))
+    return study, cells
 
 
 def open_tracker(config: StudyConfig, run_dir: Path):

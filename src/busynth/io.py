@@ -158,6 +158,16 @@ def write_dir_atomic(final: str | Path, writer: Callable[[Path], Any]) -> Path:
     return final
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """``shutil.copytree``'s copy function that hard-links a file (no second copy of a generator's
+    weights) and copies it where a link cannot be made (another filesystem). Safe because busynth
+    never rewrites a file in place: every write is a new file renamed over the old name."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _discard(remove: Callable[[], Any]) -> None:
     """Remove a temporary file or folder, ignoring failures (a read-only or full disk must not
     hide the error that stopped the write)."""

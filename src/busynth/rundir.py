@@ -10,6 +10,7 @@ rerun that changes either is refused, naming the fields, so results are never mi
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from busynth.data.records import Record
 from busynth.data.splits import Split, make_split, read_split
 from busynth.errors import RunStateError
 from busynth.generators.base import parse_settings
-from busynth.io import changed_keys, read_json, write_json, write_text
+from busynth.io import changed_keys, link_or_copy, read_json, write_dir_atomic, write_json, write_text
 from busynth.presets import build_config, dump_config
 from busynth.registry import REFERENCE, cell_folder
 
@@ -158,21 +159,80 @@ def method_settings(method: str, config: StudyConfig) -> dict:
     return parse_settings(method, config.generators.get(method, {})).model_dump(mode="json")
 
 
+def changed_method_settings(method: str, saved: dict, config: StudyConfig) -> list[str]:
+    """``generators.<method>.<field>`` for each setting of ``method`` in ``config`` that differs from
+    ``saved`` (a ``settings.json``); a setting added to busynth since counts as unchanged at its default."""
+    defaults = {} if method == REFERENCE else parse_settings(method, {}, fit_inputs=False).model_dump(mode="json")
+    return [f"generators.{method}.{c}" for c in changed_keys(saved, method_settings(method, config), defaults)]
+
+
 def check_method_settings(run_dir: Path, methods: Sequence[str], config: StudyConfig) -> None:
     """Record each method's settings in ``cells/<method>/settings.json`` on first use; refuse a
-    rerun whose settings for a method differ, naming the changed fields. A setting added to busynth
-    since the folder was started counts as unchanged at its default."""
+    rerun whose settings for a method differ, naming the changed fields."""
     for method in methods:
         path = cell_folder(run_dir, method) / "settings.json"
-        mine = method_settings(method, config)
         if path.exists():
-            defaults = {} if method == REFERENCE else (
-                parse_settings(method, {}, fit_inputs=False).model_dump(mode="json"))
-            changed = changed_keys(read_json(path), mine, defaults)
+            changed = changed_method_settings(method, read_json(path), config)
             if changed:
                 raise RunStateError(
                     f"run folder {run_dir}: method {method!r} was run with other settings; changed: "
-                    f"{', '.join(f'generators.{method}.{c}' for c in changed[:8])}. Use a new --out folder."
+                    f"{', '.join(changed[:8])}. Use a new --out folder."
                 )
         else:
-            write_json(path, mine)
+            write_json(path, method_settings(method, config))
+
+
+# generators/reused.json: which fits (``<method>/<fold>_<seed>``) came from which run folder.
+REUSED = "reused.json"
+
+
+def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, data_source: str,
+               fits: Sequence[tuple[str, int, str]]) -> list[str]:
+    """``--synthetic-from``: link another run folder's finished generator fits and synthetic sets
+    (``generators/<method>/<key>/``, ``synthetic/<method>/<key>/``) into this one for each
+    ``(method, fold, key)`` in ``fits`` this run has not started itself, so a study of another
+    task or classifier reuses hours of generator training. Refused, naming what differs, unless the
+    other run drew on the same images (data source and ``data``/``phantom`` settings), sampled with the
+    same ``synthesis`` settings, ran the method with the same settings and fitted the generator on
+    exactly this run's training images of the fold. Fits the other run lacks are made here as usual.
+    Returns the fits linked now (also listed in ``generators/reused.json``)."""
+    source = Path(source)
+    where = f"--synthetic-from {source}"
+    if source.resolve() == Path(run_dir).resolve():
+        raise RunStateError(f"{where}: that is this run's own folder")
+    other = run_config(source)
+    info = read_json(source / "run.json") if (source / "run.json").is_file() else {}
+    if info.get("data") != data_source:
+        raise RunStateError(f"{where}: its images are {info.get('data')}, this run's are {data_source}")
+    sections = ("data", "phantom", "synthesis")
+    old, new, defaults = (c.model_dump(mode="json") for c in (other, config, StudyConfig()))
+    changed = changed_keys({k: old[k] for k in sections}, {k: new[k] for k in sections}, {k: defaults[k] for k in sections})
+    if changed:
+        raise RunStateError(f"{where}: made with other settings; changed: {', '.join(changed[:8])}")
+    reused_path = Path(run_dir) / "generators" / REUSED
+    reused = read_json(reused_path) if reused_path.is_file() else {}
+    linked = []
+    for method, fold, key in fits:
+        theirs = [source / "generators" / method / key, source / "synthetic" / method / key]
+        mine = [Path(run_dir) / "generators" / method / key, Path(run_dir) / "synthetic" / method / key]
+        if not ((theirs[0] / "generator.json").is_file() and (theirs[1] / "done.json").is_file()) \
+                or any(m.exists() for m in mine):
+            continue  # not finished there, or this run's own (finished or under way): made or kept here
+        saved = cell_folder(source, method) / "settings.json"
+        changed = changed_method_settings(method, read_json(saved) if saved.is_file() else method_settings(method, other),
+                                          config)
+        if changed:
+            raise RunStateError(f"{where}: method {method!r} was run there with other settings; changed: "
+                                f"{', '.join(changed[:8])}")
+        if sorted(read_json(theirs[0] / "generator.json").get("train_ids", [])) != sorted(split.ids(fold, "train")):
+            raise RunStateError(f"{where}: generators/{method}/{key} was fitted on other images than this run's "
+                                f"training part of fold {fold} (the two data/split.csv differ)")
+        for src, dst in zip(theirs, mine):  # the fit first: one killed before its set is linked samples the set here
+            write_dir_atomic(dst, lambda tmp, src=src: shutil.copytree(src, tmp, dirs_exist_ok=True,
+                                                                        copy_function=link_or_copy))
+        reused[f"{method}/{key}"] = str(source.resolve())
+        linked.append(f"{method}/{key}")
+    if linked:
+        write_json(reused_path, reused)
+        log.info("%s: reused %d generator fit(s) and synthetic set(s): %s", where, len(linked), ", ".join(linked))
+    return linked
