@@ -204,7 +204,7 @@ def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, d
     info = read_json(source / "run.json") if (source / "run.json").is_file() else {}
     if info.get("data") != data_source:
         raise RunStateError(f"{where}: its images are {info.get('data')}, this run's are {data_source}")
-    sections = ("data", "phantom", "synthesis")
+    sections = ("data", "phantom", "synthesis") if data_source == "phantom" else ("data", "synthesis")
     old, new, defaults = (c.model_dump(mode="json") for c in (other, config, StudyConfig()))
     changed = changed_keys({k: old[k] for k in sections}, {k: new[k] for k in sections}, {k: defaults[k] for k in sections})
     if changed:
