@@ -45,7 +45,7 @@ from busynth.generators.base import (
 )
 from busynth.io import derived_seed, read_json, read_png, read_png_mask, remove_tree, write_json, write_text
 from busynth.locks import claim
-from busynth.registry import FILTERED, REFERENCE, arm_parts, bases, cell_folder, cell_key
+from busynth.registry import FILTERED, REFERENCE, arm_parts, bases, cell_folder, cell_key, fit_outputs
 from busynth.rundir import StudyData
 from busynth.segment.metrics import SCORES, segmentation_scores
 from busynth.segment.train import fit_segmenter, predict_masks
@@ -225,11 +225,6 @@ def read_synthetic(folder: Path, method: str) -> list[Record]:
 def _unit(run_dir: Path, folder: Path) -> str:
     """The claim name (``busynth.locks``) of a folder of the run: its path in the run folder."""
     return Path(folder).relative_to(run_dir).as_posix()
-
-
-def fit_outputs(method: str, key: str, run_dir: Path) -> list[tuple[Path, str]]:
-    """A generator fit's folders -- the fit, its synthetic set -- each with the file written last."""
-    return [(run_dir / "generators" / method / key, "generator.json"), (run_dir / "synthetic" / method / key, "done.json")]
 
 
 def fit_generator(method: str, fold: int, generator_seed: int, config: StudyConfig, study: StudyData,

@@ -31,7 +31,6 @@ from busynth.cells import (
     Cell,
     cell_unit,
     fit_generator,
-    fit_outputs,
     needs_held,
     prepare_generator,
     run_cell,
@@ -44,7 +43,7 @@ from busynth.config import StudyConfig
 from busynth.errors import BusynthError
 from busynth.locks import claim, each_claimed
 from busynth.progress import format_duration
-from busynth.registry import REFERENCE, bases, cell_key
+from busynth.registry import REFERENCE, bases, cell_key, fit_outputs
 from busynth.rundir import StudyData
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from busynth.errors import RunStateError
 from busynth.generators.base import parse_settings
 from busynth.io import changed_keys, link_or_copy, read_json, write_dir_atomic, write_json, write_text
 from busynth.presets import build_config, dump_config
-from busynth.registry import REFERENCE, cell_folder
+from busynth.registry import REFERENCE, cell_folder, fit_outputs
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,15 @@ def prepare_data(config: StudyConfig, data: Path | None, run_dir: Path, split_fi
     return StudyData(records=records, audit=audit, split=split, source=source)
 
 
+def changed_sections(old: dict, config: StudyConfig, sections: Sequence[str]) -> list[str]:
+    """Dotted names of the settings in ``sections`` that differ between ``old`` (a config dict, e.g. a
+    run folder's config.yaml) and ``config``; a setting added to busynth since ``old`` was written
+    counts as unchanged at its default."""
+    new, defaults = config.model_dump(mode="json"), StudyConfig().model_dump(mode="json")
+    return changed_keys({k: old.get(k) or {} for k in sections}, {k: new[k] for k in sections},
+                        {k: defaults[k] for k in sections})
+
+
 def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
     """Create the run folder, or check that an existing one was made with the same settings.
 
@@ -105,10 +114,7 @@ def open_run_dir(run_dir: Path, config: StudyConfig, source: str) -> None:
         info = read_json(info_path)
         if info.get("fingerprint") != fingerprint or info.get("data") != source:
             old = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-            # a setting added to busynth since the folder was started counts as unchanged at its default
-            new, defaults = config.model_dump(mode="json"), StudyConfig().model_dump(mode="json")
-            changed = changed_keys({k: old.get(k) or {} for k in sections}, {k: new[k] for k in sections},
-                                   {k: defaults[k] for k in sections})
+            changed = changed_sections(old, config, sections)
             if info.get("data") != source:
                 changed.insert(0, f"data source ({info.get('data')} -> {source})")
             old_task = (old.get("run") or {}).get("task", "classification")
@@ -205,18 +211,16 @@ def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, d
     if info.get("data") != data_source:
         raise RunStateError(f"{where}: its images are {info.get('data')}, this run's are {data_source}")
     sections = ("data", "phantom", "synthesis") if data_source == "phantom" else ("data", "synthesis")
-    old, new, defaults = (c.model_dump(mode="json") for c in (other, config, StudyConfig()))
-    changed = changed_keys({k: old[k] for k in sections}, {k: new[k] for k in sections}, {k: defaults[k] for k in sections})
+    changed = changed_sections(other.model_dump(mode="json"), config, sections)
     if changed:
         raise RunStateError(f"{where}: made with other settings; changed: {', '.join(changed[:8])}")
     reused_path = Path(run_dir) / "generators" / REUSED
     reused = read_json(reused_path) if reused_path.is_file() else {}
     linked = []
     for method, fold, key in fits:
-        theirs = [source / "generators" / method / key, source / "synthetic" / method / key]
-        mine = [Path(run_dir) / "generators" / method / key, Path(run_dir) / "synthetic" / method / key]
-        if not ((theirs[0] / "generator.json").is_file() and (theirs[1] / "done.json").is_file()) \
-                or any(m.exists() for m in mine):
+        (their_fit, fitted), (their_set, sampled) = fit_outputs(method, key, source)
+        mine = [folder for folder, _ in fit_outputs(method, key, run_dir)]
+        if not ((their_fit / fitted).is_file() and (their_set / sampled).is_file()) or any(m.exists() for m in mine):
             continue  # not finished there, or this run's own (finished or under way): made or kept here
         saved = cell_folder(source, method) / "settings.json"
         changed = changed_method_settings(method, read_json(saved) if saved.is_file() else method_settings(method, other),
@@ -224,10 +228,10 @@ def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, d
         if changed:
             raise RunStateError(f"{where}: method {method!r} was run there with other settings; changed: "
                                 f"{', '.join(changed[:8])}")
-        if sorted(read_json(theirs[0] / "generator.json").get("train_ids", [])) != sorted(split.ids(fold, "train")):
+        if sorted(read_json(their_fit / fitted).get("train_ids", [])) != sorted(split.ids(fold, "train")):
             raise RunStateError(f"{where}: generators/{method}/{key} was fitted on other images than this run's "
                                 f"training part of fold {fold} (the two data/split.csv differ)")
-        for src, dst in zip(theirs, mine):  # the fit first: one killed before its set is linked samples the set here
+        for src, dst in zip((their_fit, their_set), mine):  # the fit first: one killed before its set is linked samples the set here
             write_dir_atomic(dst, lambda tmp, src=src: shutil.copytree(src, tmp, dirs_exist_ok=True,
                                                                         copy_function=link_or_copy))
         reused[f"{method}/{key}"] = str(source.resolve())
