@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy.special import expit
 from typer.testing import CliRunner
 
@@ -24,7 +25,14 @@ from busynth.errors import ConfigError, RunStateError
 from busynth.io import fit_key
 from busynth.presets import load_config
 from busynth.segment.metrics import segmentation_scores
-from busynth.segment.train import SegmenterStage, build_segmenter, fit_segmenter, predict_masks
+from busynth.segment.train import (
+    SegmenterFit,
+    SegmenterStage,
+    build_segmenter,
+    fit_segmenter,
+    load_segmenter,
+    predict_masks,
+)
 
 runner = CliRunner()
 
@@ -50,14 +58,27 @@ def test_resampled_score_is_the_weighted_mean_of_the_per_image_scores() -> None:
     np.testing.assert_allclose(weighted_metric("hd95", y, scores, w, None), [14 / 3, 11 / 3])
 
 
-@pytest.mark.parametrize(("arch", "deep"), [("unet", 0), ("attention_unet", 0), ("dynunet", 1)])
+def tiny_resnet(folder: Path, seed: int = 0) -> Path:
+    """A random ResNet image classifier saved as the hub's are (``resnet.*`` weights, a head), 4 stages."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
+    ResNetForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("arch", "deep"), [("unet", 0), ("attention_unet", 0), ("dynunet", 1), ("backbone_unet", 0)])
 def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: str, deep: int) -> None:
     pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 4, "benign": 40, "malignant": 40},
                                                     size=32)))
     assert len(pairs) == 80  # normal images have no lesion: not segmentation pairs
     train, test = pairs[:56], pairs[56:]
-    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=40, batch_size=8, lr=5e-3,
-                          eval_every=10, checkpoint_every=10, arch=arch, deep_supervision=deep)
+    levels = {"channels": [8, 16, 32], "strides": [2, 2]}
+    if arch == "backbone_unet":  # a decoder level per stage of the backbone
+        levels = {"channels": [8, 16, 32, 32], "backbone": str(tiny_resnet(tmp_path / "resnet"))}
+    cfg = SegmenterConfig(image_size=32, epochs=40, batch_size=8, lr=5e-3, eval_every=10, checkpoint_every=10,
+                          arch=arch, deep_supervision=deep, **levels)
     fit = fit_segmenter(stack_images(train, 32), stack_masks(train, 32), stack_images(test[:8], 32),
                         stack_masks(test[:8], 32), cfg, tmp_path, cpu=True)
     assert fit.steps == 40 * 7 and [r["epoch"] for r in fit.history][-1] == 39
@@ -69,7 +90,8 @@ def test_segmenter_learns_lesions_of_32px_phantom_pairs(tmp_path: Path, arch: st
                           stack_masks(test[:8], 32), cfg.model_copy(update={"tta": True}), tmp_path,
                           cpu=True)  # finished: loaded, not retrained (mirror averaging is not part of training)
     np.testing.assert_array_equal(predict_masks(again.model, images), predict_masks(fit.model, images))
-    assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet", "dynunet": "DynUNet"}[arch]
+    assert type(fit.model).__name__ == {"unet": "UNet", "attention_unet": "AttentionUnet", "dynunet": "DynUNet",
+                                        "backbone_unet": "BackboneUNet"}[arch]
 
 
 def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_path: Path) -> None:
@@ -95,22 +117,21 @@ def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_p
     assert stage.model(batch["images"].float() / 255).shape == (4, 1, 32, 32)
     with pytest.raises(ValueError, match="deep_supervision needs segmenter.arch=dynunet"):
         SegmenterConfig(deep_supervision=1, arch="attention_unet")
-    with pytest.raises(ValueError, match="num_res_units=2 has no effect with segmenter.arch=attention_unet"):
-        SegmenterConfig(num_res_units=2, arch="attention_unet")
+    for arch in ("attention_unet", "backbone_unet"):
+        with pytest.raises(ValueError, match=f"num_res_units=2 has no effect with segmenter.arch={arch}"):
+            SegmenterConfig(num_res_units=2, arch=arch, backbone="org/model" if arch == "backbone_unet" else None)
     with pytest.raises(ValueError, match="at most len\\(strides\\) - 1 = 2"):
         SegmenterConfig(deep_supervision=3, arch="dynunet")
 
 
-def test_an_interrupted_deeply_supervised_dynunet_resumes_to_the_uninterrupted_weights(tmp_path: Path,
-                                                                                      monkeypatch) -> None:
+def fit_whole_and_killed_in_epoch_2(cfg: SegmenterConfig, tmp_path: Path, monkeypatch) -> tuple[tuple, SegmenterFit]:
+    """Fit ``cfg`` on 20 phantom pairs (4 validation) in ``full/``, then again in ``cut/``, interrupted
+    in epoch 2 (after its checkpoints of epochs 0 and 1); returns the data and the whole fit."""
     pairs = lesion_pairs(make_phantom(PhantomConfig(n_per_class={"normal": 2, "benign": 12, "malignant": 12},
                                                     size=32)))
     data = (stack_images(pairs[:20], 32), stack_masks(pairs[:20], 32), stack_images(pairs[20:], 32),
             stack_masks(pairs[20:], 32))
-    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=4, batch_size=8,
-                          arch="dynunet", deep_supervision=1, ema_epochs=1.0, eval_every=1, checkpoint_every=1)
     full = fit_segmenter(*data, cfg, tmp_path / "full", seed=3, cpu=True)
-
     end_epoch = SegmenterStage.end_epoch
 
     def killed_in_epoch_2(self, epoch, *args, **kwargs):
@@ -122,6 +143,14 @@ def test_an_interrupted_deeply_supervised_dynunet_resumes_to_the_uninterrupted_w
     with pytest.raises(KeyboardInterrupt):
         fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
     monkeypatch.setattr(SegmenterStage, "end_epoch", end_epoch)
+    return data, full
+
+
+def test_an_interrupted_deeply_supervised_dynunet_resumes_to_the_uninterrupted_weights(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32], strides=[2, 2], epochs=4, batch_size=8,
+                          arch="dynunet", deep_supervision=1, ema_epochs=1.0, eval_every=1, checkpoint_every=1)
+    data, full = fit_whole_and_killed_in_epoch_2(cfg, tmp_path, monkeypatch)
     assert [c.name for c in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-6"]  # after epochs 0 and 1
     state_file = tmp_path / "cut" / "checkpoint-6" / "state.json"
     state = json.loads(state_file.read_text())
@@ -157,6 +186,67 @@ def test_the_segmenters_norm_setting_is_the_norm_it_trains_with(arch: str) -> No
     assert {c for n, c in instance if n == "InstanceNorm2d"} >= {8, 16}
     if arch == "attention_unet":
         assert ("BatchNorm2d", 1) in instance
+
+
+def test_a_backbone_unet_starts_from_the_saved_weights_and_resumes_from_its_own(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    saved = load_file(tiny_resnet(tmp_path / "resnet", seed=1) / "model.safetensors")
+    cfg = SegmenterConfig(image_size=32, channels=[8, 16, 32, 32], epochs=4, batch_size=8, eval_every=1,
+                          checkpoint_every=1, arch="backbone_unet", backbone=str(tmp_path / "resnet"))
+    encoder = build_segmenter(cfg).backbone.state_dict()
+    assert encoder.keys() == {k.removeprefix("resnet.") for k in saved if k.startswith("resnet.")}
+    for key, value in encoder.items():  # the hub layout's weights, the classifier head left out
+        torch.testing.assert_close(value, saved[f"resnet.{key}"], rtol=0, atol=0)
+    fresh = build_segmenter(cfg, pretrained=False).backbone.state_dict()  # the architecture only
+    assert not torch.equal(fresh["encoder.stages.0.layers.0.layer.0.convolution.weight"],
+                           encoder["encoder.stages.0.layers.0.layer.0.convolution.weight"])
+
+    data, full = fit_whole_and_killed_in_epoch_2(cfg, tmp_path, monkeypatch)
+    (tmp_path / "resnet" / "model.safetensors").unlink()  # a resumed fit reads its weights from its checkpoint
+    resumed = fit_segmenter(*data, cfg, tmp_path / "cut", seed=3, cpu=True)
+    assert resumed.steps == full.steps == 4 * 3
+    for key, value in full.model.state_dict().items():  # the backbone's batch-norm statistics included
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    np.testing.assert_array_equal(predict_masks(load_segmenter(tmp_path / "cut", cfg), data[2]),
+                                  predict_masks(full.model, data[2]))
+
+
+def test_a_backbone_the_decoder_cannot_use_is_refused_naming_the_setting(tmp_path: Path, monkeypatch) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
+
+    with pytest.raises(ValueError, match="arch=backbone_unet needs segmenter.backbone"):
+        SegmenterConfig(arch="backbone_unet")
+    with pytest.raises(ValueError, match="segmenter.backbone needs segmenter.arch=backbone_unet, got arch=unet"):
+        SegmenterConfig(backbone="org/model")
+    with pytest.raises(ValueError, match="no such folder"):
+        SegmenterConfig(arch="backbone_unet", backbone=str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not a model folder \\(no config.json\\)"):
+        SegmenterConfig(arch="backbone_unet", backbone=str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)  # a folder is kept as an absolute path: Ray workers may start elsewhere
+    tiny_resnet(tmp_path / "resnet")
+    assert SegmenterConfig(arch="backbone_unet", backbone="resnet").backbone == str(tmp_path / "resnet")
+
+    def build(folder: Path, **settings) -> None:
+        build_segmenter(SegmenterConfig(image_size=32, arch="backbone_unet", backbone=str(folder), **settings))
+
+    with pytest.raises(ConfigError, match="segmenter.channels needs at least 4 entries"):
+        build(tmp_path / "resnet", channels=[8, 16, 32])
+    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "text")
+    with pytest.raises(ConfigError, match="no backbone for a 'clip_text_model' model"):
+        build(tmp_path / "text")
+    Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
+                             patch_size=4, image_size=32)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="stages are at strides \\[4, 4\\]"):  # one resolution: no pyramid
+        build(tmp_path / "vit")
+    (tmp_path / "resnet" / "model.safetensors").rename(tmp_path / "resnet" / "elsewhere")
+    with pytest.raises(ConfigError, match="segmenter.backbone .*resnet: cannot load ResNetBackbone"):
+        build(tmp_path / "resnet")
+    result = runner.invoke(app, ["config", "--config", "smoke", "--set", "segmenter.arch=backbone_unet",
+                                 "--set", f"segmenter.backbone={tmp_path / 'missing'}"])
+    assert result.exit_code == 2 and "segmenter.backbone" in result.output and "no such folder" in result.output
+    assert "Traceback" not in result.output
 
 
 class _LeftHalfBias(torch.nn.Module):

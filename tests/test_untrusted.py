@@ -286,7 +286,7 @@ def test_pickled_lora_file_is_refused(sd_lora_fit, marker) -> None:
 def test_controlnet_folder_with_only_pickled_weights_is_refused(sd_folders, tmp_path, marker) -> None:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from busynth.generators.diffusion.components import from_pretrained
+    from busynth.checkpoint import from_pretrained
 
     unet = UNet2DConditionModel.from_pretrained(sd_folders / "a", subfolder="unet")
     folder = tmp_path / "cn"

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from busynth.errors import RunStateError
+from busynth.errors import BusynthError, RunStateError
 from busynth.io import remove_tree, write_dir_atomic, write_json
 
 WEIGHTS = "weights.safetensors"
@@ -122,3 +122,19 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None = None
             raise RunStateError(f"{folder / OPTIMIZER}: no param_groups in its metadata (not a busynth checkpoint)")
         load_optimizer_tensors(optimizer, tensors, metadata["param_groups"])
     return weights
+
+
+def from_pretrained(cls: Any, source: str | Path, *, what: str, error: type[BusynthError] = RunStateError,
+                    weights: bool = True, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source, **kwargs)``, with ``use_safetensors=True`` when ``cls`` has
+    weights (a pickled ``*.bin`` is never read); a folder or hub id that cannot be loaded raises
+    ``error`` naming ``what`` and ``source``. Returns the loaded object."""
+    if weights:
+        kwargs["use_safetensors"] = True
+    try:
+        return cls.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        sub = f" ({kwargs['subfolder']}/)" if kwargs.get("subfolder") else ""
+        detail = " ".join(str(exc).split())[:400].rstrip(".")
+        raise error(f"{what} {source}{sub}: cannot load {getattr(cls, '__name__', cls)}: {detail}. busynth reads "
+                    "model weights only from safetensors files.") from None

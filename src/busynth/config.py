@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from busynth.io import fit_key
+from busynth.io import check_model_source, fit_key
 from busynth.registry import available_methods, makes_masks, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,13 @@ class SegmenterConfig(_Strict):
     # unet: MONAI's UNet (residual units); attention_unet: MONAI's AttentionUnet (Oktay et al. 2018:
     # attention gates on the skip connections; num_res_units has no effect); dynunet: MONAI's DynUNet, the
     # nnU-Net layout (Isensee et al. 2021: two 3x3 convolutions per level, leaky ReLU, transposed-conv
-    # upsampling; residual blocks when num_res_units > 0) with optional deep supervision.
-    arch: Literal["unet", "attention_unet", "dynunet"] = "unet"
+    # upsampling; residual blocks when num_res_units > 0) with optional deep supervision; backbone_unet:
+    # the pretrained image backbone segmenter.backbone as the encoder (transformers), MONAI's U-Net
+    # decoder on its stages, whose widths are segmenter.channels read from the last (strides unused).
+    arch: Literal["unet", "attention_unet", "dynunet", "backbone_unet"] = "unet"
+    # backbone_unet only: a transformers vision model with a backbone (ResNet, ConvNeXt, ...), as a hub
+    # id ("microsoft/resnet-34") or a local folder of save_pretrained, weights read from safetensors.
+    backbone: str | None = None
     # dynunet only: this many extra lesion heads on the decoder's coarser levels, each trained on the
     # same loss at weights 1/2, 1/4, ... of the main head's (MONAI's DeepSupervisionLoss); test
     # predictions use the main head alone.
@@ -382,16 +388,29 @@ class SegmenterConfig(_Strict):
     checkpoint_every: int = Field(default=5, ge=1)
     mixed_precision: MixedPrecision = "no"
 
+    @field_validator("backbone")
+    @classmethod
+    def _backbone_is_a_model(cls, v: str | None) -> str | None:
+        if v is None or not Path(check_model_source(v, "config.json")).expanduser().exists():
+            return v  # a hub id
+        return str(Path(v).expanduser().resolve())  # a folder: the same for every worker, whatever its cwd
+
     @model_validator(mode="after")
-    def _one_stride_per_level(self) -> SegmenterConfig:
+    def _settings_fit_the_arch(self) -> SegmenterConfig:
+        if (self.arch == "backbone_unet") != (self.backbone is not None):
+            raise ValueError("segmenter.arch=backbone_unet needs segmenter.backbone (a hub id or a model folder)"
+                             if self.backbone is None else
+                             f"segmenter.backbone needs segmenter.arch=backbone_unet, got arch={self.arch}")
+        if self.arch in ("attention_unet", "backbone_unet") and self.num_res_units != 1:  # 1: the default
+            raise ValueError(f"segmenter.num_res_units={self.num_res_units} has no effect with "
+                             f"segmenter.arch={self.arch}; use unet or dynunet")
+        if self.deep_supervision and self.arch != "dynunet":
+            raise ValueError(f"segmenter.deep_supervision needs segmenter.arch=dynunet, got arch={self.arch}")
+        if self.arch == "backbone_unet":
+            return self  # the backbone's stages set the strides (checked when it is built)
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"segmenter.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
                              f"got {len(self.strides)}")
-        if self.arch == "attention_unet" and self.num_res_units != 1:  # 1: the default, in every saved config
-            raise ValueError(f"segmenter.num_res_units={self.num_res_units} has no effect with "
-                             f"segmenter.arch=attention_unet (two plain convolutions per level); use unet or dynunet")
-        if self.deep_supervision and self.arch != "dynunet":
-            raise ValueError(f"segmenter.deep_supervision needs segmenter.arch=dynunet, got arch={self.arch}")
         if self.deep_supervision > len(self.strides) - 1:
             raise ValueError(f"segmenter.deep_supervision can be at most len(strides) - 1 = {len(self.strides) - 1} "
                              f"(heads on levels above the bottleneck), got {self.deep_supervision}")

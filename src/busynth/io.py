@@ -296,3 +296,23 @@ def changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
+
+
+# A hub id as huggingface_hub accepts one: 'name' or 'org/name'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(value: str, marker: str) -> str:
+    """Validate a hub id or a local model folder: a path that exists must be a folder holding
+    ``marker`` (``model_index.json`` for a pipeline, ``config.json`` for one model); a path that
+    does not exist is refused unless it reads as a hub id (``org/name``). Returns ``value``."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is a file, not a model folder")
+        if not (path / marker).is_file():
+            raise ValueError(f"{value!r} is not a model folder (no {marker})")
+        return value
+    if _HUB_ID.match(value) and ".." not in value:
+        return value  # a hub id: resolved (or refused) when it is loaded
+    raise ValueError(f"{value!r}: no such folder (a hub id looks like 'org/name')")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from busynth.accel import local_rows
+from busynth.checkpoint import list_checkpoints
 from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
 from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
@@ -40,9 +41,14 @@ class SegmenterFit:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
-    """MONAI's 2-D UNet, AttentionUnet or DynUNet (``segmenter.arch``): one input channel (grayscale),
-    one output channel (the lesion logit)."""
+def build_segmenter(cfg: SegmenterConfig, pretrained: bool = True) -> nn.Module:
+    """MONAI's 2-D UNet, AttentionUnet or DynUNet, or a U-Net on a pretrained backbone (``segmenter.arch``;
+    its pretrained weights unless ``pretrained`` is False): one input channel (grayscale), one output
+    channel (the lesion logit)."""
+    if cfg.arch == "backbone_unet":
+        from busynth.segment.backbone import build_backbone_unet  # imports transformers
+
+        return build_backbone_unet(cfg, pretrained)
     # MONAI is imported where it is used: its package import takes seconds (it loads all of its
     # networks), paid by every process that imports the study code (each Ray worker too).
     from monai.networks.nets import AttentionUnet, DynUNet, UNet
@@ -156,7 +162,9 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     n_real = len(images) if n_real is None else n_real
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    stage = SegmenterStage(build_segmenter(cfg), cfg, n_real, len(images) - n_real, (val_images, val_masks), out_dir)
+    # A fit under way or done gets its weights from its folder: the backbone's are read only to start.
+    fresh = not (out_dir / BEST).exists() and not list_checkpoints(out_dir)
+    stage = SegmenterStage(build_segmenter(cfg, pretrained=fresh), cfg, n_real, len(images) - n_real, (val_images, val_masks), out_dir)
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("eval_every", "checkpoint_every", "tta")}
     identity = {"n_real": n_real, "data_hash": data_hash(images, masks, val_images, val_masks),
                 **{f"segmenter.{k}": v for k, v in settings.items()}}
@@ -171,4 +179,4 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
 
 def load_segmenter(out_dir: Path, cfg: SegmenterConfig) -> nn.Module:
     """The kept weights of a segmenter folder (``best.safetensors``, read with safetensors), eval mode."""
-    return load_best_weights(build_segmenter(cfg), Path(out_dir))
+    return load_best_weights(build_segmenter(cfg, pretrained=False), Path(out_dir))

@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from busynth.checkpoint import from_pretrained
 from busynth.errors import BusynthError, ConfigError, RunStateError
 from busynth.generators.diffusion.settings import TinyModelConfig
 
@@ -160,22 +161,6 @@ def build_tiny_components(cfg: TinyModelConfig, image_size: int, prompts: Sequen
 
 
 # --- loading saved or pretrained models: safetensors only, clear errors ------------------------
-
-def from_pretrained(cls: Any, source: str | Path, *, what: str, error: type[BusynthError] = RunStateError,
-                    weights: bool = True, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(source, **kwargs)``, with ``use_safetensors=True`` when ``cls`` has
-    weights (a pickled ``*.bin`` is never read); a folder or hub id that cannot be loaded raises
-    ``error`` naming ``what`` and ``source``. Returns the loaded object."""
-    if weights:
-        kwargs["use_safetensors"] = True
-    try:
-        return cls.from_pretrained(str(source), **kwargs)
-    except (OSError, ValueError) as exc:
-        sub = f" ({kwargs['subfolder']}/)" if kwargs.get("subfolder") else ""
-        detail = " ".join(str(exc).split())[:400].rstrip(".")
-        raise error(f"{what} {source}{sub}: cannot load {getattr(cls, '__name__', cls)}: {detail}. busynth reads "
-                    "model weights only from safetensors files.") from None
-
 
 def load_pretrained_components(source: str | Path, dtype: torch.dtype = torch.float32, *,
                                what: str = "model folder", error: type[BusynthError] = RunStateError) -> Components:

@@ -49,7 +49,7 @@ from diffusers import (
 from pydantic import BaseModel
 from safetensors.torch import save_file
 
-from busynth.checkpoint import read_safetensors
+from busynth.checkpoint import from_pretrained, read_safetensors
 from busynth.data.records import Record
 from busynth.engine import train_stage
 from busynth.errors import ConfigError, RunStateError
@@ -62,7 +62,6 @@ from busynth.generators.base import (
 from busynth.generators.diffusion.components import (
     Components,
     freeze,
-    from_pretrained,
     move_to,
     weight_dtype,
 )

@@ -32,7 +32,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from pydantic import BaseModel
 from safetensors.torch import save_file
 
-from busynth.checkpoint import read_safetensors
+from busynth.checkpoint import from_pretrained, read_safetensors
 from busynth.data.records import Record
 from busynth.data.transforms import stack_images
 from busynth.engine import StageConfig, train_stage
@@ -41,7 +41,6 @@ from busynth.generators.base import Generator, Synthetic, read_generator_info, s
 from busynth.generators.diffusion.components import (
     Components,
     freeze,
-    from_pretrained,
     load_components,
     load_pretrained_components,
     move_to,

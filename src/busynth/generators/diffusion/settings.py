@@ -8,7 +8,6 @@ from here.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from busynth.config import MixedPrecision, SamplingPrecision
 from busynth.engine import StageConfig, stage_over_defaults
 from busynth.generators.diffusion.masks import MaskTransformConfig
+from busynth.io import check_model_source
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -72,25 +72,6 @@ class TinyModelConfig(BaseModel):
     def vae_factor(self) -> int:
         """Downsampling factor of the autoencoder (2 ** (blocks - 1))."""
         return 2 ** (len(self.vae_channels) - 1)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def check_model_source(value: str, marker: str) -> str:
-    """Validate a hub id or a local model folder: a path that exists must be a folder holding
-    ``marker`` (``model_index.json`` for a pipeline, ``config.json`` for one model); a path that
-    does not exist is refused unless it reads as a hub id (``org/name``). Returns ``value``."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{value!r} is a file, not a model folder")
-        if not (path / marker).is_file():
-            raise ValueError(f"{value!r} is not a diffusers model folder (no {marker})")
-        return value
-    if _HUB_ID.match(value) and ".." not in value:
-        return value  # a hub id: resolved (or refused) when it is loaded
-    raise ValueError(f"{value!r}: no such folder (a hub id looks like 'org/name')")
 
 
 def local_vae_factor(source: str | Path) -> int | None:
