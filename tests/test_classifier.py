@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import tiny_resnet
+from safetensors.torch import load_file
 from torch import nn
 
 import busynth.classify.train as train_mod
@@ -100,6 +102,32 @@ def test_timm_model_wrapped_and_weight_failure_is_config_error(monkeypatch) -> N
     assert model(x).shape == (2, N_CLASSES) and model.features(x).shape == (2, 6)
     with pytest.raises(ConfigError, match="pretrained=false"):
         build_classifier(tiny_config(arch="timm:fake", pretrained=True), N_CLASSES)
+
+
+def test_an_hf_backbone_classifier_starts_from_the_saved_weights_and_loads_back_as_it_trained(
+        data, tmp_path: Path, monkeypatch) -> None:
+    saved = load_file(tiny_resnet(tmp_path / "resnet", seed=2) / "model.safetensors")
+    monkeypatch.chdir(tmp_path)  # a folder is kept as an absolute path: Ray workers may start elsewhere
+    cfg = tiny_config(arch="hf:resnet", pretrained=True)
+    assert cfg.arch == f"hf:{tmp_path / 'resnet'}"
+    model = build_classifier(cfg, N_CLASSES)
+    encoder = model.backbone.backbone.state_dict()
+    assert encoder.keys() == {k.removeprefix("resnet.") for k in saved if k.startswith("resnet.")}
+    for key, value in encoder.items():  # the hub layout's weights, the image classifier's head left out
+        torch.testing.assert_close(value, saved[f"resnet.{key}"], rtol=0, atol=0)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    assert model(x).shape == (2, N_CLASSES) and model.features(x).shape == (2, 32) and model.feature_dim == 32
+
+    fit = fit_classifier(*data, cfg, N_CLASSES, tmp_path / "fit", seed=0, cpu=True)
+    (tmp_path / "resnet" / "model.safetensors").unlink()  # a trained classifier has its own weights
+    loaded = load_classifier(tmp_path / "fit", cfg, N_CLASSES)  # as evaluate and the external sets load it
+    images = data[2]
+    np.testing.assert_allclose(predict_proba(loaded, images), predict_proba(fit.model, images),
+                               rtol=0, atol=1e-6)  # the same ImageNet normalisation as in training
+    with pytest.raises(ConfigError, match="classifier.arch .*resnet: cannot load ResNetBackbone"):
+        build_classifier(cfg, N_CLASSES)  # the pretrained weights are gone
+    with pytest.raises(ValueError, match="no such folder"):
+        tiny_config(arch=f"hf:{tmp_path / 'nothing'}")
 
 
 def test_lr_follows_the_engine_schedule_warmup_then_cosine_to_zero(full_run) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import tiny_resnet
 from safetensors.torch import load_file
 from scipy.special import expit
 from typer.testing import CliRunner
@@ -56,16 +57,6 @@ def test_resampled_score_is_the_weighted_mean_of_the_per_image_scores() -> None:
     w = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
     np.testing.assert_allclose(weighted_metric("dice", y, scores, w, None), [0.5, (1.8 + 0.1) / 3])
     np.testing.assert_allclose(weighted_metric("hd95", y, scores, w, None), [14 / 3, 11 / 3])
-
-
-def tiny_resnet(folder: Path, seed: int = 0) -> Path:
-    """A random ResNet image classifier saved as the hub's are (``resnet.*`` weights, a head), 4 stages."""
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    torch.manual_seed(seed)
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
-    ResNetForImageClassification(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize(("arch", "deep"), [("unet", 0), ("attention_unet", 0), ("dynunet", 1), ("backbone_unet", 0)])

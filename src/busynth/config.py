@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from busynth.io import check_model_source, fit_key
+from busynth.io import fit_key, resolve_model_source
 from busynth.registry import available_methods, makes_masks, order_methods, unknown_methods
 
 log = logging.getLogger(__name__)
@@ -137,8 +136,10 @@ class SplitConfig(_Strict):
 class ClassifierConfig(_Strict):
     """The CNN trained on real (+ synthetic) images and scored on real test images."""
 
-    arch: str = "resnet"  # "resnet" (built in) or "timm:<name>" / "torchvision:<name>" when installed
-    pretrained: bool = False
+    # "resnet" (built in), "hf:<hub id or folder>" (a transformers vision model's backbone, its last
+    # stage pooled), or "timm:<name>" / "torchvision:<name>" when installed.
+    arch: str = "resnet"
+    pretrained: bool = False  # the library's weights (hf: the folder's or hub's) and ImageNet normalisation
     image_size: int = Field(default=128, ge=16)
     width: int = Field(default=32, ge=4)
     depth: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1)
@@ -196,6 +197,12 @@ class ClassifierConfig(_Strict):
         if any(d < 1 for d in v):
             raise ValueError(f"every stage needs at least one block, got {v}")
         return v
+
+    @field_validator("arch")
+    @classmethod
+    def _hf_source_is_a_model(cls, v: str) -> str:
+        library, _, source = v.strip().partition(":")
+        return f"hf:{resolve_model_source(source)}" if library == "hf" and source else v
 
     @model_validator(mode="after")
     def _best_needs_every_epoch(self) -> ClassifierConfig:
@@ -391,9 +398,7 @@ class SegmenterConfig(_Strict):
     @field_validator("backbone")
     @classmethod
     def _backbone_is_a_model(cls, v: str | None) -> str | None:
-        if v is None or not Path(check_model_source(v, "config.json")).expanduser().exists():
-            return v  # a hub id
-        return str(Path(v).expanduser().resolve())  # a folder: the same for every worker, whatever its cwd
+        return v if v is None else resolve_model_source(v)
 
     @model_validator(mode="after")
     def _settings_fit_the_arch(self) -> SegmenterConfig:

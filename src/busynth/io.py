@@ -316,3 +316,10 @@ def check_model_source(value: str, marker: str) -> str:
     if _HUB_ID.match(value) and ".." not in value:
         return value  # a hub id: resolved (or refused) when it is loaded
     raise ValueError(f"{value!r}: no such folder (a hub id looks like 'org/name')")
+
+
+def resolve_model_source(value: str, marker: str = "config.json") -> str:
+    """:func:`check_model_source`, a folder returned as an absolute path (the same for every process of
+    a run, whatever its working directory), a hub id as it is."""
+    path = Path(check_model_source(value, marker)).expanduser()
+    return str(path.resolve()) if path.exists() else value

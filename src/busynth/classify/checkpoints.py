@@ -53,5 +53,5 @@ def load_best_weights(model: nn.Module, out_dir: Path) -> nn.Module:
 
 def load_classifier(out_dir: Path, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
     """The best model of a classifier run folder (on CPU, eval mode); never downloads weights."""
-    model = build_classifier(cfg.model_copy(update={"pretrained": False}), n_classes)
+    model = build_classifier(cfg, n_classes, load_weights=False)  # a pretrained one keeps its normalisation
     return load_best_weights(model, Path(out_dir))

@@ -1,4 +1,4 @@
-"""Classifier networks: a compact ResNet for 1-channel images, and timm / torchvision models.
+"""Classifier networks: a compact ResNet for 1-channel images, and transformers / timm / torchvision models.
 
 Every model built here takes float images (N, 1, S, S) in [0, 1] (what
 ``busynth.data.transforms.to_tensor`` returns), normalises them itself, returns
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from busynth.checkpoint import from_pretrained
 from busynth.config import ClassifierConfig
 from busynth.errors import ConfigError
 
@@ -186,11 +187,11 @@ def _weights_error(arch: str, exc: BaseException) -> ConfigError:
     )
 
 
-def _build_timm(name: str, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+def _build_timm(name: str, cfg: ClassifierConfig, n_classes: int, load_weights: bool) -> nn.Module:
     timm = _import_library("timm", cfg.arch)
     try:
         with _bounded_network():
-            backbone = timm.create_model(name, pretrained=cfg.pretrained, in_chans=1, num_classes=0)
+            backbone = timm.create_model(name, pretrained=cfg.pretrained and load_weights, in_chans=1, num_classes=0)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ConfigError(f"classifier.arch={cfg.arch!r}: timm has no model '{name}'") from None
@@ -235,13 +236,13 @@ def _strip_last_linear(model: nn.Module) -> int:
     return int(linear.in_features)
 
 
-def _build_torchvision(name: str, cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+def _build_torchvision(name: str, cfg: ClassifierConfig, n_classes: int, load_weights: bool) -> nn.Module:
     tv_models = _import_library("torchvision", cfg.arch).models
     if name not in tv_models.list_models():
         raise ConfigError(f"classifier.arch={cfg.arch!r}: torchvision has no model '{name}'")
     try:
         with _bounded_network():
-            backbone = tv_models.get_model(name, weights="DEFAULT" if cfg.pretrained else None)
+            backbone = tv_models.get_model(name, weights="DEFAULT" if cfg.pretrained and load_weights else None)
     except Exception as exc:  # urllib / hash / file errors all mean: weights unavailable
         if cfg.pretrained:
             raise _weights_error(cfg.arch, exc) from exc
@@ -252,28 +253,77 @@ def _build_torchvision(name: str, cfg: ClassifierConfig, n_classes: int) -> nn.M
     return BackboneClassifier(backbone, feature_dim, n_classes, cfg.dropout, mean, std)
 
 
-def build_classifier(cfg: ClassifierConfig, n_classes: int) -> nn.Module:
+def load_hf_backbone(source: str, pretrained: bool, what: str) -> nn.Module:
+    """The backbone of the transformers vision model at ``source`` (hub id or folder: ResNet, ConvNeXt,
+    Swin, ...), returning the feature maps of all its stages: its saved weights (``pretrained``, from
+    safetensors) or the same architecture with fresh ones (to receive a trained model's weights).
+    Raises ConfigError naming the setting ``what``."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+
+    config = from_pretrained(AutoConfig, source, what=what, error=ConfigError, weights=False)
+    if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
+        raise ConfigError(f"{what} {source}: transformers has no backbone for a {config.model_type!r} model "
+                          "(use a vision model such as ResNet or ConvNeXt)")
+    # The model type's own backbone class: AutoBackbone.from_pretrained asks the hub whether a local
+    # folder is a repository (transformers 5.25) and fails offline.
+    cls: Any = MODEL_FOR_BACKBONE_MAPPING[type(config)]
+    stages = list(config.stage_names[1:])  # all but the stem
+    if not pretrained:
+        return cls(from_pretrained(AutoConfig, source, what=what, error=ConfigError, weights=False,
+                                   out_features=stages))
+    logger.info("loading the backbone of %s from %s", what, source)
+    return from_pretrained(cls, source, what=what, error=ConfigError, out_features=stages)
+
+
+class PooledStages(nn.Module):
+    """A transformers backbone as a feature extractor: grey images repeated over its input channels,
+    its last stage averaged over space, (N, C)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.in_channels = int(backbone.config.num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) normalised images -> (N, C) features."""
+        return self.backbone(x.expand(-1, self.in_channels, -1, -1)).feature_maps[-1].mean(dim=(2, 3))
+
+
+def _build_hf(source: str, cfg: ClassifierConfig, n_classes: int, load_weights: bool) -> nn.Module:
+    backbone = load_hf_backbone(source, cfg.pretrained and load_weights, "classifier.arch")
+    mean, std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if cfg.pretrained else (0.5, 0.25)
+    return BackboneClassifier(PooledStages(backbone), int(backbone.channels[-1]), n_classes, cfg.dropout, mean, std)
+
+
+def build_classifier(cfg: ClassifierConfig, n_classes: int, load_weights: bool = True) -> nn.Module:
     """The classifier ``cfg.arch`` names, for 1-channel images and ``n_classes`` outputs.
 
-    ``"resnet"`` is the built-in :class:`CompactResNet`; ``"timm:<name>"`` and
-    ``"torchvision:<name>"`` build that library's model when it is installed. The
-    returned module has ``forward(x) -> logits``, ``features(x) -> (N, D)`` and
-    ``feature_dim``. Raises ConfigError for unknown architectures, a missing library,
-    or pretrained weights that cannot be fetched.
+    ``"resnet"`` is the built-in :class:`CompactResNet`; ``"hf:<hub id or folder>"`` the backbone
+    of a transformers vision model (its last stage pooled); ``"timm:<name>"`` and
+    ``"torchvision:<name>"`` build that library's model when it is installed. With
+    ``classifier.pretrained`` the weights are the library's (``load_weights``; False builds the
+    architecture to receive a trained classifier's) and images are normalised with ImageNet's
+    statistics either way. The returned module has ``forward(x) -> logits``,
+    ``features(x) -> (N, D)`` and ``feature_dim``. Raises ConfigError for unknown architectures,
+    a missing library, or pretrained weights that cannot be fetched.
     """
     if n_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {n_classes}")
     arch = cfg.arch.strip()
     if arch == "resnet":
         if cfg.pretrained:
-            raise ConfigError("classifier.pretrained=true needs a timm: or torchvision: classifier.arch")
+            raise ConfigError("classifier.pretrained=true needs an hf:, timm: or torchvision: classifier.arch")
         return CompactResNet(n_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout,
                              mask_head=cfg.mask_weight > 0)
     library, _, name = arch.partition(":")
+    if library == "hf" and name:
+        return _build_hf(name, cfg, n_classes, load_weights)
     if library == "timm" and name:
-        return _build_timm(name, cfg, n_classes)
+        return _build_timm(name, cfg, n_classes, load_weights)
     if library == "torchvision" and name:
-        return _build_torchvision(name, cfg, n_classes)
+        return _build_torchvision(name, cfg, n_classes, load_weights)
     raise ConfigError(
-        f"classifier.arch={cfg.arch!r} is unknown: use 'resnet', 'timm:<model>' or 'torchvision:<model>'"
+        f"classifier.arch={cfg.arch!r} is unknown: use 'resnet', 'hf:<hub id or folder>', 'timm:<model>' or "
+        "'torchvision:<model>'"
     )

@@ -5,6 +5,8 @@ The encoder is any transformers vision model with a backbone class (ResNet, Conv
 local folder (safetensors only) and asked for the feature maps of all its stages. The decoder and
 the head are MONAI's: ``UNetDecoder`` and ``SegmentationHead``, the parts of its ``FlexibleUNet``
 (which builds them on its own registry of encoders: EfficientNet and ResNet, weights fetched by URL).
+The backbone is loaded as ``classifier.arch=hf:<source>`` loads the classifier's
+(:func:`busynth.classify.models.load_hf_backbone`).
 Grey images are repeated over the backbone's input channels and normalised with ImageNet's grey-level
 statistics, as the classifier's pretrained models are.
 
@@ -15,19 +17,14 @@ stages must halve it one after another (strides s, 2s, 4s, ...). The decoder end
 
 from __future__ import annotations
 
-import logging
 from itertools import pairwise
-from typing import Any
 
 import torch
 from torch import nn
 
-from busynth.checkpoint import from_pretrained
-from busynth.classify.models import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD
+from busynth.classify.models import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, load_hf_backbone
 from busynth.config import SegmenterConfig
 from busynth.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 class BackboneUNet(nn.Module):
@@ -74,32 +71,8 @@ class BackboneUNet(nn.Module):
         return self.head(self.decoder([x, *maps], self.skips))
 
 
-def load_backbone(source: str, pretrained: bool = True) -> nn.Module:
-    """The backbone of the transformers model at ``source`` (hub id or folder), returning the feature
-    maps of all its stages: its saved weights (``pretrained``) or the same architecture with fresh ones
-    (to receive a trained segmenter's weights). Raises ConfigError naming ``segmenter.backbone``."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
-
-    what = "segmenter.backbone"
-    config = from_pretrained(AutoConfig, source, what=what, error=ConfigError, weights=False)
-    if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
-        raise ConfigError(f"{what} {source}: transformers has no backbone for a {config.model_type!r} model "
-                          "(use a vision model such as ResNet or ConvNeXt)")
-    # The model type's own backbone class: AutoBackbone.from_pretrained asks the hub whether a local
-    # folder is a repository (transformers 5.25) and fails offline.
-    cls: Any = MODEL_FOR_BACKBONE_MAPPING[type(config)]
-    stages = list(config.stage_names[1:])  # all but the stem
-    if not pretrained:
-        config = from_pretrained(AutoConfig, source, what=what, error=ConfigError, weights=False,
-                                 out_features=stages)
-        return cls(config)
-    logger.info("loading the segmenter's backbone from %s", source)
-    return from_pretrained(cls, source, what=what, error=ConfigError, out_features=stages)
-
-
 def build_backbone_unet(cfg: SegmenterConfig, pretrained: bool = True) -> BackboneUNet:
     """:class:`BackboneUNet` on ``cfg.backbone`` (its pretrained weights unless ``pretrained`` is False)."""
     assert cfg.backbone is not None  # the config requires it with arch=backbone_unet
-    return BackboneUNet(load_backbone(cfg.backbone, pretrained), list(cfg.channels), cfg.image_size, cfg.norm,
+    return BackboneUNet(load_hf_backbone(cfg.backbone, pretrained, "segmenter.backbone"), list(cfg.channels), cfg.image_size, cfg.norm,
                         cfg.dropout)
