@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="classifier epochs (0: the preset's)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="phantom images per class as a share of the preset's (smaller: a steeper learning curve)")
-    parser.add_argument("--extra", default="1,2", help="positive controls: new images as multiples of the training part")
+    parser.add_argument("--extra", default="1,2",
+                        help="positive controls: new images as multiples of the training part")
     parser.add_argument("--metric", default="balanced_accuracy")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/busynth-calibration"))

@@ -155,12 +155,15 @@ def training_part() -> tuple[str, list[Record]]:
     return source, keep
 
 
-def sample_grid(real: dict[str, list[np.ndarray]], fake: dict[str, list[np.ndarray]], size: int, cols: int = 8) -> np.ndarray:
+def sample_grid(real: dict[str, list[np.ndarray]], fake: dict[str, list[np.ndarray]], size: int,
+                cols: int = 8) -> np.ndarray:
     """uint8 grid: per class one row of real training images, then two rows of samples, labelled."""
     rows = []
     for label in real:
-        for kind, images in (("real", real[label][:cols]), ("sample", fake[label][:cols]), ("sample", fake[label][cols:2 * cols])):
-            tiles = [resize_image(im, size) for im in images] + [np.zeros((size, size), np.uint8)] * (cols - len(images))
+        for kind, images in (("real", real[label][:cols]), ("sample", fake[label][:cols]),
+                             ("sample", fake[label][cols:2 * cols])):
+            tiles = ([resize_image(im, size) for im in images]
+                     + [np.zeros((size, size), np.uint8)] * (cols - len(images)))
             row = Image.fromarray(np.concatenate(tiles, axis=1))
             ImageDraw.Draw(row).text((2, 2), f"{label} {kind}", fill=255)
             rows.append(np.asarray(row))
@@ -197,7 +200,8 @@ def fit_on_busi(cfg: SDLoraConfig, out_dir: Path | None, seed: int) -> dict:
             "other_fit_seconds": round(fit_s - sum(stages.values()), 1),
             "sampling_seconds": round(sample_s, 1), "n_sampled": sum(counts.values()),
             "total_seconds": round(fit_s + sample_s, 1),
-            "pixel_std_real": pix([r.image for r in records]), "pixel_std_samples": pix([s for group in samples.values() for s in group])}
+            "pixel_std_real": pix([r.image for r in records]),
+            "pixel_std_samples": pix([s for group in samples.values() for s in group])}
 
 
 def main() -> None:
@@ -223,7 +227,8 @@ def main() -> None:
             node = node.setdefault(part, {})
         node[key.split(".")[-1]] = value
     cfg = SDLoraConfig.model_validate(raw)
-    result = {"device": device_info(), "load_before": load_avg(), "config": yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))}
+    result = {"device": device_info(), "load_before": load_avg(),
+              "config": yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))}
     result["training_step"] = loop_overhead(cfg, args.reps, args.steps, args.batch)
     result["sampling_images_per_second"] = round(sampling_speed(cfg, 64), 2)
     if args.fit:
@@ -236,7 +241,8 @@ def main() -> None:
           f"guidance {cfg.guidance_scale})")
     if "fit" in result:
         fit = result["fit"]
-        print(f"fit on {fit['source']} ({fit['n_train']} images): {fit['fit_seconds']} s; stages {fit['stage_seconds']}, "
+        print(f"fit on {fit['source']} ({fit['n_train']} images): {fit['fit_seconds']} s; "
+              f"stages {fit['stage_seconds']}, "
               f"other {fit['other_fit_seconds']} s; sampling {fit['n_sampled']} images {fit['sampling_seconds']} s; "
               f"total {fit['total_seconds']} s (target <= 600)")
     print(f"load average before/after: {result['load_before']} / {result['load_after']}")

@@ -69,7 +69,8 @@ def study(tmp: Path, methods: str, reps: int, seeds: int, preset: str = "smoke")
                   f"(Ray tasks {tasks[workers][-1]:.1f} s)", flush=True)
     one, two = statistics.median(times[1]), statistics.median(times[2])
     t1, t2 = statistics.median(tasks[1]), statistics.median(tasks[2])
-    return {"preset": preset, "methods": methods, "seeds": seeds, "seconds": {"1": times[1], "2": times[2]}, "median_1": one,
+    return {"preset": preset, "methods": methods, "seeds": seeds,
+            "seconds": {"1": times[1], "2": times[2]}, "median_1": one,
             "median_2": two, "ratio": two / one, "task_seconds": {"1": tasks[1], "2": tasks[2]},
             "task_median_1": t1, "task_median_2": t2, "task_ratio": t2 / t1}
 
@@ -91,7 +92,8 @@ def study_warm(tmp: Path, methods: str, reps: int, preset: str = "smoke") -> dic
         for workers in (1, 2):
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             config = load_config(preset, [f"run.methods=[{methods}]", "run.executor=ray"])
-            ray.get([ray.remote(num_cpus=1)(warm_up).remote(warm_up_modules(config.run.methods)) for _ in range(workers)])
+            ray.get([ray.remote(num_cpus=1)(warm_up).remote(warm_up_modules(config.run.methods))
+                     for _ in range(workers)])
             start = time.perf_counter()
             run_study(config, tmp / f"warm-w{workers}-r{rep}")
             times[workers].append(time.perf_counter() - start)
@@ -143,7 +145,8 @@ def sampling(tmp: Path, images: int, reps: int) -> dict:
     for rep in range(reps):
         for procs in (1, 2):
             out = tmp / f"sample-p{procs}-r{rep}.json"
-            args = [str(Path(__file__).resolve()), "--sample-child", str(folder), "--images", str(images), "--out", str(out)]
+            args = [str(Path(__file__).resolve()), "--sample-child", str(folder), "--images", str(images),
+                    "--out", str(out)]
             cmd = [sys.executable, *args] if procs == 1 else [*LAUNCH, *args]
             totals[procs].append(timed(cmd, tmp / f"{out.stem}.log"))
             result = json.loads(out.read_text())
@@ -181,7 +184,8 @@ def main() -> None:
             results["sampling"] = sampling(Path(tmp), args.images, args.reps)
     print(f"\n{'what':<44} {'1 worker':>9} {'2 workers':>10} {'ratio':>6}  target")
     for key, label in (("study", f"{args.preset} study, {args.seeds} seed(s), Ray"),
-                       ("warm", f"{args.preset} study, running Ray, warm workers"), ("sampling", f"sampling {args.images} images, accelerate")):
+                       ("warm", f"{args.preset} study, running Ray, warm workers"),
+                       ("sampling", f"sampling {args.images} images, accelerate")):
         if key in results:
             r = results[key]
             print(f"{label:<44} {r['median_1']:>8.1f}s {r['median_2']:>9.1f}s {r['ratio']:>6.2f}  <= 0.65")

@@ -359,7 +359,8 @@ def data_rows(cfg: ClassifierConfig, reps: int, steps: int, epoch_images: int, e
                     lambda: _timed(lambda: float(prepare_batch(batch, gen).sum()), steps),
                     lambda: _timed(stepper.step, steps), reps)]
     batches_per_epoch = math.ceil(epoch_images / cfg.batch_size)
-    rows[-1]["per_epoch_s"] = {"images": epoch_images, "prepare": round(rows[-1]["variant_median_s"] * batches_per_epoch, 3),
+    rows[-1]["per_epoch_s"] = {"images": epoch_images,
+                               "prepare": round(rows[-1]["variant_median_s"] * batches_per_epoch, 3),
                                "model_step": round(rows[-1]["baseline_median_s"] * batches_per_epoch, 3)}
     dataset = TensorDataset(images, labels)
     main_loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
@@ -369,7 +370,8 @@ def data_rows(cfg: ClassifierConfig, reps: int, steps: int, epoch_images: int, e
     epoch_worker(worker_loader, stepper)
     rows.append(compare("classifier epoch", "prepare in DataLoader worker (num_workers=1)",
                         "prepare in main process (num_workers=0)", lambda: [epoch_worker(worker_loader, stepper)],
-                        lambda: [epoch_main_process(main_loader, stepper)], epoch_reps, unit=f"epoch of {epoch_images}"))
+                        lambda: [epoch_main_process(main_loader, stepper)], epoch_reps,
+                        unit=f"epoch of {epoch_images}"))
     return rows
 
 

@@ -462,7 +462,8 @@ def test_generate_refuses_missing_or_wrong_checkpoint_folders(tmp_path: Path) ->
     assert_user_error(invoke("generate", "classical", "--checkpoint", fit, "--classes", "benign,cats",
                              "--out", tmp_path / "g"), "--classes", "cats")
     assert not (tmp_path / "g").exists()
-    ok = invoke("generate", "classical", "--checkpoint", fit, "--classes", "benign", "--n", "2", "--out", tmp_path / "g")
+    ok = invoke("generate", "classical", "--checkpoint", fit, "--classes", "benign", "--n", "2",
+                "--out", tmp_path / "g")
     assert ok.exit_code == 0, ok.output
     assert len((tmp_path / "g" / "manifest.jsonl").read_text().splitlines()) == 2
 

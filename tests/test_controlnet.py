@@ -38,7 +38,8 @@ from busynth.presets import load_config
 SD = {"image_size": 32, "tiny": TINY_MODEL, "autoencoder_crop": 16,
       "autoencoder_training": {"steps": 3, "batch_size": 4}, "base_training": {"steps": 3, "batch_size": 4},
       "lora_training": {"steps": 2, "batch_size": 4}, "lora": {"rank": 2, "alpha": 2.0}, "encode_batch_size": 8}
-CN = {"training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 2}, "sampling_steps": 3,
+CN = {"training": {"steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 2},
+      "sampling_steps": 3,
       "guidance_scale": 2.0}
 
 
@@ -126,7 +127,8 @@ def test_fit_writes_controlnet_artifact_on_the_given_base(fitted, base, records)
     info = read_generator_info(out)
     assert info["name"] == "controlnet" and info["train_ids"] == [r.id for r in records]
     assert info["base"]["folder"] == str(base.resolve())
-    assert (out / "controlnet" / "config.json").is_file() and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert ((out / "controlnet" / "config.json").is_file()
+            and (out / "lora" / "pytorch_lora_weights.safetensors").is_file())
     assert not (out / "base").exists()  # the given base was reused, not refitted
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     ControlNetModel.from_pretrained(out / "controlnet")  # diffusers' own loader reads it
@@ -316,7 +318,8 @@ def test_shape_model_draws_new_masks_with_the_class_statistics():
         assert drawn.shape == (40, 128, 128) and drawn.any(axis=(1, 2)).all()
         assert not any(np.array_equal(d, m) for d in drawn for m in pool)  # new outlines, not copies
         features[name] = {k: (np.mean([shape_features(m)[k] for m in pool]),
-                              np.mean([shape_features(m)[k] for m in drawn])) for k in ("area", "elongation", "irregularity")}
+                              np.mean([shape_features(m)[k] for m in drawn]))
+                          for k in ("area", "elongation", "irregularity")}
         assert features[name]["area"][1] == pytest.approx(features[name]["area"][0], rel=0.15)
         orientations = [outline(m)[2] for m in drawn]
         if name == "oval":  # wide lesions stay wide: the long axis near the column axis
@@ -384,7 +387,8 @@ def test_study_writes_mask_files_next_to_controlnet_images(tmp_path):
     assert images and all(p.with_name(p.stem + "_mask.png").is_file() for p in images)
     assert (tmp_path / "generators" / "controlnet" / "fold0_seed0" / "base" / "generator.json").is_file()
     synthetic = read_synthetic(folder, "controlnet")
-    train = [Record(id=f"r{i}", label=s.label, image=s.image, mask=s.mask, path="x.png") for i, s in enumerate(synthetic)]
+    train = [Record(id=f"r{i}", label=s.label, image=s.image, mask=s.mask, path="x.png")
+             for i, s in enumerate(synthetic)]
     result = evaluate_adherence(tmp_path, "controlnet", 0, 0, config.data.classes, train, synthetic)
     assert result["generated"]["per_class"]["normal"]["n_scored"] == 0
     assert result["generated"]["per_class"]["benign"]["n_scored"] > 0

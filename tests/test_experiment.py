@@ -229,7 +229,8 @@ def test_method_settings_are_checked_per_method(tmp_path):
     experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.cvae.steps=5"), tmp_path,
                          build_html=False)
     with pytest.raises(RunStateError, match="generators.classical.max_rotation"):
-        experiment.run_study(smoke_config("run.methods=[real,classical]", "generators.classical.max_rotation=30"), tmp_path,
+        experiment.run_study(smoke_config("run.methods=[real,classical]",
+                                          "generators.classical.max_rotation=30"), tmp_path,
                              build_html=False)
     assert json.loads((tmp_path / "cells/classical/settings.json").read_text())["max_rotation"] == 10.0
     # a folder started before a setting existed resumes while the setting is at its default
@@ -255,7 +256,8 @@ def test_a_study_reuses_another_runs_generator_fits_only_when_they_are_its_own(t
             (source / part / "classical/fold0_seed0" / done).stat().st_ino
         assert (seg / part / "classical/fold1_seed0" / done).is_file()  # the source lacks fold 1: made here
         assert not (source / part / "classical/fold1_seed0").exists()
-    assert json.loads((seg / "generators" / rundir.REUSED).read_text()) == {"classical/fold0_seed0": str(source.resolve())}
+    assert (json.loads((seg / "generators" / rundir.REUSED).read_text())
+            == {"classical/fold0_seed0": str(source.resolve())})
     ids = json.loads((seg / "cells/classical/fold0_seed0/ids.json").read_text())["classifier_train"]
     assert any(i.startswith("classical:") for i in ids)
     refused = {"synthesis.ratio": ["synthesis.ratio=1.0"], "phantom.seed": ["phantom.seed=5"],

@@ -175,7 +175,8 @@ def test_a_run_scores_every_cell_on_the_external_set_and_evaluate_reproduces_it(
     _run("evaluate", tmp_path / "b", "--external", f"second={ext}", "--external-classes", "all")
     every = json.loads((tmp_path / "b" / "results" / "external" / "second.json").read_text())
     assert every["external"]["scored_among"] == CLASSES and every["external"]["called_absent_class"] == {}
-    assert every["methods"]["real"]["balanced_accuracy"]["mean"] != summary["methods"]["real"]["balanced_accuracy"]["mean"]
+    assert (every["methods"]["real"]["balanced_accuracy"]["mean"]
+            != summary["methods"]["real"]["balanced_accuracy"]["mean"])
     assert every["methods"]["real"]["balanced_accuracy"]["mean"] == pytest.approx(
         np.mean([balanced_accuracy_score(y, p.argmax(axis=1)) for y, p in raw]))
     result = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--external", f"second={ext}",
@@ -195,7 +196,9 @@ def test_evaluate_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--external" in result.output
 
 
-def test_a_run_folder_from_before_a_new_setting_a_retired_one_or_the_classical_move_is_still_read(tmp_path: Path) -> None:
+def test_a_run_folder_from_before_a_new_setting_a_retired_one_or_the_classical_move_is_still_read(
+    tmp_path: Path
+) -> None:
     config = load_config("smoke")
     open_run_dir(tmp_path, config, "phantom")
     old = yaml.safe_load((tmp_path / "config.yaml").read_text())

@@ -203,7 +203,8 @@ class ForkServer:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "160"}
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_faults; test_faults.serve()"
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                "import test_faults; test_faults.serve()")
         with (folder / "server.log").open("w") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=log, text=True, env=env, cwd=folder)

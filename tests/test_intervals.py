@@ -196,7 +196,8 @@ def test_verdict_logic():
     assert verdict(float("nan"), 0.01) == NO_EVIDENCE and verdict(0.1, float("nan")) == NO_EVIDENCE
     assert verdict(0.04, 0.02, alpha=0.01) == NO_EVIDENCE
     # One classifier seed in some fold: the interval cannot see training randomness, so no verdict at all.
-    assert verdict(0.04, 0.001, seeds_per_fold=1) == NO_VERDICT and verdict(-0.04, 0.001, seeds_per_fold=0) == NO_VERDICT
+    assert (verdict(0.04, 0.001, seeds_per_fold=1) == NO_VERDICT
+            and verdict(-0.04, 0.001, seeds_per_fold=0) == NO_VERDICT)
     assert verdict(0.04, 0.001, seeds_per_fold=2) == HELPS
 
 

@@ -68,7 +68,8 @@ def test_shapes_dtypes_ids_paths_and_meta() -> None:
 
 def test_classes_argument_orders_classes_and_unknown_counts_are_refused() -> None:
     config = PhantomConfig(n_per_class={"benign": 2, "malignant": 2}, size=32)
-    assert [r.label for r in make_phantom(config, classes=("malignant", "benign"))] == ["malignant"] * 2 + ["benign"] * 2
+    assert ([r.label for r in make_phantom(config, classes=("malignant", "benign"))]
+            == ["malignant"] * 2 + ["benign"] * 2)
     with pytest.raises(ValueError, match="malignant"):
         make_phantom(config, classes=("normal", "benign"))
     with pytest.raises(ValueError, match="cyst"):

@@ -78,7 +78,8 @@ def _write_optional(run: Path, rng: np.random.Generator) -> None:
             pred.to_csv(cell / "predictions.csv", index=False)
             epochs = np.arange(1, 6)
             val = 0.5 + rng.uniform(0.02, 0.08) * epochs
-            pd.DataFrame({"epoch": epochs, "train_loss": 1 / epochs, "val_balanced_accuracy": val, "lr": 1e-3}).to_csv(cell / "classifier" / "history.csv", index=False)
+            pd.DataFrame({"epoch": epochs, "train_loss": 1 / epochs, "val_balanced_accuracy": val,
+                          "lr": 1e-3}).to_csv(cell / "classifier" / "history.csv", index=False)
             cells.append({"method": method, "fold": fold, "seed": 0, "n_train_real": 20, "n_synthetic": 20 * m_i,
                           "best_epoch": 5, "seconds": 1.0, **{k: rng.uniform(0.6, 0.9) for k in METRICS}})
     pd.DataFrame(cells).to_csv(run / "results" / "cells.csv", index=False)

@@ -334,7 +334,8 @@ def test_ray_samples_a_base_apart_from_its_fit_and_matches_one_process(tmp_path)
     _finish(_start(tmp_path / "local", local_log, *args), local_log)
     # sd-lora's fit is a task, its sampling another (the ControlNet needs only the fit); the others sample in theirs
     for fold in (0, 1):
-        assert f"fit done: sd-lora fold{fold}_seed0 in " in text and f"sampling done: sd-lora fold{fold}_seed0 in " in text
+        assert (f"fit done: sd-lora fold{fold}_seed0 in " in text
+                and f"sampling done: sd-lora fold{fold}_seed0 in " in text)
         assert f"fit done: controlnet fold{fold}_seed0 in " in text
     assert "sampling done: controlnet" not in text
     assert _metrics(tmp_path / "ray") == _metrics(tmp_path / "local")

@@ -327,7 +327,8 @@ def test_the_segmenter_can_train_on_the_folds_validation_pairs(tmp_path: Path) -
         assert set(ids["test"]) == part["test"]
         metrics = json.loads((cell / "metrics.json").read_text())
         assert metrics["n_val"] == 0 and metrics["n_train_real"] == len(part["train"] | part["val"])
-        assert metrics["train_steps"] == 3 * -(-metrics["n_train_real"] // 8)  # the budget counts them (3 epochs, batch 8)
+        # the budget counts them (3 epochs, batch 8)
+        assert metrics["train_steps"] == 3 * -(-metrics["n_train_real"] // 8)
         with (cell / "segmenter" / "history.csv").open() as fh:
             assert not any(row["val_dice"] for row in csv.DictReader(fh))  # no learning curve on training pairs
 

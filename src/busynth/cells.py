@@ -155,7 +155,8 @@ def synthesize(generator: Generator, method: str, train: list[Record], config: S
             if generator.needs_masks:
                 pool = [r.mask for r in train if r.label == label and r.mask is not None]
                 masks = [pool[i] for i in rng.integers(len(pool), size=counts[label])] if pool else None
-            write_samples(sample_sharded(generator, label, counts[label], seed * 1000 + k, masks), out_dir, method, gen_dir)
+            write_samples(sample_sharded(generator, label, counts[label], seed * 1000 + k, masks),
+                          out_dir, method, gen_dir)
         write_json(done, {"counts": counts})
 
 
@@ -180,7 +181,8 @@ def largest_dose(synthesis: SynthesisConfig) -> SynthesisConfig:
     return synthesis if not synthesis.ratios else synthesis.model_copy(update={"ratio": max(synthesis.ratios)})
 
 
-def dose(synthetic: Sequence[Record], train: Sequence[Record], config: StudyConfig, ratio: float | None) -> list[Record]:
+def dose(synthetic: Sequence[Record], train: Sequence[Record], config: StudyConfig,
+         ratio: float | None) -> list[Record]:
     """The synthetic images of one arm: all of them (``ratio`` None), else per class the first
     ``round(ratio x real count)`` of the set sampled at the largest ratio (the images of an arm at a
     smaller ratio are a prefix of those of a larger one)."""

@@ -172,7 +172,8 @@ def _echo_label_fidelity(run_dir: Path) -> None:
                    "generator's images alone (real-only classifier of the same cells in brackets)")
         for method, entry in cas.items():
             mine, real = entry["synthetic_only"]["balanced_accuracy"], entry["real_only"]["balanced_accuracy"]
-            typer.echo(f"  {method:<12} {mine['mean']:.3f} ± {mine['sd']:.3f} ({real['mean']:.3f}), cells={entry['cells']}")
+            typer.echo(f"  {method:<12} {mine['mean']:.3f} ± {mine['sd']:.3f} ({real['mean']:.3f}), "
+                       f"cells={entry['cells']}")
     for method, entry in (fidelity.get("filter") or {}).items():
         typer.echo(f"\nfilter {method} (intended class p >= {entry['threshold']}): kept "
                    + ", ".join(f"{c} {v['kept']}/{v['requested']} ({v['passed']} of {v['sampled']} passed)"
@@ -183,7 +184,8 @@ def _echo_label_fidelity(run_dir: Path) -> None:
     typer.echo("\nlabel fidelity: share of a generator's images the fold's real-only classifier puts in the "
                "intended class (real test images in brackets)")
     for method, entry in labels.items():
-        parts = [f"{c} {v['accuracy']['mean']:.2f} ({entry['real_test'].get(c, {}).get('accuracy', {}).get('mean', float('nan')):.2f})"
+        parts = [f"{c} {v['accuracy']['mean']:.2f} "
+                 f"({entry['real_test'].get(c, {}).get('accuracy', {}).get('mean', float('nan')):.2f})"
                  for c, v in entry["synthetic"].items() if c != "overall"]
         typer.echo(f"  {method:<12} " + ", ".join(parts))
 
@@ -230,7 +232,9 @@ def evaluate(
         data = cfg.model_dump(mode="json")
         data["run"]["external_classes"] = external_classes
         cfg = build_config(data, "--external-classes")
-    evaluate_external(run_dir, cfg, sets, study_arms(cfg.run.methods, cfg.synthesis.ratios, cfg.synthesis.filter is not None), Protocol.from_config(cfg.run),
+    evaluate_external(run_dir, cfg, sets,
+                      study_arms(cfg.run.methods, cfg.synthesis.ratios, cfg.synthesis.filter is not None),
+                      Protocol.from_config(cfg.run),
                       run_records(run_dir, cfg))
     build_report(run_dir)
     _echo_external(run_dir, sets)
@@ -324,7 +328,8 @@ def generate(
     n: Annotated[int, typer.Option(help="Images per class.")] = 100,
     out: Annotated[Path, typer.Option(help="Output folder (data set layout + manifest.jsonl).")] = Path("generated"),
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    classes: Annotated[str | None, typer.Option(help="Comma-separated classes (default: all the generator knows).")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="Comma-separated classes (default: all the generator knows).")] = None,
 ) -> None:
     """Sample images per class from a fitted generator, in the data set's own layout."""
     from busynth.generators import generator_class

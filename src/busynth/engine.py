@@ -150,7 +150,8 @@ class Stage:
         """The optimizer's parameter groups (default: one group of the trainable parameters)."""
         return [{"params": self.trainable_parameters(), "weight_decay": weight_decay}]
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss of one micro-batch and extra numbers to log; draw randomness from ``generator``."""
         raise NotImplementedError
 

@@ -5,8 +5,8 @@ Either way the run folder is the only state. Every cell, generator fit, syntheti
 of a synthetic set is computed under its claim (:mod:`busynth.locks`) and committed by atomic
 writes, so any number of workers may share one folder: several ``busynth run`` on one machine, or
 Ray tasks on the nodes of a cluster that mounts it. A unit another worker holds is passed over,
-tried again after the others and waited for only when nothing else is free; the unit of a worker that died is taken over and resumes from its
-checkpoints.
+tried again after the others and waited for only when nothing else is free; the unit of a worker
+that died is taken over and resumes from its checkpoints.
 
 The Ray executor submits the study as a graph of tasks (:func:`plan`): a fold's generator fit
 after the fits it builds on (``controlnet`` after ``sd-lora``, ``registry.Method.after``; such a
@@ -290,7 +290,8 @@ def _submit_and_wait(ray, cells: Sequence[Cell], config: StudyConfig, study: Stu
             pending.append(ref)
             kinds[ref], task_of[ref] = (cell.method, False), cell
             in_flight += 1
-        for cell in [c for c in to_score if c in done and (c.reference_cell in done or c.reference_cell not in in_study)]:
+        for cell in [c for c in to_score
+                     if c in done and (c.reference_cell in done or c.reference_cell not in in_study)]:
             to_score.remove(cell)
             score_refs.append(task.remote(Score(cell), *args))
 

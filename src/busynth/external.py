@@ -179,7 +179,8 @@ def _classifier_scores(sets: Sequence[ExternalSet], config: StudyConfig) -> Cell
 
     def score(cell: Path, todo: Sequence[ExternalSet]) -> dict[str, str]:
         model = load_classifier(cell / "classifier", cfg, len(classes))
-        return {ext.name: predictions_csv(ext.records, labels[ext.name], predict_proba(model, images[ext.name], tta=cfg.tta),
+        return {ext.name: predictions_csv(ext.records, labels[ext.name],
+                                          predict_proba(model, images[ext.name], tta=cfg.tta),
                                           classes) for ext in todo}
 
     return score

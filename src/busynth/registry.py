@@ -32,7 +32,8 @@ def cell_folder(run_dir: str | Path, method: str, key: str = "") -> Path:
 def fit_outputs(method: str, key: str, run_dir: str | Path) -> list[tuple[Path, str]]:
     """A generator fit's folders -- the fit, its synthetic set -- each with the file written last."""
     run_dir = Path(run_dir)
-    return [(run_dir / "generators" / method / key, "generator.json"), (run_dir / "synthetic" / method / key, "done.json")]
+    return [(run_dir / "generators" / method / key, "generator.json"),
+            (run_dir / "synthetic" / method / key, "done.json")]
 
 
 @dataclass(frozen=True)

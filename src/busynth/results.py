@@ -93,7 +93,8 @@ def aa_seed_halves(seeds: Sequence[int]) -> tuple[list[int], list[int]]:
 
 def read_cells(run_dir: Path, methods: Sequence[str]) -> list[dict]:
     """Metric rows of every finished cell of ``methods``, in method order then fold, seed."""
-    return [read_json(path) for method in methods for path in sorted(cell_folder(run_dir, method).glob("*/metrics.json"))]
+    return [read_json(path) for method in methods
+            for path in sorted(cell_folder(run_dir, method).glob("*/metrics.json"))]
 
 
 def cells_csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
@@ -244,7 +245,8 @@ def build_summary(store: PredictionStore, every_row: Sequence[dict], methods: Se
     if ref in summary["methods"]:
         for method in summary["methods"]:
             if method != ref:
-                summary["paired"][method] = compare_methods(store, (method, seeds), (ref, seeds), folds, metrics, protocol)
+                summary["paired"][method] = compare_methods(store, (method, seeds), (ref, seeds), folds, metrics,
+                                                            protocol)
         add_verdicts(summary["paired"], protocol)
         summary["aa"] = compare_methods(store, (ref, protocol.aa_seeds[0]), (ref, protocol.aa_seeds[1]),
                                         folds, metrics, protocol)

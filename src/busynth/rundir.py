@@ -223,7 +223,8 @@ def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, d
         if not ((their_fit / fitted).is_file() and (their_set / sampled).is_file()) or any(m.exists() for m in mine):
             continue  # not finished there, or this run's own (finished or under way): made or kept here
         saved = cell_folder(source, method) / "settings.json"
-        changed = changed_method_settings(method, read_json(saved) if saved.is_file() else method_settings(method, other),
+        changed = changed_method_settings(method,
+                                          read_json(saved) if saved.is_file() else method_settings(method, other),
                                           config)
         if changed:
             raise RunStateError(f"{where}: method {method!r} was run there with other settings; changed: "
@@ -231,7 +232,8 @@ def reuse_fits(source: Path, run_dir: Path, config: StudyConfig, split: Split, d
         if sorted(read_json(their_fit / fitted).get("train_ids", [])) != sorted(split.ids(fold, "train")):
             raise RunStateError(f"{where}: generators/{method}/{key} was fitted on other images than this run's "
                                 f"training part of fold {fold} (the two data/split.csv differ)")
-        for src, dst in zip((their_fit, their_set), mine):  # the fit first: one killed before its set is linked samples the set here
+        # the fit first: one killed before its set is linked samples the set here
+        for src, dst in zip((their_fit, their_set), mine):
             write_dir_atomic(dst, lambda tmp, src=src: shutil.copytree(src, tmp, dirs_exist_ok=True,
                                                                         copy_function=link_or_copy))
         reused[f"{method}/{key}"] = str(source.resolve())

@@ -297,7 +297,8 @@ class ClassifierStage(EpochStage):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return param_groups(self.net, weight_decay)
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, labels = self.cfg, batch["labels"]
         mixing = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         x = batch["images"].float().div_(255.0)
@@ -359,7 +360,8 @@ class ClassifierStage(EpochStage):
         return {"best_epoch": self.best_epoch, "best_score": self.best_score, "bad_epochs": self.bad_epochs}
 
     def load_resume_state(self, state: Mapping[str, Any]) -> None:
-        self.best_epoch, self.best_score, self.bad_epochs = state["best_epoch"], state["best_score"], state["bad_epochs"]
+        self.best_epoch, self.best_score, self.bad_epochs = (state["best_epoch"], state["best_score"],
+                                                             state["bad_epochs"])
 
     def fit_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {**super().fit_summary(history), "kept_epoch": self.best_epoch + 1,

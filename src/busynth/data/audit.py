@@ -131,7 +131,8 @@ def _groups_from_labels(labels: np.ndarray, ids: list[str]) -> list[list[str]]:
     return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda g: g[0])
 
 
-def audit_records(records: Sequence[Record], config: AuditConfig | None = None, load: dict | None = None) -> AuditReport:
+def audit_records(records: Sequence[Record], config: AuditConfig | None = None,
+                  load: dict | None = None) -> AuditReport:
     """Audit records for duplicates and overlays; returns an AuditReport with duplicate groups.
 
     Every record gets a group number in ``group_of`` (singletons get their own), numbered

@@ -241,7 +241,8 @@ def _load_one(
     if mask is None and cls in config.normal_classes:
         mask = np.zeros(image.shape, dtype=bool)
     meta = {**info, "mask_files": [str(p.relative_to(root)) for p in mask_paths], "number": num}
-    rec = Record(id=f"{cls}_{num}", label=cls, image=image, mask=mask, path=str(image_path.relative_to(root)), meta=meta)
+    rec = Record(id=f"{cls}_{num}", label=cls, image=image, mask=mask, path=str(image_path.relative_to(root)),
+                 meta=meta)
     return rec, None
 
 

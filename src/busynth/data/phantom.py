@@ -172,7 +172,8 @@ def tissue_echogenicity(rng: np.random.Generator, size: int) -> tuple[np.ndarray
         echo += rng.uniform(0.2, 0.45) * np.exp(-((y - curve) / (1.2 * px)) ** 2) * (sk - ft)
     # Pectoral muscle: hypoechoic with bright, nearly horizontal fibrous striations.
     freq = rng.uniform(12, 20)
-    stria = np.sin(2 * np.pi * freq * (y + rng.uniform(-0.1, 0.1) * x) + 2.0 * smooth_field(rng, (size, size), (4 * s, 12 * s)))
+    stria = np.sin(2 * np.pi * freq * (y + rng.uniform(-0.1, 0.1) * x)
+                   + 2.0 * smooth_field(rng, (size, size), (4 * s, 12 * s)))
     echo += (rt - mu) * 0.6 * np.clip(stria, 0, None) ** 3
     # Refraction (edge) shadows: narrow vertical dark streaks below ligaments, in any class.
     for _ in range(rng.integers(0, 3)):
@@ -292,7 +293,8 @@ def render_bmode(rng: np.random.Generator, echo: np.ndarray, scanner: Scanner = 
     return np.clip(np.round(gray * 255), 0, 255).astype(np.uint8)
 
 
-def phantom_image(seed: int, label: str, n: int, size: int, scanner: str = "default") -> tuple[np.ndarray, np.ndarray, dict]:
+def phantom_image(seed: int, label: str, n: int, size: int,
+                  scanner: str = "default") -> tuple[np.ndarray, np.ndarray, dict]:
     """One simulated image: (uint8 image, bool mask, meta facts about the lesion)."""
     if label not in PHANTOM_CLASSES:
         raise ValueError(f"phantom knows classes {PHANTOM_CLASSES}, not {label!r}")

@@ -92,7 +92,8 @@ class Split:
             for part in PARTS:
                 if part in parts:
                     counts = [parts[part].get(c, 0) for c in classes]
-                    lines.append(f"{fold:>4}  {part:<8}  " + "  ".join(f"{n:>9}" for n in counts) + f"  {sum(counts):>7}")
+                    lines.append(f"{fold:>4}  {part:<8}  " + "  ".join(f"{n:>9}" for n in counts)
+                                 + f"  {sum(counts):>7}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

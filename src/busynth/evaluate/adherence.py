@@ -95,7 +95,8 @@ def control_adherence(images: Sequence[np.ndarray], masks: Sequence[np.ndarray |
     width = max(2, round(s.ring_fraction * s.size))
     keep = [i for i, m in enumerate(masks) if m is not None and np.asarray(m).any()]
     out: dict[str, Any] = {"n": len(images)}
-    ims = np.stack([resize_image(np.asarray(images[i]), s.size) for i in keep]) if keep else np.zeros((0, s.size, s.size))
+    ims = (np.stack([resize_image(np.asarray(images[i]), s.size) for i in keep]) if keep
+           else np.zeros((0, s.size, s.size)))
     ms = np.stack([resize_mask(np.asarray(masks[i], dtype=bool), s.size) for i in keep]) if keep else ims.astype(bool)
     matched = _scores(ims, ms, width, s.min_pixels)
     out["n_scored"] = int(np.isfinite(matched).sum())

@@ -73,7 +73,8 @@ class FoldScores:
         self.y = np.asarray(self.y, dtype=np.int64)
         self.a, self.b = np.asarray(self.a, dtype=np.float64), np.asarray(self.b, dtype=np.float64)
         if self.a.ndim != 3 or self.a.shape != self.b.shape or self.a.shape[1] != self.y.size:
-            raise ValueError(f"a and b must both be (seeds, {self.y.size}, classes), got {self.a.shape}, {self.b.shape}")
+            raise ValueError(f"a and b must both be (seeds, {self.y.size}, classes), "
+                             f"got {self.a.shape}, {self.b.shape}")
         if self.a.shape[0] == 0:
             raise ValueError("need at least one seed per fold")
         if len(self.ids) != self.y.size:
@@ -235,7 +236,8 @@ def variance_components(metric: str, folds: Sequence[FoldScores], pos: int | Non
     nan = {"diff": diff, "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"), **base}
     if min(len(f.a) for f in folds) < 2 or not math.isfinite(diff):
         return nan
-    w_all = resample_counts(strata, n_boot, np.random.default_rng(seed), _image_clusters(folds, len(distinct), positions))
+    w_all = resample_counts(strata, n_boot, np.random.default_rng(seed),
+                            _image_clusters(folds, len(distinct), positions))
     total = np.zeros(n_boot)
     excess = []
     for f, where, d_obs in zip(folds, positions, cell_differences(metric, folds, pos), strict=True):

@@ -250,7 +250,8 @@ def read_manifest(folder: Path) -> list[dict]:
 
 def save_generator_info(directory: Path, name: str, config: BaseModel, extra: dict | None = None) -> None:
     """Write ``generator.json`` (method name, config, training ids) into an artifact folder."""
-    write_json(Path(directory) / "generator.json", {"name": name, "config": config.model_dump(mode="json"), **(extra or {})})
+    write_json(Path(directory) / "generator.json",
+               {"name": name, "config": config.model_dump(mode="json"), **(extra or {})})
 
 
 def read_generator_info(directory: Path, expected: str | None = None) -> dict[str, Any]:

@@ -214,7 +214,8 @@ class CVAEStage(Stage):
     def __init__(self, model: CVAE, cfg: CVAEConfig) -> None:
         self.model, self.cfg = model, cfg
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """recon + kl_weight * KL, averaged over this process's rows; logs recon, kl and the weight."""
         rows = local_rows(len(batch["labels"]))
         images, labels = batch["images"][rows], batch["labels"][rows]

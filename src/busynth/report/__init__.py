@@ -50,7 +50,8 @@ SECTIONS: list[Callable[[Run], str]] = [
     section_header, section_verdicts, section_results, section_dose_response, section_metric_bars, section_roc,
     section_confusion,
     section_external,
-    section_fidelity, section_label_fidelity, section_closest_pairs, section_training, section_samples, section_mask_pairs,
+    section_fidelity, section_label_fidelity, section_closest_pairs, section_training, section_samples,
+    section_mask_pairs,
     section_adherence, section_data, section_config,
 ]
 # run.task=segmentation: no probabilities (ROC, confusion) and no classifier features (fidelity, label fidelity).

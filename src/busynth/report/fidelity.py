@@ -158,7 +158,8 @@ def _cas_table(cas: dict, order: list[str]) -> str:
     if not cas:
         return ""
     metrics = ("balanced_accuracy", "macro_auc", "malignant_auc")
-    rows = [[m, cas[m]["cells"], *[f"{fmt(cas[m]['synthetic_only'][k]['mean'])} ± {fmt(cas[m]['synthetic_only'][k]['sd'])}"
+    rows = [[m, cas[m]["cells"], *[f"{fmt(cas[m]['synthetic_only'][k]['mean'])} ± "
+                                   f"{fmt(cas[m]['synthetic_only'][k]['sd'])}"
                                    f" ({fmt(cas[m]['real_only'][k]['mean'])})" for k in metrics]]
             for m in [*[m for m in order if m in cas], *[m for m in cas if m not in order]]]
     return "<h3>Train on synthetic, test on real (CAS)</h3>" + html_table(["method", "cells", *metrics], rows) + note(
@@ -288,7 +289,8 @@ def _adherence_row(name: str, entries: list[dict[str, Any]]) -> str:
         else:
             sd = values.std(ddof=1) if len(values) > 1 else 0.0
             cells.append(f"{fmt(values.mean())} ± {fmt(sd)}")
-    return f'<tr><td class="l">{esc(name)}</td><td>{len(entries)}</td>' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
+    return (f'<tr><td class="l">{esc(name)}</td><td>{len(entries)}</td>'
+            + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
 
 
 def _overlay_grid(folder: Path, classes: list[str]) -> list[list[Tile]]:
@@ -325,12 +327,14 @@ def section_adherence(run: Run) -> str:
         rows.append(_adherence_row("real training pairs", [
             (r["real_train"]["overall"] if scope == "overall" else r["real_train"]["per_class"].get(scope, {}))
             for r in first]))
-        parts.append(f"<h3>{esc(scope if scope != 'overall' else 'all classes')}</h3><table>{head}{''.join(rows)}</table>")
+        parts.append(f"<h3>{esc(scope if scope != 'overall' else 'all classes')}</h3>"
+                     f"<table>{head}{''.join(rows)}</table>")
     root = run.root / "synthetic"
     for method in found:
         for cell in sorted((p for p in (root / method).glob("*") if p.is_dir()), key=lambda p: natural_key(p.name)):
             if rows := _overlay_grid(cell, run.classes):
-                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small>: mask outlines on generated images</h3>"
+                parts.append(f"<h3>{esc(method)} <small>({esc(cell.name)})</small>: "
+                             "mask outlines on generated images</h3>"
                              + grid_to_img(rows, f"{method} generated images with mask outlines"))
                 break
     return "".join(parts)

@@ -53,7 +53,8 @@ def render_tile(tile: Tile, size: int = TILE) -> Image.Image:
     shape = (max(1, round(w * scale)), max(1, round(h * scale)))
     rgb = np.asarray(Image.fromarray(tile.image).resize(shape, Image.Resampling.BILINEAR).convert("RGB")).copy()
     for mask, colour in tile.outlines:
-        big = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(shape, Image.Resampling.NEAREST)) > 0
+        big = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+                         .resize(shape, Image.Resampling.NEAREST)) > 0
         edge = big & ~ndimage.binary_erosion(big, iterations=1, border_value=0)
         rgb[edge] = colour
     return Image.fromarray(rgb)

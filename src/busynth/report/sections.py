@@ -88,7 +88,8 @@ def _result_cell(stats: dict[str, Any], paired: dict[str, Any] | None, verdict: 
 
 def _procedure(summary: dict[str, Any]) -> tuple[str, str, float]:
     proto = summary.get("protocol", {})
-    return proto.get("primary_metric", "balanced_accuracy"), summary_interval_text(summary), float(proto.get("alpha", 0.05))
+    return (proto.get("primary_metric", "balanced_accuracy"), summary_interval_text(summary),
+            float(proto.get("alpha", 0.05)))
 
 
 def section_verdicts(run: Run) -> str:
@@ -257,7 +258,8 @@ def section_training(run: Run) -> str:
     fig = Figure(figsize=(3.4 * len(panels), 2.9), layout="constrained")
     for ax, (method, hists) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for name, h in hists:
-            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "val_dice", "train_loss") if c in h and h[c].notna().any()), None)
+            col = next((c for c in ("val_balanced_accuracy", "val_macro_auc", "val_dice", "train_loss")
+                        if c in h and h[c].notna().any()), None)
             if col is None:
                 continue
             x = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))

@@ -122,7 +122,8 @@ class SegmenterStage(EpochStage):
         self.loss_fn = DiceCELoss(sigmoid=True)
         self.deep_loss_fn = DeepSupervisionLoss(self.loss_fn, weight_mode="exp")
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         x, masks = batch["images"].float().div_(255.0), batch["masks"].float()
         if self.cfg.augment in ON_THE_FLY:
             x, masks = augment_batch(x, ON_THE_FLY[self.cfg.augment], generator, masks=masks)
@@ -164,14 +165,17 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     torch.manual_seed(seed)
     # A fit under way or done gets its weights from its folder: the backbone's are read only to start.
     fresh = not (out_dir / BEST).exists() and not list_checkpoints(out_dir)
-    stage = SegmenterStage(build_segmenter(cfg, pretrained=fresh), cfg, n_real, len(images) - n_real, (val_images, val_masks), out_dir)
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("eval_every", "checkpoint_every", "tta")}
+    stage = SegmenterStage(build_segmenter(cfg, pretrained=fresh), cfg, n_real, len(images) - n_real,
+                           (val_images, val_masks), out_dir)
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items()
+                if k not in ("eval_every", "checkpoint_every", "tta")}
     identity = {"n_real": n_real, "data_hash": data_hash(images, masks, val_images, val_masks),
                 **{f"segmenter.{k}": v for k, v in settings.items()}}
     data = {"images": torch.from_numpy(images).unsqueeze(1), "masks": torch.from_numpy(masks).unsqueeze(1)}
     history = train_stage(stage, data, stage.schedule(), out_dir, seed=seed, mixed_precision=cfg.mixed_precision,
                           cpu=cpu, precision_field="segmenter.mixed_precision", identity=identity,
-                          identity_defaults={f"segmenter.{k}": v for k, v in SegmenterConfig().model_dump(mode="json").items()},
+                          identity_defaults={f"segmenter.{k}": v
+                                             for k, v in SegmenterConfig().model_dump(mode="json").items()},
                           ema_decay=stage.moving_average_decay())
     model = load_best_weights(stage.model, out_dir)
     return SegmenterFit(model, len(history), [r for r in history if r.get("epoch") is not None])

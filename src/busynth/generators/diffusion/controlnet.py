@@ -296,7 +296,8 @@ class ControlNetGenerator(Generator):
             controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
         self.pipe = with_dpm_solver(pipe).to(PartialState().device)
-        stored = read_safetensors(directory / "masks.safetensors")[0] if (directory / "masks.safetensors").is_file() else {}
+        stored = (read_safetensors(directory / "masks.safetensors")[0]
+                  if (directory / "masks.safetensors").is_file() else {})
         self.mask_pool = {c: m.numpy().astype(bool) for c, m in stored.items()}
 
     @classmethod

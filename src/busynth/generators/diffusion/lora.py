@@ -55,7 +55,8 @@ def add_unet_lora(unet: UNet2DConditionModel, settings: LoraSettings, weight_dty
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    logger.info("LoRA rank %d on %s: %d trainable parameters", settings.rank, "/".join(settings.target_modules), n_train)
+    logger.info("LoRA rank %d on %s: %d trainable parameters", settings.rank, "/".join(settings.target_modules),
+                n_train)
     return config
 
 

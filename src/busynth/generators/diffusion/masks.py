@@ -67,7 +67,8 @@ class MaskTransformConfig(BaseModel):
     @property
     def is_identity(self) -> bool:
         """True when no setting changes a mask."""
-        return (self.source == "training" and not self.hflip and self.max_rotation == 0.0 and tuple(self.scale_range) == (1.0, 1.0)
+        return (self.source == "training" and not self.hflip and self.max_rotation == 0.0
+                and tuple(self.scale_range) == (1.0, 1.0)
                 and self.elastic_alpha == 0.0)
 
 

@@ -55,7 +55,8 @@ def sample_gray(pipe: StableDiffusionPipeline, prompt: str, n: int, seed: int, s
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="sampling", leave=False, disable=None if progress else True):
         k = min(batch_size, n - start)
-        generators = [torch.Generator(device="cpu").manual_seed(derived_seed(seed, stream, start + i)) for i in range(k)]
+        generators = [torch.Generator(device="cpu").manual_seed(derived_seed(seed, stream, start + i))
+                      for i in range(k)]
         # Draw the initial latents on the CPU so results do not depend on the device's RNG.
         shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)

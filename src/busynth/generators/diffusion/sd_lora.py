@@ -271,7 +271,8 @@ class SDLoraGenerator(Generator):
         self.base_model = info.get("base_model")
         dtype = weight_dtype(self.cfg.mixed_precision)
         source = self._base_label(directory)
-        pipe = from_pretrained(StableDiffusionPipeline, source, dtype=dtype, safety_checker=None, feature_extractor=None,
+        pipe = from_pretrained(StableDiffusionPipeline, source,
+                               dtype=dtype, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False, what=f"{self.name} base model",
                                error=RunStateError if cfg.source == "tiny" else ConfigError)
         check_same_base(directory / "lora", self.base_model, unet_fingerprint(pipe.unet, source))

@@ -136,7 +136,8 @@ class ShapeModel:
         out = np.zeros((n, size, size), dtype=bool)
         for i in range(n):
             cy, cx, log_size = rng.multivariate_normal(self.position_mean, self.position_cov, method="eigh")
-            profile = self.outline_mean + rng.normal(0.0, 1.0, len(self.component_sd)) * self.component_sd @ self.components
+            profile = (self.outline_mean
+                       + rng.normal(0.0, 1.0, len(self.component_sd)) * self.component_sd @ self.components)
             cy, cx = (np.clip([cy, cx], _POSITION_MARGIN, 1 - _POSITION_MARGIN) * size).tolist()
             radius = np.exp(log_size + np.log(size) + profile)
             out[i] = outline_mask(cy, cx, float(rng.choice(self.orientations)), radius, size)

@@ -62,7 +62,8 @@ class NoisePredictionStage(Stage):
         """The network's prediction (epsilon or v) for noisy latents; the UNet on the text alone here."""
         return self.model(noisy_latents, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)[0]
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """MSE between prediction and target, optionally min-SNR weighted; returns (loss, {})."""
         moments = batch["moments"]
         n, device = moments.shape[0], moments.device
@@ -70,7 +71,8 @@ class NoisePredictionStage(Stage):
         eps_latent = torch.randn(mean.shape, generator=generator).to(device)
         latents = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps_latent) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,),
+                                  generator=generator).to(device)
         drop = (torch.rand(n, generator=generator) < self.prompt_dropout).to(device)
         prompts = torch.where(drop, torch.full_like(batch["prompt"], self.empty_prompt), batch["prompt"])
         text = self.prompt_embeddings.to(device)[prompts]
@@ -122,7 +124,8 @@ class AutoencoderStage(Stage):
         """The (unwrapped) autoencoder being trained."""
         return getattr(self.model, "module", self.model).vae
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """L1 + kl_weight * KL (summed over latent elements, averaged over the batch); logs l1 and kl."""
         pixels = batch["pixels"]
         n, size = pixels.shape[0], pixels.shape[-1]
