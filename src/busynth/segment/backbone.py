@@ -75,5 +75,4 @@ def build_backbone_unet(cfg: SegmenterConfig, pretrained: bool = True) -> Backbo
     """:class:`BackboneUNet` on ``cfg.backbone`` (its pretrained weights unless ``pretrained`` is False)."""
     assert cfg.backbone is not None  # the config requires it with arch=backbone_unet
     return BackboneUNet(load_hf_backbone(cfg.backbone, pretrained, "segmenter.backbone"),
-                        list(cfg.channels), cfg.image_size, cfg.norm,
-                        cfg.dropout)
+                        list(cfg.channels), cfg.image_size, cfg.norm, cfg.dropout)
