@@ -117,6 +117,7 @@ def test_an_hf_backbone_classifier_starts_from_the_saved_weights_and_loads_back_
         torch.testing.assert_close(value, saved[f"resnet.{key}"], rtol=0, atol=0)
     x = torch.rand(2, 1, SIZE, SIZE)
     assert model(x).shape == (2, N_CLASSES) and model.features(x).shape == (2, 32) and model.feature_dim == 32
+    assert model.backbone.backbone.out_features == ["stage4"]  # the pooled stage alone: no layer unused
 
     fit = fit_classifier(*data, cfg, N_CLASSES, tmp_path / "fit", seed=0, cpu=True)
     (tmp_path / "resnet" / "model.safetensors").unlink()  # a trained classifier has its own weights
@@ -124,6 +125,8 @@ def test_an_hf_backbone_classifier_starts_from_the_saved_weights_and_loads_back_
     images = data[2]
     np.testing.assert_allclose(predict_proba(loaded, images), predict_proba(fit.model, images),
                                rtol=0, atol=1e-6)  # the same ImageNet normalisation as in training
+    again = fit_classifier(*data, cfg, N_CLASSES, tmp_path / "fit", seed=0, cpu=True)  # finished: its own weights
+    np.testing.assert_allclose(predict_proba(again.model, images), predict_proba(fit.model, images), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="classifier.arch .*resnet: cannot load ResNetBackbone"):
         build_classifier(cfg, N_CLASSES)  # the pretrained weights are gone
     with pytest.raises(ValueError, match="no such folder"):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from busynth.checkpoint import read_safetensors
+from busynth.checkpoint import list_checkpoints, read_safetensors
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig
 from busynth.errors import RunStateError
@@ -39,6 +39,12 @@ def read_safetensors_json(path: Path, load_tensors: bool = True) -> tuple[dict[s
 
 def finite_or_none(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def has_own_weights(out_dir: Path) -> bool:
+    """Whether a training folder holds weights of its own (a step checkpoint, or the kept weights of a
+    finished fit): a model built for it then needs no pretrained weights, which it would overwrite."""
+    return (Path(out_dir) / BEST).exists() or bool(list_checkpoints(Path(out_dir)))
 
 
 def load_best_weights(model: nn.Module, out_dir: Path) -> nn.Module:

@@ -253,11 +253,12 @@ def _build_torchvision(name: str, cfg: ClassifierConfig, n_classes: int, load_we
     return BackboneClassifier(backbone, feature_dim, n_classes, cfg.dropout, mean, std)
 
 
-def load_hf_backbone(source: str, pretrained: bool, what: str) -> nn.Module:
+def load_hf_backbone(source: str, pretrained: bool, what: str, all_stages: bool = True) -> nn.Module:
     """The backbone of the transformers vision model at ``source`` (hub id or folder: ResNet, ConvNeXt,
-    Swin, ...), returning the feature maps of all its stages: its saved weights (``pretrained``, from
-    safetensors) or the same architecture with fresh ones (to receive a trained model's weights).
-    Raises ConfigError naming the setting ``what``."""
+    Swin, ...), returning the feature maps of all its stages (or of the last alone, so that no
+    per-stage layer goes unused): its saved weights (``pretrained``, from safetensors) or the same
+    architecture with fresh ones (to receive a trained model's weights). Raises ConfigError naming
+    the setting ``what``."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
@@ -268,17 +269,16 @@ def load_hf_backbone(source: str, pretrained: bool, what: str) -> nn.Module:
     # The model type's own backbone class: AutoBackbone.from_pretrained asks the hub whether a local
     # folder is a repository (transformers 5.25) and fails offline.
     cls: Any = MODEL_FOR_BACKBONE_MAPPING[type(config)]
-    stages = list(config.stage_names[1:])  # all but the stem
+    config.out_features = list(config.stage_names[1:] if all_stages else config.stage_names[-1:])  # no stem
     if not pretrained:
-        return cls(from_pretrained(AutoConfig, source, what=what, error=ConfigError, weights=False,
-                                   out_features=stages))
+        return cls(config)
     logger.info("loading the backbone of %s from %s", what, source)
-    return from_pretrained(cls, source, what=what, error=ConfigError, out_features=stages)
+    return from_pretrained(cls, source, what=what, error=ConfigError, config=config)
 
 
 class PooledStages(nn.Module):
-    """A transformers backbone as a feature extractor: grey images repeated over its input channels,
-    its last stage averaged over space, (N, C)."""
+    """A transformers backbone (its last stage's feature map) as a feature extractor: grey images
+    repeated over its input channels, the map averaged over space, (N, C)."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -291,7 +291,7 @@ class PooledStages(nn.Module):
 
 
 def _build_hf(source: str, cfg: ClassifierConfig, n_classes: int, load_weights: bool) -> nn.Module:
-    backbone = load_hf_backbone(source, cfg.pretrained and load_weights, "classifier.arch")
+    backbone = load_hf_backbone(source, cfg.pretrained and load_weights, "classifier.arch", all_stages=False)
     mean, std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if cfg.pretrained else (0.5, 0.25)
     return BackboneClassifier(PooledStages(backbone), int(backbone.channels[-1]), n_classes, cfg.dropout, mean, std)
 

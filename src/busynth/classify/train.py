@@ -26,7 +26,13 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from busynth.accel import broadcast_buffers, local_rows
-from busynth.classify.checkpoints import BEST, finite_or_none, load_best_weights, save_safetensors
+from busynth.classify.checkpoints import (
+    BEST,
+    finite_or_none,
+    has_own_weights,
+    load_best_weights,
+    save_safetensors,
+)
 from busynth.classify.metrics import macro_auc
 from busynth.classify.models import build_classifier
 from busynth.config import ClassifierConfig, SegmenterConfig
@@ -438,7 +444,7 @@ def fit_classifier(
     defaults = {f"classifier.{k}": v for k, v in ClassifierConfig().model_dump(mode="json").items()}
 
     torch.manual_seed(seed)
-    model = build_classifier(cfg, n_classes)
+    model = build_classifier(cfg, n_classes, load_weights=not has_own_weights(out_dir))
     if cfg.channels_last:  # activations follow the weights' layout; checkpoints are saved contiguous
         model = model.to(memory_format=torch.channels_last)
     batches = steps_per_epoch(budget_rows or n_real, cfg.batch_size)

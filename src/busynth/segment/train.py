@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from busynth.accel import local_rows
-from busynth.checkpoint import list_checkpoints
-from busynth.classify.checkpoints import BEST, load_best_weights, save_safetensors
+from busynth.classify.checkpoints import BEST, has_own_weights, load_best_weights, save_safetensors
 from busynth.classify.train import EpochStage, data_hash, steps_per_epoch
 from busynth.config import SegmenterConfig
 from busynth.data.augment import ON_THE_FLY, augment_batch
@@ -163,10 +162,9 @@ def fit_segmenter(images: np.ndarray, masks: np.ndarray, val_images: np.ndarray,
     n_real = len(images) if n_real is None else n_real
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    # A fit under way or done gets its weights from its folder: the backbone's are read only to start.
-    fresh = not (out_dir / BEST).exists() and not list_checkpoints(out_dir)
-    stage = SegmenterStage(build_segmenter(cfg, pretrained=fresh), cfg, n_real, len(images) - n_real,
-                           (val_images, val_masks), out_dir)
+    # A fit under way or done has weights of its own: a pretrained backbone's are read only to start.
+    stage = SegmenterStage(build_segmenter(cfg, pretrained=not has_own_weights(out_dir)), cfg, n_real,
+                           len(images) - n_real, (val_images, val_masks), out_dir)
     settings = {k: v for k, v in cfg.model_dump(mode="json").items()
                 if k not in ("eval_every", "checkpoint_every", "tta")}
     identity = {"n_real": n_real, "data_hash": data_hash(images, masks, val_images, val_masks),
